@@ -1,0 +1,1 @@
+"""Building blocks shared by several built-in families (AdaLN transformer blocks, conv VAE parts)."""

@@ -1,0 +1,1 @@
+"""The ``sar`` command line (installed as ``sar_cli``)."""

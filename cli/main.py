@@ -1,0 +1,43 @@
+"""``sar``: the command-line entry point. Commands live in one module each."""
+
+from __future__ import annotations
+
+import typer
+
+from sar_cli import plugins_cmd
+
+app = typer.Typer(
+    name="sar",
+    help="Self-Autoregressive Refinement (SAR) post-training for scale-wise autoregressive image models.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from sar_core import __version__
+
+        typer.echo(f"sar {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Self-Autoregressive Refinement (SAR) post-training for scale-wise AR image models."""
+
+
+plugins_cmd.add_to(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

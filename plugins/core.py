@@ -1,0 +1,1 @@
+"""The built-in plugin registering sar's own rollouts, losses, datasets, metrics and loggers."""
