@@ -1,0 +1,186 @@
+"""Rollout strategies: how the student-forced pass of a SAR step is built.
+
+A rollout turns the detached teacher-forced logits into predicted codes at every scale
+(argmax, or top-k / top-p sampling, optionally classifier-free guided), then builds and
+runs the student-forced pass through the adapter contract only:
+
+* ``ssr`` (the paper's Stagger-Scale Rollout): for each chosen scale k the input of scale
+  k+1 becomes what the model's own sampler would feed after predicting k on top of ground
+  truth below k (``adapter.stagger_inputs``); ONE forward over the whole shifted sequence;
+  the student-forced logits of every shifted scale are supervised. ``scales``: ``all``
+  (every transition, default), ``last`` (the last transition only) or ``random`` (one
+  transition drawn per step).
+* ``official``: the official SAR code's variant: one student-forced pass on the last
+  transition only, whose context is just the start token (without its start position),
+  i.e. a two-scale sequence [start, last scale] (``student_forcing=True``).
+* ``none``: plain teacher forcing (the control arm); no second pass.
+
+Guided sampling uses the official trainer's ramp: at scale i of n,
+t_i = cfg * 0.5 * (1 + i / (n - 1)) and logits = (1 + t) * cond - t * uncond; the
+teacher-forced pass then runs on 2B rows (condition, then null condition), as upstream.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+
+from sar_core.sampling import guide, sample_logits
+from sar_core.schedule import Schedule
+from sar_core.tokens import group_logits, token_argmax, ungroup_codes
+
+
+@dataclass
+class StudentPass:
+    """What the student-forced pass produced, at the supervised tokens only."""
+
+    schedule: Schedule            # the schedule pass 2 ran with
+    inputs: torch.Tensor          # the inputs pass 2 saw, (B, L2 - first_len, C_in)
+    logits: torch.Tensor          # student logits at supervised tokens (B, n, V)
+    teacher_logits: torch.Tensor  # detached teacher-forced logits there (B, n, V)
+    teacher_codes: torch.Tensor   # rollout's teacher predictions there (B, n[, d])
+    gt_codes: torch.Tensor        # ground truth there (B, n[, d])
+    scales: tuple[int, ...]       # scale indices (in the step's schedule) student-forced
+    extras: dict = field(default_factory=dict)
+
+
+class Rollout:
+    """Base rollout. Subclasses implement :meth:`student`.
+
+    Options: ``sampling`` ('argmax' | 'sample'), ``top_k``, ``top_p``, ``cfg`` (guidance
+    scale; > 1 with sampling enables guidance), ``scales`` (ssr only).
+    """
+
+    name: ClassVar[str] = ""
+    active: ClassVar[bool] = True
+
+    def __init__(self, sampling: str = "argmax", top_k: int = 0, top_p: float = 0.0,
+                 cfg: float = 1.0, scales: str = "all"):
+        if sampling not in ("argmax", "sample"):
+            raise ValueError(f"rollout sampling must be 'argmax' or 'sample', got {sampling!r}")
+        if scales not in ("all", "last", "random"):
+            raise ValueError(f"rollout scales must be 'all', 'last' or 'random', got {scales!r}")
+        self.sampling, self.top_k, self.top_p = sampling, int(top_k), float(top_p)
+        self.cfg, self.scales = float(cfg), scales
+
+    @property
+    def uses_cfg(self) -> bool:
+        """True when the teacher pass must run on cond + null rows (guided sampling)."""
+        return self.active and self.sampling == "sample" and self.cfg > 1
+
+    def predict(self, adapter, logits_cond: torch.Tensor, logits_uncond: Optional[torch.Tensor],
+                schedule: Schedule, generator: Optional[torch.Generator]) -> list:
+        """Predicted codes per scale from detached teacher logits (B, L, V), scale order.
+
+        Sampling makes exactly one multinomial call per scale (rows batch-major), so a
+        seeded generator reproduces the official trainer's draws.
+        """
+        bits = adapter.bits_per_token
+        n = len(schedule)
+        preds = []
+        for i in range(n):
+            sl = schedule.slice(i)
+            lg = logits_cond[:, sl].float()
+            if self.sampling == "argmax":
+                preds.append(token_argmax(lg, bits))
+                continue
+            if logits_uncond is not None:
+                t = self.cfg * 0.5 * (1 + i / (n - 1)) if n > 1 else self.cfg
+                lg = guide(lg, logits_uncond[:, sl].float(), t)
+            if bits is None:
+                preds.append(sample_logits(lg, self.top_k, self.top_p, generator))
+            else:
+                grouped = group_logits(lg, bits)
+                preds.append(ungroup_codes(sample_logits(grouped, self.top_k, self.top_p, generator), bits))
+        return preds
+
+    def transitions(self, schedule: Schedule, rng: random.Random) -> list[int]:
+        """Scales k whose prediction feeds scale k+1 in the student pass."""
+        n = len(schedule)
+        if n < 2:
+            return []
+        if self.scales == "all":
+            return list(range(n - 1))
+        if self.scales == "last":
+            return [n - 2]
+        return [rng.randrange(n - 1)]
+
+    def student(self, adapter, model, cond: Any, gt_codes: list, pred_codes: list,
+                schedule: Schedule, teacher_logits: torch.Tensor, rng: random.Random) -> Optional[StudentPass]:
+        raise NotImplementedError
+
+
+def _gather_scales(x: torch.Tensor, schedule: Schedule, scales: Sequence[int]) -> torch.Tensor:
+    return torch.cat([x[:, schedule.slice(k)] for k in scales], dim=1)
+
+
+class NoRollout(Rollout):
+    """Plain teacher forcing: no student-forced pass."""
+
+    name = "none"
+    active = False
+
+    def student(self, *args, **kwargs) -> None:
+        return None
+
+
+class StaggerScaleRollout(Rollout):
+    """The paper's SSR: one forward over the whole stagger-shifted sequence."""
+
+    name = "ssr"
+
+    def student(self, adapter, model, cond, gt_codes, pred_codes, schedule, teacher_logits, rng):
+        ks = self.transitions(schedule, rng)
+        if not ks:
+            return None
+        with torch.no_grad():
+            inputs = adapter.stagger_inputs(gt_codes, pred_codes, schedule, ks)
+        logits = model(cond, inputs, schedule)
+        shifted = [k + 1 for k in ks]
+        gt = torch.cat([gt_codes[k] for k in shifted], dim=1)
+        return StudentPass(
+            schedule=schedule, inputs=inputs,
+            logits=_gather_scales(logits, schedule, shifted),
+            teacher_logits=_gather_scales(teacher_logits, schedule, shifted).detach(),
+            teacher_codes=torch.cat([pred_codes[k] for k in shifted], dim=1),
+            gt_codes=gt, scales=tuple(shifted))
+
+
+class OfficialRollout(Rollout):
+    """The official SAR code: last transition only, start token as the only context."""
+
+    name = "official"
+
+    # Defaults are what the official scripts effectively run (their trainer's defaults,
+    # since the command-line sampling flags never reach it): guided sampling, cfg 1.2,
+    # top-k 900, top-p 0.96.
+    def __init__(self, sampling: str = "sample", top_k: int = 900, top_p: float = 0.96,
+                 cfg: float = 1.2, scales: str = "last"):
+        if scales != "last":
+            raise ValueError("the official rollout student-forces the last transition only "
+                             f"(scales='last'); got scales={scales!r}")
+        super().__init__(sampling, top_k, top_p, cfg, scales)
+
+    def student(self, adapter, model, cond, gt_codes, pred_codes, schedule, teacher_logits, rng):
+        n = len(schedule)
+        if n < 2:
+            return None
+        cur, nxt = n - 2, n - 1
+        with torch.no_grad():
+            full = adapter.stagger_inputs(gt_codes, pred_codes, schedule, [cur])
+            first = schedule.first_len
+            inputs = full[:, schedule.offsets[nxt] - first: schedule.offsets[nxt + 1] - first]
+        short = schedule.sub([0, nxt])
+        logits = model(cond, inputs, short, student_forcing=True)[:, short.first_len:]
+        sl = schedule.slice(nxt)
+        return StudentPass(
+            schedule=short, inputs=inputs, logits=logits,
+            teacher_logits=teacher_logits[:, sl].detach(), teacher_codes=pred_codes[nxt],
+            gt_codes=gt_codes[nxt], scales=(nxt,),
+            extras={"sf_scales": (schedule[cur], schedule[nxt]), "sf_input_codes": pred_codes[cur]})
+
+
+BUILTIN_ROLLOUTS = {cls.name: cls for cls in (NoRollout, StaggerScaleRollout, OfficialRollout)}

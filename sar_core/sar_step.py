@@ -1,0 +1,91 @@
+"""One SAR step, family-agnostic: teacher-forced pass, rollout, student-forced pass.
+
+    gt codes -> teacher inputs -> model (pass 1) -> L_TF  [backward now: frees pass 1]
+             -> rollout predictions (detached) -> stagger inputs -> model (pass 2)
+             -> L_CSF against detached teacher targets -> backward(gamma * L_CSF)
+
+``L = L_TF + gamma * L_CSF``. With ``backward`` given, the TF loss is back-propagated
+before the student pass is even built, so the step's peak memory stays close to a plain
+teacher-forcing step; gradients equal those of the single-backward form because the
+student pass only reads detached tensors of pass 1. With ``backward=None`` nothing is
+back-propagated and ``StepResult.total`` keeps its graph (single-backward form).
+
+``model`` is the (possibly DDP/FSDP-wrapped) backbone: ``model(cond, inputs, schedule,
+student_forcing=False) -> logits``. Under DDP the official rollout leaves some parameters
+unused in pass 2 (e.g. the start position): wrap with ``find_unused_parameters=True`` or
+run pass 1's backward under ``no_sync``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from sar_core.losses import CSFLoss, teacher_forcing_loss
+from sar_core.rollouts import Rollout, StudentPass
+from sar_core.schedule import Schedule
+from sar_core.tokens import cat_codes
+
+Backward = Callable[[torch.Tensor], None]
+
+
+@dataclass
+class StepResult:
+    loss_tf: torch.Tensor            # scalar; detached when backward was run
+    loss_csf: torch.Tensor           # scalar (0 when the rollout has no student pass)
+    total: torch.Tensor              # loss_tf + gamma * loss_csf
+    tf_logits: torch.Tensor          # detached teacher-forced logits, conditional rows (B, L, V)
+    pred_codes: Optional[list]       # rollout predictions per scale (None for 'none')
+    student: Optional[StudentPass]
+    tf_cond_rows: int                # rows of pass 1 (B, or 2B with guided sampling)
+
+
+def sar_step(adapter, model, cond: Any, gt_codes: list, schedule: Schedule, rollout: Rollout,
+             csf_loss: Optional[CSFLoss], gamma: float = 0.01, label_smoothing: float = 0.0,
+             generator: Optional[torch.Generator] = None, rng: Optional[random.Random] = None,
+             backward: Optional[Backward] = None, inputs: Optional[torch.Tensor] = None) -> StepResult:
+    """Run one SAR step on a batch of ground-truth codes. See the module docstring.
+
+    ``generator`` drives rollout sampling; ``rng`` draws the random transition of
+    ``ssr`` with ``scales='random'``; ``inputs`` may pass precomputed teacher inputs.
+    """
+    bits = adapter.bits_per_token
+    rng = rng or random.Random(0)
+    B = gt_codes[0].shape[0]
+    if inputs is None:
+        with torch.no_grad():
+            inputs = adapter.teacher_inputs(gt_codes, schedule)
+    cond_tf, inputs_tf = cond, inputs
+    if rollout.uses_cfg:
+        cond_tf = adapter.cfg_condition(cond)
+        inputs_tf = torch.cat([inputs, inputs], dim=0)
+
+    logits_all = model(cond_tf, inputs_tf, schedule)
+    logits_tf = logits_all[:B]
+    loss_tf = teacher_forcing_loss(logits_tf, cat_codes(gt_codes), bits, label_smoothing)
+    teacher = logits_tf.detach()
+    pred = None
+    if rollout.active:
+        with torch.no_grad():
+            uncond = logits_all[B:].detach() if rollout.uses_cfg else None
+            pred = rollout.predict(adapter, teacher, uncond, schedule, generator)
+    del logits_all, logits_tf
+    if backward is not None:
+        backward(loss_tf)
+        loss_tf = loss_tf.detach()
+
+    sp = None
+    loss_csf = torch.zeros((), device=teacher.device)
+    if rollout.active and csf_loss is not None:
+        sp = rollout.student(adapter, model, cond, gt_codes, pred, schedule, teacher, rng)
+        if sp is not None:
+            loss_csf = csf_loss(sp, bits, label_smoothing).mean()
+            if backward is not None:
+                backward(gamma * loss_csf)
+                loss_csf = loss_csf.detach()
+                sp.logits = sp.logits.detach()
+    total = loss_tf + gamma * loss_csf
+    return StepResult(loss_tf, loss_csf, total, teacher, pred, sp, int(B * (2 if rollout.uses_cfg else 1)))
