@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sar_cli import plugins_cmd
+from sar_cli import conformance_cmd, plugins_cmd
 
 app = typer.Typer(
     name="sar",
@@ -33,6 +33,7 @@ def _root(
 
 
 plugins_cmd.add_to(app)
+conformance_cmd.add_to(app)
 
 
 def main() -> None:

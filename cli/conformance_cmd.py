@@ -1,0 +1,55 @@
+"""``sar conformance DIR``: check an adapter against a golden case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def conformance(
+    case_dir: Path = typer.Argument(..., help="Golden case folder (config.json, case.pt, checkpoints)."),
+    dump: Optional[Path] = typer.Option(None, "--dump", help="Write every computed output to this file "
+                                        "(torch.save of a dict keyed like case.pt)."),
+) -> None:
+    """Run every recorded step of a golden case with the adapter its config.json names and
+    compare each output with the upstream one. Exit status 0 only if every key passes."""
+    from sar_core.adapter import CheckpointError
+    from sar_core.conformance import run_conformance
+    from sar_core.plugins import PluginError
+
+    console = Console()
+    try:
+        with console.status(f"running golden case {case_dir} ..."):
+            report = run_conformance(case_dir, dump=dump)
+    except (FileNotFoundError, ValueError, CheckpointError, PluginError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2)
+    table = Table(title=f"conformance: {report.family} case {report.case_dir}")
+    for col in ("key", "kind", "max abs err", "max rel err", "tolerance", "result"):
+        table.add_column(col)
+    style = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "computed": "[cyan]computed[/]"}
+    for r in report.results:
+        table.add_row(r.key, r.kind, _fmt(r.max_abs), _fmt(r.max_rel), r.note, style[r.status])
+    console.print(table)
+    n_fail = sum(r.status == "fail" for r in report.results)
+    if dump is not None:
+        console.print(f"wrote {len(report.computed)} outputs to {dump}")
+    if report.compared == 0:
+        console.print("no recorded outputs in case.pt: computed only, nothing compared")
+    elif n_fail:
+        console.print(f"[bold red]{n_fail} of {report.compared} keys failed[/]")
+        raise typer.Exit(1)
+    else:
+        console.print(f"[green]all {report.compared} keys within tolerance[/]")
+
+
+def add_to(app: typer.Typer) -> None:
+    app.command("conformance")(conformance)

@@ -1,0 +1,168 @@
+"""The adapter conformance kit: run a golden case and compare every recorded output.
+
+A golden case is a folder (format: docs/conformance.md) with ``config.json`` naming the
+``family`` and the checkpoint files, and ``case.pt`` holding inputs and, usually, the
+upstream outputs. The kit loads the family's adapter from the registry, asks it to
+compute every output (``ScaleWiseAdapter.run_case``), and compares each key present in
+both with tolerances chosen by the value's kind:
+
+* integer / bool tensors and int lists (indices, bits, schedules): exactly equal;
+* 0-d floats (losses): ``atol 1e-5``; keys containing ``grad_norm``: ``rtol 1e-4``;
+* float tensors (latents, logits, images): ``|a - b| <= 1e-4 + 1e-4 * |b|``.
+
+An adapter may override tolerances per key with ``case_tolerances = {key: (atol, rtol)}``.
+A case that holds inputs only is computed and (with ``dump``) saved, nothing compared.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from sar_core.checkpoint_io import atomic_save, load_file
+
+FLOAT_TOL = (1e-4, 1e-4)
+LOSS_TOL = (1e-5, 0.0)
+NORM_TOL = (0.0, 1e-4)
+
+
+@dataclass
+class KeyResult:
+    key: str
+    status: str                 # "pass" | "fail" | "computed"
+    kind: str                   # "exact" | "float" | "scalar" | "-"
+    max_abs: Optional[float] = None
+    max_rel: Optional[float] = None
+    note: str = ""
+
+
+@dataclass
+class ConformanceReport:
+    case_dir: Path
+    family: str
+    results: list[KeyResult] = field(default_factory=list)
+    computed: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.status != "fail" for r in self.results)
+
+    @property
+    def compared(self) -> int:
+        return sum(r.status in ("pass", "fail") for r in self.results)
+
+
+def read_case(case_dir: str | Path) -> tuple[dict, dict, Path]:
+    """Return (config.json, case.pt dict, folder) with clear errors."""
+    d = Path(case_dir)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{d} is not a golden case: {cfg_path.name} is missing")
+    config = json.loads(cfg_path.read_text())
+    for key in ("family", "files"):
+        if key not in config:
+            raise ValueError(f"{cfg_path}: required field '{key}' is missing")
+    case_file = d / config["files"].get("case", "case.pt")
+    case = load_file(case_file, what="golden case")
+    if not isinstance(case, dict):
+        raise ValueError(f"{case_file}: expected a dict of inputs and outputs")
+    return config, case, d
+
+
+def _flatten(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, (int, bool)) for v in value):
+            return [torch.tensor(value)]
+        if value and all(isinstance(v, (int, float)) for v in value):
+            return [torch.tensor(value, dtype=torch.float64)]
+        out = []
+        for v in value:
+            out.extend(_flatten(v))
+        return out
+    if isinstance(value, bool) or isinstance(value, int):
+        return [torch.tensor(value)]
+    if isinstance(value, float):
+        return [torch.tensor(value, dtype=torch.float64)]
+    raise TypeError(f"cannot compare a value of type {type(value).__name__}")
+
+
+def _tolerance(key: str, kind: str, overrides: dict) -> tuple[float, float]:
+    if key in overrides:
+        return overrides[key]
+    if kind == "scalar":
+        return NORM_TOL if "grad_norm" in key else LOSS_TOL
+    return FLOAT_TOL
+
+
+def compare_key(key: str, got: Any, want: Any, overrides: dict | None = None) -> KeyResult:
+    """Compare one computed value with the recorded one (see module docstring)."""
+    try:
+        g_list, w_list = _flatten(got), _flatten(want)
+    except TypeError as exc:
+        return KeyResult(key, "fail", "-", note=str(exc))
+    if len(g_list) != len(w_list):
+        return KeyResult(key, "fail", "-", note=f"{len(g_list)} tensors vs {len(w_list)} recorded")
+    exact = all(not (w.is_floating_point() or w.is_complex()) for w in w_list)
+    kind = "exact" if exact else ("scalar" if all(w.ndim == 0 for w in w_list) else "float")
+    atol, rtol = _tolerance(key, kind, overrides or {})
+    max_abs = max_rel = 0.0
+    ok = True
+    for g, w in zip(g_list, w_list):
+        g = g.detach().cpu()
+        if tuple(g.shape) != tuple(w.shape):
+            return KeyResult(key, "fail", kind, note=f"shape {tuple(g.shape)} vs recorded {tuple(w.shape)}")
+        if w.numel() == 0:
+            continue
+        diff = (g.double() - w.double()).abs()
+        if torch.isnan(diff).any():
+            return KeyResult(key, "fail", kind, note="NaN in computed or recorded value")
+        max_abs = max(max_abs, diff.max().item())
+        max_rel = max(max_rel, (diff / w.double().abs().clamp_min(1e-12)).max().item())
+        if exact:
+            ok &= bool((diff == 0).all())
+        else:
+            ok &= bool((diff <= atol + rtol * w.double().abs()).all())
+    note = "exact match required" if exact else f"atol {atol:g}, rtol {rtol:g}"
+    return KeyResult(key, "pass" if ok else "fail", kind, max_abs, max_rel, note)
+
+
+def run_conformance(case_dir: str | Path, registry=None, dump: str | Path | None = None) -> ConformanceReport:
+    """Load the case's adapter, compute every output, compare, optionally dump."""
+    from sar_core.plugins import get_registry
+
+    config, case, d = read_case(case_dir)
+    registry = registry or get_registry()
+    adapter_cls = registry.get("adapter", config["family"])
+    files = config["files"]
+    tok = d / files["tokenizer"] if files.get("tokenizer") else None
+    bb = d / files["backbone"] if files.get("backbone") else None
+    adapter = adapter_cls.load(tok, bb, overrides=adapter_cls.case_overrides(config))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        computed = adapter.run_case(case, config)
+    report = ConformanceReport(d, config["family"], computed=computed)
+    overrides = getattr(adapter_cls, "case_tolerances", {}) or {}
+    for key in sorted(computed):
+        if key in case:
+            report.results.append(compare_key(key, computed[key], case[key], overrides))
+        else:
+            report.results.append(KeyResult(key, "computed", "-", note="not recorded in case.pt"))
+    if dump is not None:
+        atomic_save({k: _detach(v) for k, v in computed.items()}, dump)
+    return report
+
+
+def _detach(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu()
+    if isinstance(v, (list, tuple)):
+        return type(v)(_detach(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _detach(x) for k, x in v.items()}
+    return v
