@@ -159,6 +159,13 @@ class ScaleWiseAdapter(ABC):
     def decode(self, codes: Codes, schedule: Schedule) -> torch.Tensor:
         """Codes -> images in [-1, 1]."""
 
+    def tokenizer_training_loss(self, images: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, dict]:
+        """Loss for fitting the tokenizer from scratch (``sar pretrain``): reconstruction
+        plus quantisation terms, differentiable w.r.t. ``self.tokenizer``. Returns
+        (loss, {name: float} stats). Optional: families that only load released
+        tokenizers may leave it unimplemented."""
+        raise NotImplementedError(f"family '{self.name}' cannot fit its tokenizer from scratch")
+
     # ---------------------------------------------------------------- backbone side
     def forward(self, cond: Any, inputs: torch.Tensor, schedule: Schedule,
                 student_forcing: bool = False) -> torch.Tensor:
