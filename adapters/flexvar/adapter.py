@@ -1,0 +1,215 @@
+"""The FlexVAR adapter: FlexVAE tokenizer + FlexVAR transformer behind the sar contract.
+
+FlexVAR quantises every scale independently, so the input of scale k+1 depends only on
+the codes of scale k: bicubic(normalised codewords at k -> side k+1). Stagger inputs
+replace those codes by the prediction at k; nothing below k matters.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from sar_core.adapter import Generation, ScaleWiseAdapter, CheckpointError
+from sar_core.schedule import Schedule, ScheduleSampler
+
+from . import checkpoint as ckpt
+from .backbone import FlexVAR, init_weights
+from .config import BackboneConfig, FlexVARConfig, TokenizerConfig, check_sides
+from .sampler import sample
+from .schedules import MAX_SIDE, FlexVARRandomSchedule
+from .tokenizer import VQModel, init_tokenizer
+
+NO_DECAY = ("pos_1LC", "pos_start", "lvl_embed", "scale_mul", "gamma", "beta", "ada_gss",
+            "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "start_pos",
+            "moe_bias")
+
+
+class FlexVARGeneration(Generation):
+    """``Generation`` plus upstream's raw (unclamped, [-1, 1]-nominal) decoder output."""
+
+    def __init__(self, codes, images, guided_logits, raw_images):
+        super().__init__(codes, images, guided_logits)
+        self.raw_images = raw_images
+
+
+def apply_overrides(cfg: dict, overrides: Optional[dict]) -> dict:
+    """Merge overrides into a {'tokenizer': {...}, 'backbone': {...}, ...} dict.
+
+    Keys may be nested dicts, dotted (``backbone.depth``) or bare field names of one
+    sub-config (``depth``, ``ch_mult``, ``cond_drop_rate``)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
+    out.setdefault("tokenizer", {})
+    out.setdefault("backbone", {})
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and key in ("tokenizer", "backbone"):
+            out[key].update(value)
+        elif "." in key:
+            part, field = key.split(".", 1)
+            out.setdefault(part, {})[field] = value
+        elif key in TokenizerConfig.model_fields:
+            out["tokenizer"][key] = value
+        elif key in BackboneConfig.model_fields:
+            out["backbone"][key] = value
+        else:
+            out[key] = value
+    return out
+
+
+class FlexVARAdapter(ScaleWiseAdapter):
+    name: ClassVar[str] = "flexvar"
+    config_cls = FlexVARConfig
+    bits_per_token = None
+    no_decay_keywords = NO_DECAY
+
+    def __init__(self, config: FlexVARConfig, tokenizer: VQModel, backbone: FlexVAR):
+        super().__init__(config, tokenizer, backbone)
+
+    # ---------------------------------------------------------------- construction
+    @staticmethod
+    def _build(config: FlexVARConfig) -> tuple[VQModel, FlexVAR]:
+        tok = VQModel(config.tokenizer)
+        bb = FlexVAR(config.backbone, config.tokenizer.codebook_size,
+                     config.tokenizer.codebook_embed_dim, config.train_schedule.sides)
+        return tok, bb
+
+    @classmethod
+    def from_config(cls, config: FlexVARConfig | dict) -> "FlexVARAdapter":
+        if isinstance(config, dict):
+            config = FlexVARConfig(**config)
+        tok, bb = cls._build(config)
+        init_tokenizer(tok)
+        init_weights(bb)
+        return cls(config, tok, bb)
+
+    @classmethod
+    def load(cls, tokenizer_path, backbone_path=None, overrides: dict | None = None) -> "FlexVARAdapter":
+        if tokenizer_path is None:
+            raise CheckpointError("the flexvar family needs a tokenizer checkpoint (FlexVAE.pth)")
+        tok_sd = ckpt.read_tokenizer(tokenizer_path)
+        raw = {"tokenizer": ckpt.infer_tokenizer(tok_sd)}
+        bb_sd = None
+        if backbone_path is not None:
+            bb_sd = ckpt.read_backbone(backbone_path)
+            raw["backbone"] = ckpt.infer_backbone(bb_sd)
+        try:
+            config = FlexVARConfig(**apply_overrides(raw, overrides))
+        except ValueError as exc:
+            raise CheckpointError(f"invalid FlexVAR configuration from {tokenizer_path}"
+                                  f"{' / ' + str(backbone_path) if backbone_path else ''}: {exc}") from exc
+        if bb_sd is not None:
+            vocab, cvae = ckpt.backbone_io_sizes(bb_sd)
+            tcfg = config.tokenizer
+            if (vocab, cvae) != (tcfg.codebook_size, tcfg.codebook_embed_dim):
+                raise CheckpointError(
+                    f"backbone {backbone_path} predicts {vocab} codes of dim {cvae}, but tokenizer "
+                    f"{tokenizer_path} has a {tcfg.codebook_size} x {tcfg.codebook_embed_dim} codebook")
+        tok, bb = cls._build(config)
+        ckpt.load_tokenizer_state(tok, tok_sd, tokenizer_path)
+        if bb_sd is not None:
+            ckpt.load_backbone_state(bb, bb_sd, backbone_path)
+        else:
+            init_weights(bb)
+        return cls(config, tok, bb)
+
+    def save(self, tokenizer_path, backbone_path, layout: str = "plain") -> None:
+        if layout not in ckpt.LAYOUTS:
+            raise ValueError(f"unknown FlexVAR checkpoint layout {layout!r}; choose one of {ckpt.LAYOUTS}")
+        if tokenizer_path is not None:
+            ckpt.write_tokenizer(self.tokenizer, tokenizer_path)
+        if backbone_path is not None:
+            ckpt.write_backbone(self.backbone, backbone_path, layout)
+
+    # ---------------------------------------------------------------- schedules
+    @property
+    def default_schedule(self) -> Schedule:
+        return self.config.train_schedule
+
+    @property
+    def infer_schedule(self) -> Schedule:
+        return self.config.infer_schedule
+
+    def schedule_sampler(self, seed: int = 0) -> ScheduleSampler:
+        if not self.config.random_schedule:
+            return ScheduleSampler(self.default_schedule, seed)
+        if self.config.latent_side < MAX_SIDE:
+            raise ValueError(
+                f"random_schedule draws FlexVAR's upstream schedules, which end at side {MAX_SIDE}, "
+                f"but image_size {self.config.image_size} gives a {self.config.latent_side}-token latent "
+                f"with this {self.config.tokenizer.downsample}x tokenizer; use image_size >= "
+                f"{MAX_SIDE * self.config.tokenizer.downsample} or a fixed schedule (train_patch_nums)")
+        return FlexVARRandomSchedule(self.default_schedule, seed)
+
+    def image_size(self, schedule: Schedule) -> tuple[int, int]:
+        h, w = Schedule.parse(schedule)[-1]
+        d = self.config.tokenizer.downsample
+        return h * d, w * d
+
+    # ---------------------------------------------------------------- conditions
+    def cfg_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        return torch.cat((cond, torch.full_like(cond, self.config.backbone.num_classes)))
+
+    # ---------------------------------------------------------------- tokenizer side
+    def _check(self, schedule) -> Schedule:
+        schedule = Schedule.parse(schedule)
+        check_sides([h for h, _ in schedule], self.config.backbone.pos_grid, f"schedule {schedule}")
+        return schedule
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, schedule: Schedule) -> list:
+        schedule = self._check(schedule)
+        return self.tokenizer.quantize_scales(self.tokenizer.encode_latent(images), list(schedule))
+
+    @torch.no_grad()
+    def teacher_inputs(self, codes: list, schedule: Schedule) -> torch.Tensor:
+        return self.stagger_inputs(codes, codes, schedule, ())
+
+    @torch.no_grad()
+    def stagger_inputs(self, gt_codes: list, pred_codes: list, schedule: Schedule,
+                       scales: Sequence[int]) -> torch.Tensor:
+        schedule = Schedule.parse(schedule)
+        chosen = set(int(k) for k in scales)
+        bad = [k for k in chosen if not 0 <= k <= len(schedule) - 2]
+        if bad:
+            raise ValueError(f"stagger scales {sorted(bad)} out of range for a {len(schedule)}-scale schedule")
+        parts = []
+        for k in range(len(schedule) - 1):
+            codes = pred_codes[k] if k in chosen else gt_codes[k]
+            parts.append(self.tokenizer.upsampled_input(codes, schedule[k], schedule[k + 1]))
+        if not parts:
+            B = gt_codes[0].shape[0]
+            w = self.tokenizer.quantize.embedding.weight
+            return w.new_zeros(B, 0, self.tokenizer.Cvae)
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def decode_raw(self, codes: list, schedule: Schedule) -> torch.Tensor:
+        """Upstream ``decode_code`` of the last scale: unclamped, nominally [-1, 1]."""
+        schedule = Schedule.parse(schedule)
+        return self.tokenizer.decode_indices(codes[-1], schedule[-1])
+
+    def decode(self, codes: list, schedule: Schedule) -> torch.Tensor:
+        return self.decode_raw(codes, schedule).clamp(-1, 1)
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(self, cond: torch.Tensor, schedule: Schedule, *, cfg: float, top_k: int = 0,
+                 top_p: float = 0.0, generator: torch.Generator | None = None,
+                 max_pn: int = 16, used_llamagen_cfg: bool = False,
+                 invalid_ids=None, **options: Any) -> FlexVARGeneration:
+        if options:
+            raise TypeError(f"unknown FlexVAR sampling options: {sorted(options)}")
+        schedule = self._check(schedule)
+        out = sample(self.backbone, self.tokenizer, cond, schedule, cfg, top_k, top_p,
+                     generator, max_pn, used_llamagen_cfg, invalid_ids)
+        images = out.raw_images.add(1).div(2).clamp(0, 1)
+        return FlexVARGeneration(out.codes, images, out.guided_logits, out.raw_images)
+
+    # ---------------------------------------------------------------- conformance
+    def run_case(self, case: dict, config: dict) -> dict:
+        from .case import run_case
+        return run_case(self, case, config)

@@ -1,0 +1,154 @@
+"""Reading and writing FlexVAR checkpoints in the upstream layouts.
+
+* Tokenizer (``FlexVAE.pth``): ``{'model': state_dict}``; a plain state dict is accepted.
+  ``quantize.codebook_used`` (usage statistics) is ignored on load and written on save.
+* Backbone: a plain state dict (released ``FlexVARd*-epo*.pth``) or the training layout
+  ``{'trainer': {'var_wo_ddp': state_dict}, ...}``; ``module.`` / ``_orig_mod.`` prefixes
+  are stripped. ``attn_bias_for_masking`` has a stale, schedule-dependent shape and is
+  ignored; ``zero_k_bias`` (always zero) is rebuilt when absent.
+
+Sizes are inferred from the state dicts; any mismatch between a file and the model it
+implies is reported as one :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from sar_core.adapter import CheckpointError
+from sar_core.checkpoint_io import atomic_save, check_keys, load_file, strip_prefix, unwrap_state_dict
+
+FAMILY = "a FlexVAR (jiaosiyu1999/FlexVAR) checkpoint"
+TOKENIZER_IGNORE = ("quantize.codebook_used",)
+BACKBONE_IGNORE = ("attn_bias_for_masking", "zero_k_bias")
+NESTED = ("trainer", "var_wo_ddp")
+LAYOUTS = ("plain", "nested")
+
+
+def _clean(sd: dict) -> dict:
+    for prefix in ("module.", "_orig_mod.", "module."):
+        sd = strip_prefix(sd, prefix)
+    return sd
+
+
+def read_tokenizer(path: str | Path) -> dict:
+    obj = load_file(path, what="FlexVAR tokenizer checkpoint")
+    sd, _ = unwrap_state_dict(obj, (("model",),), f"FlexVAR tokenizer {path}")
+    sd = _clean(sd)
+    _reject_other_families(sd, path, "tokenizer")
+    if "quantize.embedding.weight" not in sd or "encoder.conv_in.weight" not in sd:
+        raise CheckpointError(f"{path} is not a FlexVAE (LlamaGen VQModel) tokenizer: it lacks "
+                              "'quantize.embedding.weight' / 'encoder.conv_in.weight'")
+    return sd
+
+
+def read_backbone(path: str | Path) -> dict:
+    obj = load_file(path, what="FlexVAR backbone checkpoint")
+    sd, _ = unwrap_state_dict(obj, (NESTED,), f"FlexVAR backbone {path}")
+    sd = _clean(sd)
+    _reject_other_families(sd, path, "backbone")
+    needed = ("word_embed.weight", "class_emb.weight", "pos_1LC", "head.weight")
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise CheckpointError(f"{path} is not a FlexVAR transformer: it lacks {', '.join(missing)}")
+    return sd
+
+
+def _reject_other_families(sd: dict, path, role: str) -> None:
+    """Name the family of a checkpoint that is clearly not FlexVAR."""
+    keys = list(sd)
+    var_tok = any(k.startswith(("encoder.down.", "decoder.up.", "quantize.quant_resi")) for k in keys)
+    var_bb = any(k.startswith(("lvl_embed.", "lvl_1L")) for k in keys)
+    if var_tok or var_bb:
+        what = "VAR multi-scale VQVAE tokenizer" if var_tok else "VAR transformer (it has a level embedding)"
+        raise CheckpointError(
+            f"{path} looks like a {what}, not {FAMILY}; load it with the 'var' family "
+            f"(e.g. --family var). The flexvar {role} expects "
+            + ("LlamaGen VQModel keys (encoder.conv_blocks.*, quantize.embedding.weight)."
+               if role == "tokenizer" else "pos_1LC (1, C, G, G) and no lvl_embed."))
+    if role == "backbone" and any(k.startswith(("encoder.", "decoder.", "quantize.")) for k in keys):
+        raise CheckpointError(f"{path} is a tokenizer checkpoint, given where the FlexVAR backbone was expected")
+    if role == "tokenizer" and any(k.startswith(("blocks.", "word_embed.")) for k in keys):
+        raise CheckpointError(f"{path} is a transformer checkpoint, given where the FlexVAE tokenizer was expected")
+
+
+def _count(sd: dict, pattern: str) -> int:
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in sd for m in [rx.match(k)] if m}
+    return max(found) + 1 if found else 0
+
+
+def infer_tokenizer(sd: dict) -> dict:
+    emb = sd["quantize.embedding.weight"]
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = _count(sd, r"encoder\.conv_blocks\.(\d+)\.")
+    mult = tuple(sd[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels)
+                 if f"encoder.conv_blocks.{i}.res.0.conv1.weight" in sd)
+    out = {"codebook_size": emb.shape[0], "codebook_embed_dim": emb.shape[1], "ch": ch,
+           "num_res_blocks": _count(sd, r"encoder\.conv_blocks\.0\.res\.(\d+)\.")}
+    if "encoder.conv_out.weight" in sd:
+        out["z_channels"] = sd["encoder.conv_out.weight"].shape[0]
+    if mult:
+        out["ch_mult"] = mult
+    return out
+
+
+def infer_backbone(sd: dict) -> dict:
+    C, cvae = sd["word_embed.weight"].shape
+    out = {"embed_dim": C, "num_classes": sd["class_emb.weight"].shape[0] - 1,
+           "depth": _count(sd, r"blocks\.(\d+)\."), "pos_grid": sd["pos_1LC"].shape[-1]}
+    scale_mul = sd.get("blocks.0.attn.scale_mul_1H11")
+    out["attn_l2_norm"] = scale_mul is not None
+    if scale_mul is not None:
+        out["num_heads"] = scale_mul.shape[1]
+    if "blocks.0.ffn.fc1.weight" in sd:
+        out["mlp_ratio"] = sd["blocks.0.ffn.fc1.weight"].shape[0] / C
+    out["shared_aln"] = "shared_ada_lin.1.weight" in sd or "blocks.0.ada_gss" in sd
+    if not out["attn_l2_norm"] and "num_heads" not in out:
+        out["num_heads"] = max(1, C // 64)
+    return out
+
+
+def backbone_io_sizes(sd: dict) -> tuple[int, int]:
+    """(vocab, Cvae) the transformer was trained with."""
+    return sd["head.weight"].shape[0], sd["word_embed.weight"].shape[1]
+
+
+def load_tokenizer_state(model: torch.nn.Module, sd: dict, path) -> None:
+    check_keys(sd, model.state_dict(), f"tokenizer {path}",
+               f"{FAMILY} tokenizer with the inferred sizes", ignore=TOKENIZER_IGNORE)
+    used = sd.get("quantize.codebook_used")
+    sd = {k: v for k, v in sd.items() if k not in TOKENIZER_IGNORE}
+    model.load_state_dict(sd, strict=False)
+    if isinstance(used, torch.Tensor) and used.shape == model.quantize.codebook_used.shape:
+        model.quantize.codebook_used.copy_(used)
+
+
+def load_backbone_state(model: torch.nn.Module, sd: dict, path) -> None:
+    check_keys(sd, model.state_dict(), f"backbone {path}",
+               f"{FAMILY} transformer with the inferred sizes", ignore=BACKBONE_IGNORE)
+    sd = {k: v for k, v in sd.items() if not k.endswith(BACKBONE_IGNORE)}
+    model.load_state_dict(sd, strict=False)
+
+
+def write_tokenizer(model: torch.nn.Module, path: str | Path) -> None:
+    atomic_save({"model": _cpu(model.state_dict())}, path)
+
+
+def write_backbone(model: torch.nn.Module, path: str | Path, layout: str = "plain",
+                   epoch: Optional[int] = None) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown FlexVAR checkpoint layout {layout!r}; choose one of {LAYOUTS}")
+    sd = _cpu(model.state_dict())
+    if layout == "plain":
+        atomic_save(sd, path)
+    else:
+        atomic_save({"epoch": int(epoch or 0), "iter": 0, "trainer": {"var_wo_ddp": sd}}, path)
+
+
+def _cpu(sd: dict) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in sd.items()}
