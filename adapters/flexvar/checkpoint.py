@@ -48,7 +48,8 @@ def read_tokenizer(path: str | Path) -> dict:
 
 def read_backbone(path: str | Path) -> dict:
     obj = load_file(path, what="FlexVAR backbone checkpoint")
-    sd, _ = unwrap_state_dict(obj, (NESTED,), f"FlexVAR backbone {path}")
+    # ("model",) only so that a tokenizer file given here is recognised and named below
+    sd, _ = unwrap_state_dict(obj, (NESTED, ("model",)), f"FlexVAR backbone {path}")
     sd = _clean(sd)
     _reject_other_families(sd, path, "backbone")
     needed = ("word_embed.weight", "class_emb.weight", "pos_1LC", "head.weight")
