@@ -1,0 +1,109 @@
+"""The ``digits`` dataset: scikit-learn's bundled handwritten digits, no download.
+
+1,797 real 8x8 grey-level scans (intensities 0..16, ten classes) ship inside
+scikit-learn (``sklearn.datasets.load_digits``), so this dataset works offline and is
+small enough to post-train a tiny model on a laptop CPU in minutes.
+
+* Split: within every class the images are shuffled with a fixed seed and the first
+  ``round(10%)`` go to ``val``, the rest to ``train`` (disjoint, identical on every machine).
+* Items: ``(image, label)``, image float (3, S, S) in [-1, 1] (white digit on black,
+  the grey level copied to the three channels), label int64. S is ``image_size``: the 8x8
+  grid is resized bicubically (area-averaged when S < 8) and clamped to the valid range.
+* ``hflip`` (random horizontal flip, p = 0.5) is OFF by default: digits are not
+  flip-invariant (a mirrored 2 or 7 is not a digit), so flipping only makes sense to test
+  code paths, not to train a good model.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from sar_core.hookspecs import hookimpl
+
+NUM_CLASSES = 10
+VAL_FRACTION = 0.1
+SPLIT_SEED = 20240611  # fixed: changing it changes which images are validation images
+
+
+@lru_cache(maxsize=1)
+def _load_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(1797, 8, 8) float32 in [0, 1] and (1797,) int64 labels."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # scikit-learn is an optional dependency (extra 'demo')
+        raise ImportError("the 'digits' dataset needs scikit-learn: pip install 'sar[demo]'") from exc
+    data = load_digits()
+    images = (data.images.astype(np.float32) / 16.0).clip(0.0, 1.0)
+    return images, data.target.astype(np.int64)
+
+
+def split_indices(labels: np.ndarray, split: str, val_fraction: float = VAL_FRACTION,
+                  seed: int = SPLIT_SEED) -> np.ndarray:
+    """Sorted indices of ``split`` ('train' | 'val' | 'all'), stratified by class."""
+    if split == "all":
+        return np.arange(len(labels))
+    if split not in ("train", "val"):
+        raise ValueError(f"digits split must be 'train', 'val' or 'all', got {split!r}")
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        members = members[rng.permutation(len(members))]
+        val.append(members[: int(round(val_fraction * len(members)))])
+    val_idx = np.sort(np.concatenate(val))
+    if split == "val":
+        return val_idx
+    return np.setdiff1d(np.arange(len(labels)), val_idx)
+
+
+def render(grid_8x8: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(..., 8, 8) in [0, 1] -> (..., 3, S, S) in [-1, 1]."""
+    x = grid_8x8.reshape(-1, 1, *grid_8x8.shape[-2:]).float()
+    if image_size < x.shape[-1]:
+        x = F.interpolate(x, size=(image_size, image_size), mode="area")
+    elif image_size > x.shape[-1]:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False)
+    x = x.clamp(0.0, 1.0).mul(2).sub(1).expand(-1, 3, -1, -1)
+    return x.reshape(*grid_8x8.shape[:-2], 3, image_size, image_size).contiguous()
+
+
+class DigitsDataset(Dataset):
+    """(image (3, S, S) in [-1, 1], label int64) of one split of scikit-learn's digits."""
+
+    num_classes = NUM_CLASSES
+
+    def __init__(self, split: str = "train", image_size: int = 16, hflip: bool = False):
+        if int(image_size) < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        images, labels = _load_arrays()
+        self.indices = split_indices(labels, split)
+        self.grids = torch.from_numpy(images[self.indices])
+        self.labels = torch.from_numpy(labels[self.indices])
+        self.split, self.image_size, self.hflip = split, int(image_size), bool(hflip)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = render(self.grids[i], self.image_size)
+        if self.hflip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, self.labels[i]
+
+    def __repr__(self) -> str:
+        return f"DigitsDataset(split={self.split!r}, n={len(self)}, image_size={self.image_size})"
+
+
+def digits(split: str = "train", image_size: int = 16, hflip: bool = False, **_) -> DigitsDataset:
+    """Factory registered as dataset ``digits`` (extra options are ignored)."""
+    return DigitsDataset(split=split, image_size=image_size, hflip=hflip)
+
+
+@hookimpl
+def register_datasets(register):
+    register("digits", digits)

