@@ -256,3 +256,32 @@ def test_schedule_sampler_choice():
     big = FlexVARAdapter.from_config(tiny_config(image_size=64, random_schedule=True))
     s = big.schedule_sampler(3)
     assert isinstance(s, FlexVARRandomSchedule) and s.sample().sides[-1] <= 16
+
+
+def test_tokenizer_training_loss_fits():
+    torch.manual_seed(0)
+    ad = FlexVARAdapter.from_config(tiny_config(image_size=16))
+    ad.tokenizer.train().requires_grad_(True)
+    imgs = torch.rand(2, 3, 8, 8) * 2 - 1
+    sch = Schedule([1, 2, 4])
+    opt = torch.optim.Adam(ad.tokenizer.parameters(), lr=2e-3)
+    first = None
+    for _ in range(6):
+        loss, stats = ad.tokenizer_training_loss(imgs, sch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert set(stats) == {"recon", "vq", "commit"}
+    assert ad.tokenizer.quantize.embedding.weight.grad.abs().sum() > 0
+    assert loss.item() < first
+
+
+def test_sar_tf_then_single_sf_targets_ground_truth(adapter, golden):
+    case, config = golden
+    s = dict(config["case"]["sar_csfl"], training_mode="tf_then_single_sf")
+    s.pop("sampled_variant")
+    out = adapter.run_case({k: case[k] for k in ("images", "labels", "tf_patch_nums")}, {"case": {"sar_csfl": s}})
+    assert torch.equal(out["sar_sf_target"], case["gt_idx"][-1])
+    assert torch.equal(out["sar_tf_loss"], case["sar_tf_loss"]) or abs(out["sar_tf_loss"] - case["sar_tf_loss"]) < 1e-5
+    assert abs(out["sar_sf_loss"] - case["sar_sf_loss"]) > 1e-3   # a different target, a different loss

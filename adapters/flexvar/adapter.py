@@ -7,12 +7,9 @@ replace those codes by the prediction at k; nothing below k matters.
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from sar_core.adapter import Generation, ScaleWiseAdapter, CheckpointError
 from sar_core.schedule import Schedule, ScheduleSampler
@@ -22,7 +19,7 @@ from .backbone import FlexVAR, init_weights
 from .config import BackboneConfig, FlexVARConfig, TokenizerConfig, check_sides
 from .sampler import sample
 from .schedules import MAX_SIDE, FlexVARRandomSchedule
-from .tokenizer import VQModel, init_tokenizer
+from .tokenizer import VQModel, init_tokenizer, vq_training_loss
 
 NO_DECAY = ("pos_1LC", "pos_start", "lvl_embed", "scale_mul", "gamma", "beta", "ada_gss",
             "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "start_pos",
@@ -195,6 +192,11 @@ class FlexVARAdapter(ScaleWiseAdapter):
     def decode(self, codes: list, schedule: Schedule) -> torch.Tensor:
         return self.decode_raw(codes, schedule).clamp(-1, 1)
 
+    def tokenizer_training_loss(self, images: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, dict]:
+        """Multi-scale VQ loss (see ``tokenizer.vq_training_loss``); call
+        ``self.tokenizer.train().requires_grad_(True)`` first."""
+        return vq_training_loss(self.tokenizer, images, list(self._check(schedule)))
+
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
     def generate(self, cond: torch.Tensor, schedule: Schedule, *, cfg: float, top_k: int = 0,
@@ -210,6 +212,13 @@ class FlexVARAdapter(ScaleWiseAdapter):
         return FlexVARGeneration(out.codes, images, out.guided_logits, out.raw_images)
 
     # ---------------------------------------------------------------- conformance
+    @classmethod
+    def case_overrides(cls, config: dict) -> dict:
+        """Heads cannot be read from a checkpoint without ``scale_mul_1H11``: take them
+        from config.json when it names them."""
+        heads = config.get("backbone", {}).get("num_heads")
+        return {"backbone.num_heads": int(heads)} if isinstance(heads, int) else {}
+
     def run_case(self, case: dict, config: dict) -> dict:
         from .case import run_case
         return run_case(self, case, config)

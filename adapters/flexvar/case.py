@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from sar_core.losses import HardCSFL, teacher_forcing_loss
+from sar_core.losses import HardCSFL, NaiveStudentForcing, teacher_forcing_loss
 from sar_core.rollouts import OfficialRollout
 from sar_core.sar_step import sar_step
 from sar_core.schedule import Schedule
@@ -101,29 +101,32 @@ def _sar(adapter, bb, case, s: dict, dev) -> dict:
     gt = adapter.encode(images, schedule)
     gamma = float(s.get("sigma", 0.01))
     ls = float(s.get("label_smooth", 0.0))
+    # 'csfl' supervises the student pass with the teacher's prediction, the other official
+    # mode ('tf_then_single_sf') with ground truth
+    loss = NaiveStudentForcing() if s.get("training_mode") == "tf_then_single_sf" else HardCSFL()
     out = {}
     argmax = s.get("argmax_variant")
     if argmax is not None:
         rollout = OfficialRollout(sampling="argmax")
-        out.update(_sar_variant(adapter, bb, labels, gt, schedule, rollout, gamma, ls, None, "sar"))
+        out.update(_sar_variant(adapter, bb, labels, gt, schedule, rollout, loss, gamma, ls, None, "sar"))
     sampled = s.get("sampled_variant")
     if sampled is not None and sampled.get("sf_use_sampling", True):
         rollout = OfficialRollout(sampling="sample", top_k=int(sampled.get("sf_top_k", 900)),
                                   top_p=float(sampled.get("sf_top_p", 0.96)),
                                   cfg=float(sampled.get("sf_cfg_scale", 1.2)))
         gen = torch.Generator(device=dev)  # upstream never seeds it: the default seed
-        res = _sar_variant(adapter, bb, labels, gt, schedule, rollout, gamma, ls, gen, "sar_sampled")
+        res = _sar_variant(adapter, bb, labels, gt, schedule, rollout, loss, gamma, ls, gen, "sar_sampled")
         res["sar_sampled_tf_labels"] = adapter.cfg_condition(labels) if rollout.uses_cfg else labels
         res["sar_sampled_rng_seed"] = gen.initial_seed()
         out.update(res)
     return out
 
 
-def _sar_variant(adapter, bb, labels, gt, schedule, rollout, gamma, ls,
+def _sar_variant(adapter, bb, labels, gt, schedule, rollout, loss, gamma, ls,
                  gen: Optional[torch.Generator], prefix: str) -> dict:
     model = copy.deepcopy(bb)
     model.zero_grad(set_to_none=True)
-    res = sar_step(adapter, model, labels, gt, schedule, rollout, HardCSFL(), gamma, ls, gen)
+    res = sar_step(adapter, model, labels, gt, schedule, rollout, loss, gamma, ls, gen)
     res.total.backward()
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
@@ -136,7 +139,8 @@ def _sar_variant(adapter, bb, labels, gt, schedule, rollout, gamma, ls,
                     f"{prefix}_sf_input": sp.inputs, f"{prefix}_sf_logits": sp.logits.detach()})
         if rollout.sampling == "argmax":
             out.update({f"{prefix}_sf_input_idx": sp.extras["sf_input_codes"],
-                        f"{prefix}_sf_target": sp.teacher_codes})
+                        f"{prefix}_sf_target": (sp.gt_codes if isinstance(loss, NaiveStudentForcing)
+                                                else sp.teacher_codes)})
         else:
             out[f"{prefix}_rollout_idx"] = list(res.pred_codes)
     return out

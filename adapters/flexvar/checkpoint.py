@@ -120,8 +120,11 @@ def backbone_io_sizes(sd: dict) -> tuple[int, int]:
 
 
 def load_tokenizer_state(model: torch.nn.Module, sd: dict, path) -> None:
-    check_keys(sd, model.state_dict(), f"tokenizer {path}",
-               f"{FAMILY} tokenizer with the inferred sizes", ignore=TOKENIZER_IGNORE)
+    c = model.cfg
+    hint = (f"a FlexVAE tokenizer (LlamaGen VQModel: codebook {c.codebook_size} x {c.codebook_embed_dim}, "
+            f"ch {c.ch}, ch_mult {list(c.ch_mult)}, z_channels {c.z_channels}, "
+            f"{c.num_res_blocks} res blocks)")
+    check_keys(sd, model.state_dict(), f"tokenizer {path}", hint, ignore=TOKENIZER_IGNORE)
     used = sd.get("quantize.codebook_used")
     sd = {k: v for k, v in sd.items() if k not in TOKENIZER_IGNORE}
     model.load_state_dict(sd, strict=False)
@@ -130,8 +133,11 @@ def load_tokenizer_state(model: torch.nn.Module, sd: dict, path) -> None:
 
 
 def load_backbone_state(model: torch.nn.Module, sd: dict, path) -> None:
-    check_keys(sd, model.state_dict(), f"backbone {path}",
-               f"{FAMILY} transformer with the inferred sizes", ignore=BACKBONE_IGNORE)
+    c = model.cfg
+    hint = (f"a FlexVAR transformer (depth {c.depth}, width {c.embed_dim}, {c.num_heads} heads, "
+            f"{c.num_classes} classes, vocab {model.V}, pos grid {c.pos_grid}, "
+            f"shared_aln {c.shared_aln})")
+    check_keys(sd, model.state_dict(), f"backbone {path}", hint, ignore=BACKBONE_IGNORE)
     sd = {k: v for k, v in sd.items() if not k.endswith(BACKBONE_IGNORE)}
     model.load_state_dict(sd, strict=False)
 

@@ -230,3 +230,31 @@ def init_tokenizer(model: VQModel, generator: torch.Generator | None = None) -> 
     v = model.vocab_size
     model.quantize.embedding.weight.uniform_(-1.0 / v, 1.0 / v, generator=generator)
     return model
+
+
+def vq_training_loss(model: VQModel, img_B3HW: torch.Tensor, scales: Sequence[tuple[int, int]],
+                     beta: float = 0.25) -> tuple[torch.Tensor, dict]:
+    """Multi-scale VQ loss for fitting the tokenizer from scratch (LlamaGen terms).
+
+    Per scale: quantise the area-downsampled latent, decode the straight-through codewords
+    and compare with the image area-resized to that scale's pixel size (MSE), plus the
+    codebook term |e - sg(z)|^2 and beta * the commitment term |sg(e) - z|^2 on the
+    L2-normalised latent. Averaged over scales.
+    """
+    latent = model.encode_latent(img_B3HW)
+    e_all = model.quantize.codebook()
+    d = model.downsample
+    recon = vq = commit = 0.0
+    for hw in scales:
+        z = F.normalize(F.interpolate(latent, size=hw, mode="area"), p=2, dim=1)
+        idx = model.quantize.indices(z)
+        e = rearrange(e_all[idx], "b (h w) c -> b c h w", h=hw[0], w=hw[1])
+        vq = vq + (e - z.detach()).pow(2).mean()
+        commit = commit + beta * (e.detach() - z).pow(2).mean()
+        out = model.decoder(model.post_quant_conv(z + (e - z).detach()))
+        target = F.interpolate(img_B3HW, size=(hw[0] * d, hw[1] * d), mode="area")
+        recon = recon + F.mse_loss(out, target)
+    n = len(scales)
+    loss = (recon + vq + commit) / n
+    stats = {k: float(v.detach()) / n for k, v in (("recon", recon), ("vq", vq), ("commit", commit))}
+    return loss, stats
