@@ -38,9 +38,22 @@ def load_adapter(family: str, tokenizer: str | Path, backbone: str | Path | None
     return adapter
 
 
+def config_value(config: Any, *names: str) -> Any:
+    """The first field called one of ``names`` in a (nested) adapter config, else None."""
+    tree = config.model_dump() if hasattr(config, "model_dump") else dict(config)
+    stack = [tree]
+    while stack:
+        node = stack.pop(0)
+        for name in names:
+            if isinstance(node.get(name), (int, float)):
+                return node[name]
+        stack.extend(v for v in node.values() if isinstance(v, dict))
+    return None
+
+
 def num_classes_of(adapter: ScaleWiseAdapter) -> Optional[int]:
-    """The number of classes of a class-conditional family (its config's ``num_classes``)."""
-    n = getattr(adapter.config, "num_classes", None)
+    """The number of classes of a class-conditional family (a ``num_classes`` config field)."""
+    n = config_value(adapter.config, "num_classes")
     return int(n) if n is not None else None
 
 

@@ -1,0 +1,247 @@
+"""Pre-tokenised datasets: encode images once with the frozen tokenizer, train from codes.
+
+SAR post-training never updates the tokenizer, so the codes of every training image are
+fixed: :func:`build_code_cache` encodes a dataset once (optionally with its horizontally
+flipped copies) into a folder that :class:`CodeCacheDataset` memory-maps::
+
+    out_dir/
+      meta.json          family, schedule, image size, tokenizer fingerprint, counts, dtype
+      labels.npy         int64 (N_items,)
+      codes_00.npy ...   one per scale: (N_items, h*w) index codes, or (N_items, h*w, d) bits
+
+Items ``0..N-1`` are the dataset's images in order; with ``flips`` items ``N..2N-1`` are
+their mirror images. The cache belongs to one tokenizer and one schedule: opening it with
+an adapter whose tokenizer weights differ (sha256 over the tokenizer state dict) or with
+another schedule raises :class:`StaleCacheError`. A random-schedule family (FlexVAR's
+random training schedules) can only train from the one cached schedule.
+
+The folder is written under a temporary name and renamed when complete, so an interrupted
+run never leaves a cache that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sar_core.schedule import Schedule
+
+CACHE_VERSION = 1
+META = "meta.json"
+
+
+class StaleCacheError(ValueError):
+    """A code cache does not belong to the tokenizer / schedule it is used with."""
+
+
+def tokenizer_fingerprint(tokenizer: torch.nn.Module) -> str:
+    """sha256 over the tokenizer's state dict (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(tokenizer.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _code_dtype(adapter) -> np.dtype:
+    if adapter.bits_per_token is not None:
+        return np.dtype(np.uint8)
+    from sar_core.generation import config_value
+
+    vocab = config_value(adapter.config, "vocab_size", "codebook_size")
+    return np.dtype(np.uint16) if vocab is not None and vocab <= 65536 else np.dtype(np.int32)
+
+
+def _image_of(item: Any) -> torch.Tensor:
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _label_of(item: Any) -> int:
+    return int(item[1]) if isinstance(item, (tuple, list)) and len(item) > 1 else -1
+
+
+def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.stack([_image_of(it) for it in items]),
+            torch.tensor([_label_of(it) for it in items], dtype=torch.int64))
+
+
+def _check_image_size(dataset: Dataset, expected: tuple[int, int]) -> None:
+    if len(dataset) == 0:
+        raise ValueError("cannot cache an empty dataset")
+    shape = tuple(_image_of(dataset[0]).shape)
+    if shape[-2:] != tuple(expected):
+        raise ValueError(f"dataset images are {shape[-2]}x{shape[-1]} but the schedule decodes "
+                         f"{expected[0]}x{expected[1]} images; pass the matching image size")
+
+
+def build_code_cache(adapter, dataset: Dataset, schedule: Schedule | str | None, out_dir: str | Path,
+                     flips: bool = False, batch_size: int = 64, *, tokenizer_file: str | Path | None = None,
+                     overwrite: bool = False, num_workers: int = 0,
+                     progress: Optional[Callable[[int], None]] = None) -> Path:
+    """Encode ``dataset`` (items ``(image in [-1, 1], label)``) into a cache folder."""
+    schedule = Schedule.parse(schedule) if schedule is not None else adapter.default_schedule
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    image_hw = tuple(adapter.image_size(schedule))
+    _check_image_size(dataset, image_hw)
+    n_src = len(dataset)
+    n_items = n_src * (2 if flips else 1)
+    dtype = _code_dtype(adapter)
+    limit = np.iinfo(dtype).max
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        bits = adapter.bits_per_token
+        arrays = [np.lib.format.open_memmap(tmp / f"codes_{k:02d}.npy", mode="w+", dtype=dtype,
+                                            shape=(n_items, h * w) + ((bits,) if bits else ()))
+                  for k, (h, w) in enumerate(schedule)]
+        labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.int64, shape=(n_items,))
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            collate_fn=_collate)
+        device, row = adapter.device, 0
+        with torch.no_grad():
+            for images, lab in loader:
+                images = images.to(device)
+                variants = [(0, images)] + ([(n_src, images.flip(-1))] if flips else [])
+                for base, imgs in variants:
+                    for k, codes in enumerate(adapter.encode(imgs, schedule)):
+                        c = codes.cpu()
+                        if c.min() < 0 or c.max() > limit:
+                            raise ValueError(f"scale {k} codes outside 0..{limit} (dtype {dtype})")
+                        arrays[k][base + row: base + row + len(c)] = c.numpy().astype(dtype)
+                    labels[base + row: base + row + len(lab)] = lab.numpy()
+                row += len(lab)
+                if progress is not None:
+                    progress(len(lab))
+        for a in arrays + [labels]:
+            a.flush()
+        del arrays, labels
+        meta = {
+            "version": CACHE_VERSION, "family": adapter.name, "schedule": schedule.to_list(),
+            "image_size": list(image_hw), "bits_per_token": adapter.bits_per_token, "dtype": dtype.name,
+            "num_items": n_items, "num_source_items": n_src, "flips": bool(flips),
+            "tokenizer_sha256": tokenizer_fingerprint(adapter.tokenizer),
+            "tokenizer_file": str(tokenizer_file) if tokenizer_file else None,
+            "tokenizer_file_sha256": file_sha256(tokenizer_file) if tokenizer_file else None,
+            "dataset": repr(dataset)[:200], "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_meta(cache_dir: str | Path) -> dict:
+    d = Path(cache_dir)
+    path = d / META
+    if not path.is_file():
+        raise FileNotFoundError(f"{d} is not a code cache (no {META}); build one with `sar tokenize`")
+    meta = json.loads(path.read_text())
+    if meta.get("version") != CACHE_VERSION:
+        raise StaleCacheError(f"{d}: cache format version {meta.get('version')} != {CACHE_VERSION}; rebuild it")
+    return meta
+
+
+def check_cache(meta: dict, adapter=None, schedule: Schedule | str | None = None, where: str = "cache") -> None:
+    """Raise :class:`StaleCacheError` naming every mismatch with ``adapter`` / ``schedule``."""
+    problems = []
+    if schedule is not None and Schedule.parse(schedule).to_list() != meta["schedule"]:
+        problems.append(f"schedule {Schedule.parse(schedule)} != cached {Schedule.parse(meta['schedule'])}")
+    if adapter is not None:
+        if adapter.name != meta["family"]:
+            problems.append(f"family '{adapter.name}' != cached '{meta['family']}'")
+        if adapter.bits_per_token != meta["bits_per_token"]:
+            problems.append(f"bits per token {adapter.bits_per_token} != cached {meta['bits_per_token']}")
+        elif tokenizer_fingerprint(adapter.tokenizer) != meta["tokenizer_sha256"]:
+            problems.append("tokenizer weights differ from the ones the cache was encoded with "
+                            f"(cached from {meta.get('tokenizer_file') or 'an in-memory tokenizer'})")
+    if problems:
+        raise StaleCacheError(f"stale code cache {where}: " + "; ".join(problems)
+                              + ". Rebuild it with `sar tokenize` (or use images instead).")
+
+
+class CodeCacheDataset(Dataset):
+    """Items ``(codes per scale (list of int64 tensors), label int64)`` of a code cache.
+
+    ``flips``: 'random' (default; with a flipped cache each item is its original or its
+    mirror image with p = 0.5, like random-flip augmentation), 'all' (2N items) or 'none'
+    (originals only). Pass ``adapter`` / ``schedule`` to check the cache is not stale.
+    """
+
+    def __init__(self, cache_dir: str | Path, adapter=None, schedule: Schedule | str | None = None,
+                 flips: str = "random"):
+        if flips not in ("random", "all", "none"):
+            raise ValueError(f"flips must be 'random', 'all' or 'none', got {flips!r}")
+        self.dir = Path(cache_dir)
+        self.meta = read_meta(self.dir)
+        check_cache(self.meta, adapter, schedule, where=str(self.dir))
+        self.schedule = Schedule.parse(self.meta["schedule"])
+        self.flips = flips if self.meta["flips"] else "none"
+        self.n_src = int(self.meta["num_source_items"])
+        self._arrays: Optional[list] = None
+        self._labels: Optional[np.ndarray] = None
+        self._check_files()
+
+    def _check_files(self) -> None:
+        n = int(self.meta["num_items"])
+        for k, (h, w) in enumerate(self.schedule):
+            p = self.dir / f"codes_{k:02d}.npy"
+            if not p.is_file():
+                raise StaleCacheError(f"{self.dir}: {p.name} is missing; rebuild the cache")
+            shape = np.load(p, mmap_mode="r").shape
+            if shape[:2] != (n, h * w):
+                raise StaleCacheError(f"{p}: shape {shape} does not match meta ({n}, {h * w})")
+
+    def _open(self) -> None:
+        # opened lazily so that DataLoader workers each map the files themselves
+        self._arrays = [np.load(self.dir / f"codes_{k:02d}.npy", mmap_mode="r") for k in range(len(self.schedule))]
+        self._labels = np.load(self.dir / "labels.npy", mmap_mode="r")
+
+    @property
+    def labels(self) -> torch.Tensor:
+        if self._labels is None:
+            self._open()
+        n = len(self)
+        return torch.from_numpy(np.asarray(self._labels[:n], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.meta["num_items"]) if self.flips == "all" else self.n_src
+
+    def __getitem__(self, i: int) -> tuple[list, torch.Tensor]:
+        if self._arrays is None:
+            self._open()
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        if self.flips == "random" and bool(torch.rand(()) < 0.5):
+            i += self.n_src
+        codes = [torch.from_numpy(np.asarray(a[i], dtype=np.int64)) for a in self._arrays]
+        return codes, torch.tensor(int(self._labels[i]), dtype=torch.int64)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_arrays"] = state["_labels"] = None
+        return state
