@@ -54,9 +54,10 @@ def run_case(adapter, case: dict, config: dict) -> dict:
         if "images" in case and "tf_patch_nums" in case:
             out.update(_teacher_forcing(adapter, bb, case, dev))
         if "infer_patch_nums" in case and "infer_labels" in case:
-            for prefix, key in (("infer", "inference"), ("infer_llamagen", "inference_llamagen_cfg")):
-                if key in settings or prefix == "infer":
-                    out.update(_inference(adapter, case, settings.get(key, {}), prefix, dev))
+            runs = [(p, k) for p, k in (("infer", "inference"), ("infer_llamagen", "inference_llamagen_cfg"))
+                    if k in settings] or [("infer", "inference")]   # no settings: upstream defaults
+            for prefix, key in runs:
+                out.update(_inference(adapter, case, settings.get(key, {}), prefix, dev))
         if "images" in case and "tf_patch_nums" in case and "sar_csfl" in settings:
             out.update(_sar(adapter, bb, case, settings["sar_csfl"], dev))
     if "schedule_seeds" in case:
