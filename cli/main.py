@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from sar_cli import conformance_cmd, plugins_cmd
+from sar_cli import diagnose_cmd, eval_cmd, sample_cmd, tokenize_cmd
 
 app = typer.Typer(
     name="sar",
@@ -34,6 +35,10 @@ def _root(
 
 plugins_cmd.add_to(app)
 conformance_cmd.add_to(app)
+sample_cmd.add_to(app)
+eval_cmd.add_to(app)
+tokenize_cmd.add_to(app)
+diagnose_cmd.add_to(app)
 
 
 def main() -> None:

@@ -307,3 +307,66 @@ def class_accuracy(images: Any, labels: torch.Tensor, extractor: FeatureExtracto
         batch = torch.stack([data[j] for j in range(i, min(i + batch_size, len(data)))]).to(device)
         hits += int((net(batch).argmax(-1).cpu() == labels[i:i + batch_size].cpu()).sum())
     return hits / len(data)
+
+
+# ------------------------------------------------------------------------ whole pipeline
+def reference_set(reference: str | Path, split: str, image_size: int) -> Dataset:
+    """A registered dataset name (its ``split`` at ``image_size``) or a folder of images
+    (used as they are) -> uint8 image set."""
+    from sar_core.plugins import get_registry
+
+    if str(reference) in get_registry().names("dataset"):
+        return DatasetImages(open_dataset(str(reference), split=split, image_size=image_size))
+    if Path(reference).is_dir():
+        return FolderImages(reference)
+    known = ", ".join(get_registry().names("dataset")) or "none"
+    raise ValueError(f"reference '{reference}' is neither a registered dataset ({known}) nor a folder")
+
+
+def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSpec,
+                     reference: str | Path | None = None, reference_split: str = "val",
+                     reference_stats: str | Path | None = None, metrics: Sequence[str] = ALL_METRICS,
+                     cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
+                     batch_size: int = 32, schedule=None, samples_folder: str | Path | None = None,
+                     samples_npz: str | Path | None = None, progress=None) -> dict:
+    """Sample ``num_samples`` class-balanced images and measure them (``sar eval``).
+
+    Metrics that need the reference *set* (KID, precision / recall) are skipped, with a
+    note, when only ``reference_stats`` are given."""
+    from sar_core.generation import balanced_labels, generate_images, num_classes_of, save_folder
+
+    metrics = _check_metrics(metrics)
+    stats = load_statistics(reference_stats) if reference_stats else None
+    notes = []
+    if reference is None:
+        if stats is None:
+            raise ValueError("pass a reference set (dataset name or folder) or reference statistics (.npz)")
+        skipped = [m for m in metrics if m in ("kid", "prc")]
+        if skipped:
+            notes.append(f"skipped {skipped}: they need the reference images, not only mu / sigma")
+        metrics = tuple(m for m in metrics if m not in skipped)
+    n_classes = num_classes_of(adapter)
+    if n_classes is None:
+        raise ValueError(f"family '{adapter.name}' has no num_classes; sar eval samples class-conditionally")
+    from sar_core.schedule import Schedule
+
+    schedule = Schedule.parse(schedule) if schedule is not None else adapter.default_schedule
+    labels = balanced_labels(num_samples, n_classes)
+    images = generate_images(adapter, labels, schedule=schedule, cfg=cfg, top_k=top_k, top_p=top_p,
+                             seed=seed, batch_size=batch_size, progress=progress)
+    if samples_folder:
+        save_folder(images, samples_folder, labels.tolist())
+    if samples_npz:
+        write_samples_npz(images, samples_npz)
+    ref = reference_set(reference, reference_split, images.shape[-1]) if reference is not None else None
+    device = adapter.device
+    report = compute_metrics(images, ref, extractor=extractor, metrics=metrics, reference_stats=stats,
+                             device=device, batch_size=batch_size, seed=seed)
+    if extractor.classifier is not None:
+        report["class_accuracy"] = class_accuracy(images, labels, extractor, device)
+    report.update({"family": adapter.name, "schedule": schedule.to_list(), "cfg": cfg, "top_k": top_k, "top_p": top_p, "seed": seed,
+                   "num_classes": n_classes, "image_size": list(images.shape[-2:]),
+                   "reference": str(reference) if reference is not None else None,
+                   "reference_split": reference_split if reference is not None else None,
+                   "reference_stats": str(reference_stats) if reference_stats else None, "notes": notes})
+    return report

@@ -1,0 +1,80 @@
+"""``sar diagnose``: per-scale exposure gap (teacher- vs one-step student-forced loss)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sar_cli._shared import BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, user_errors
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def print_gap(console: Console, report: dict) -> None:
+    table = Table(title=f"exposure gap: {report['family']} ({report['mode']}, {report['num_samples']} samples)")
+    for col in ("scale", "size", "TF CE", "SF CE", "gap CE", "TF acc", "SF acc", "gap acc", "input err"):
+        table.add_column(col, justify="right")
+    for r in report["scales"]:
+        table.add_row(str(r["scale"]), "x".join(map(str, r["size"])), _fmt(r["tf_ce"]), _fmt(r["sf_ce"]),
+                      _fmt(r["gap_ce"]), _fmt(r["tf_acc"]), _fmt(r["sf_acc"]), _fmt(r["gap_acc"]),
+                      _fmt(r["input_error"]))
+    console.print(table)
+    console.print(f"mean gap: CE {report['mean_gap_ce']:+.4f}, accuracy {report['mean_gap_acc']:+.4f}")
+
+
+def _data(data: str, adapter, sched, split: str):
+    from sar_core.code_cache import META, CodeCacheDataset
+    from sar_core.evaluation import open_dataset
+
+    if (Path(data) / META).is_file():
+        return CodeCacheDataset(data, adapter, sched, flips="none")
+    return open_dataset(data, split=split, image_size=adapter.image_size(sched)[0])
+
+
+def diagnose(
+    family: str = FAMILY,
+    tokenizer: Path = TOKENIZER,
+    backbone: Optional[Path] = BACKBONE,
+    data: str = typer.Option(..., "--data", help="Dataset name, image folder, or code cache folder."),
+    split: str = typer.Option("val", "--split", help="Split of a dataset (ignored for a code cache)."),
+    schedule: Optional[str] = SCHEDULE,
+    batches: Optional[int] = typer.Option(10, "--batches", help="Batches to use (0: the whole split)."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    mode: str = typer.Option("per_scale", "--mode", help="per_scale (one transition per pass) or joint."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the report as JSON here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot here."),
+    device: str = DEVICE,
+) -> None:
+    """Measure, per scale, how much the loss grows when the model's input at scale k+1 is
+    built from its own greedy prediction at scale k instead of the ground truth."""
+    from sar_core.checkpoint_io import atomic_write_text
+    from sar_core.diagnostics import exposure_gap, plot_exposure_gap
+    from sar_core.schedule import Schedule
+
+    console = Console()
+    try:
+        adapter = load_model(console, family, tokenizer, backbone, device)
+        sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
+        dataset = _data(data, adapter, sched, split)
+        with console.status("teacher- and student-forced passes ..."):
+            report = exposure_gap(adapter, dataset, sched, batches or None, batch_size=batch_size, mode=mode)
+    except user_errors() as exc:
+        fail(console, exc)
+    print_gap(console, report)
+    if out is not None:
+        atomic_write_text(json.dumps(report, indent=2), out)
+        console.print(f"wrote {out}")
+    if plot is not None:
+        plot_exposure_gap(report, plot)
+        console.print(f"wrote {plot}")
+
+
+def add_to(app: typer.Typer) -> None:
+    app.command("diagnose")(diagnose)

@@ -1,0 +1,84 @@
+"""``sar sample``: draw images from a model into a PNG grid and / or a folder of PNGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from sar_cli._shared import BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, progress_bar, user_errors
+
+
+def _labels(adapter, labels: Optional[str], per_class: Optional[int]):
+    import torch
+
+    from sar_core.generation import num_classes_of, parse_labels
+
+    if labels is not None:
+        return torch.tensor(parse_labels(labels), dtype=torch.int64), None
+    n_classes = num_classes_of(adapter)
+    if n_classes is None:
+        raise ValueError(f"family '{adapter.name}' does not say how many classes it has; pass --labels")
+    if per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {per_class}")
+    # class-major: row c of the grid holds the samples of class c
+    return torch.arange(n_classes).repeat_interleave(per_class), per_class
+
+
+def sample(
+    family: str = FAMILY,
+    tokenizer: Path = TOKENIZER,
+    backbone: Optional[Path] = BACKBONE,
+    labels: Optional[str] = typer.Option(None, "--labels", help="Class labels, e.g. 1,2,3 (one image each)."),
+    per_class: Optional[int] = typer.Option(None, "--per-class", help="N images of every class."),
+    text_features: Optional[Path] = typer.Option(None, "--text-features",
+                                                 help="Precomputed text features (.pt) for text-conditioned families."),
+    cfg: float = typer.Option(1.5, "--cfg", help="Classifier-free guidance scale."),
+    top_k: int = typer.Option(0, "--top-k", help="Top-k sampling (0: off)."),
+    top_p: float = typer.Option(0.0, "--top-p", help="Top-p sampling (0: off)."),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    schedule: Optional[str] = SCHEDULE,
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Write all samples as one PNG grid here."),
+    nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row (default: per class, or square)."),
+    folder: Optional[Path] = typer.Option(None, "--folder", help="Write one PNG per sample into this folder."),
+    device: str = DEVICE,
+) -> None:
+    """Sample class-conditional (or text-conditional) images from a model."""
+    from sar_core.checkpoint_io import load_file
+    from sar_core.generation import generate_from_text, generate_images, save_folder, save_grid
+    from sar_core.schedule import Schedule
+
+    console = Console()
+    try:
+        chosen = [o for o in (labels, per_class, text_features) if o is not None]
+        if len(chosen) != 1:
+            raise ValueError("pass exactly one of --labels, --per-class, --text-features")
+        if grid is None and folder is None:
+            raise ValueError("nothing to write: pass --grid FILE.png and/or --folder DIR")
+        adapter = load_model(console, family, tokenizer, backbone, device)
+        sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
+        opts = dict(schedule=sched, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
+        if text_features is not None:
+            feats = load_file(text_features, what="text features")
+            with console.status("sampling from text features"):
+                images = generate_from_text(adapter, feats, **opts)
+            lab, row = None, nrow
+        else:
+            lab, row = _labels(adapter, labels, per_class)
+            with progress_bar(console, "sampling", len(lab)) as advance:
+                images = generate_images(adapter, lab, batch_size=batch_size, progress=advance, **opts)
+    except user_errors() as exc:
+        fail(console, exc)
+    if grid is not None:
+        save_grid(images, grid, nrow=nrow or row)
+        console.print(f"wrote grid of {len(images)} images to {grid}")
+    if folder is not None:
+        save_folder(images, folder, None if lab is None else lab.tolist())
+        console.print(f"wrote {len(images)} PNGs to {folder}")
+
+
+def add_to(app: typer.Typer) -> None:
+    app.command("sample")(sample)
