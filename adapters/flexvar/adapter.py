@@ -7,6 +7,7 @@ replace those codes by the prediction at k; nothing below k matters.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch
@@ -24,6 +25,15 @@ from .tokenizer import VQModel, init_tokenizer, vq_training_loss
 NO_DECAY = ("pos_1LC", "pos_start", "lvl_embed", "scale_mul", "gamma", "beta", "ada_gss",
             "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "start_pos",
             "moe_bias")
+
+
+def tokenizer_side(fn):
+    """No grad, no autocast: upstream builds codes and inputs in float32 outside AMP."""
+    @functools.wraps(fn)
+    def wrapped(self, *args, **kwargs):
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            return fn(self, *args, **kwargs)
+    return wrapped
 
 
 class FlexVARGeneration(Generation):
@@ -156,16 +166,17 @@ class FlexVARAdapter(ScaleWiseAdapter):
         check_sides([h for h, _ in schedule], self.config.backbone.pos_grid, f"schedule {schedule}")
         return schedule
 
-    @torch.no_grad()
+    @tokenizer_side
     def encode(self, images: torch.Tensor, schedule: Schedule) -> list:
         schedule = self._check(schedule)
+        images = images.to(self.tokenizer.quant_conv.weight.dtype)
         return self.tokenizer.quantize_scales(self.tokenizer.encode_latent(images), list(schedule))
 
-    @torch.no_grad()
+    @tokenizer_side
     def teacher_inputs(self, codes: list, schedule: Schedule) -> torch.Tensor:
         return self.stagger_inputs(codes, codes, schedule, ())
 
-    @torch.no_grad()
+    @tokenizer_side
     def stagger_inputs(self, gt_codes: list, pred_codes: list, schedule: Schedule,
                        scales: Sequence[int]) -> torch.Tensor:
         schedule = Schedule.parse(schedule)
@@ -183,7 +194,7 @@ class FlexVARAdapter(ScaleWiseAdapter):
             return w.new_zeros(B, 0, self.tokenizer.Cvae)
         return torch.cat(parts, dim=1)
 
-    @torch.no_grad()
+    @tokenizer_side
     def decode_raw(self, codes: list, schedule: Schedule) -> torch.Tensor:
         """Upstream ``decode_code`` of the last scale: unclamped, nominally [-1, 1]."""
         schedule = Schedule.parse(schedule)
