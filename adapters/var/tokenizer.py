@@ -391,4 +391,4 @@ class VQVAE(nn.Module):
         rec = self.decoder(self.post_quant_conv(st))
         l1, l2 = F.l1_loss(rec, images), F.mse_loss(rec, images)
         loss = l1 + l2 + vq
-        return loss, {"rec_l1": float(l1), "rec_mse": float(l2), "vq": float(vq)}
+        return loss, {"rec_l1": l1.item(), "rec_mse": l2.item(), "vq": vq.item()}
