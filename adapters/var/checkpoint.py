@@ -26,7 +26,7 @@ from sar_core.checkpoint_io import atomic_save, check_keys, load_file, strip_pre
 from .config import VARConfig
 
 BACKBONE_NESTED = (("trainer", "var_wo_ddp"), ("var_wo_ddp",), ("model",), ("state_dict",))
-TOKENIZER_NESTED = (("trainer", "vae_local"), ("vae_local",), ("model",), ("state_dict",))
+TOKENIZER_NESTED = (("trainer", "vae_local"), ("vae_local",), ("model",), ("state_dict",), ("vae",))
 BACKBONE_REBUILT = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")
 TOKENIZER_IGNORED = ("quantize.ema_vocab_hit_SV",)
 LAYOUTS = ("plain", "nested")
@@ -47,15 +47,18 @@ def _tensors_only(sd: dict, what: str, path: Path) -> dict:
 
 
 def _family_guess(sd: dict) -> Optional[str]:
-    """Name another family whose checkpoint this looks like, or None."""
+    """Describe another family whose checkpoint this looks like, or None."""
     pos = sd.get("pos_1LC")
     if isinstance(pos, torch.Tensor) and pos.ndim == 4 and "lvl_embed.weight" not in sd:
         return ("a FlexVAR transformer checkpoint (pos_1LC is a 2-D position grid "
-                f"{tuple(pos.shape)} and there is no lvl_embed)")
+                f"{tuple(pos.shape)} and there is no lvl_embed); load it with the 'flexvar' adapter")
     if any(k.startswith(("encoder.conv_blocks.", "decoder.conv_blocks.")) for k in sd) or "quantize.codebook_used" in sd:
-        return "a FlexVAR / LlamaGen VQModel tokenizer checkpoint (encoder.conv_blocks.*, quantize.codebook_used)"
+        return ("a FlexVAR / LlamaGen VQModel tokenizer checkpoint (encoder.conv_blocks.*, "
+                "quantize.codebook_used); load it with the 'flexvar' adapter")
     if any(k.startswith(("block_chunks.", "text_norm.", "text_proj_for_sos.")) for k in sd) or "cfg_uncond" in sd:
-        return "an Infinity transformer checkpoint"
+        return "an Infinity transformer checkpoint (text-conditioned, bitwise); load it with the 'infinity' adapter"
+    if "quantizer.lfq.mask" in sd or "encoder.conv_in.conv.weight" in sd:
+        return "an Infinity BSQ tokenizer checkpoint; load it with the 'infinity' adapter"
     return None
 
 
