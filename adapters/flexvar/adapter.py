@@ -73,9 +73,6 @@ class FlexVARAdapter(ScaleWiseAdapter):
     bits_per_token = None
     no_decay_keywords = NO_DECAY
 
-    def __init__(self, config: FlexVARConfig, tokenizer: VQModel, backbone: FlexVAR):
-        super().__init__(config, tokenizer, backbone)
-
     # ---------------------------------------------------------------- construction
     @staticmethod
     def _build(config: FlexVARConfig) -> tuple[VQModel, FlexVAR]:
