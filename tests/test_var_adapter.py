@@ -277,15 +277,31 @@ def test_from_config_trains(tiny):
     assert grads["pos_1LC"].abs().sum() > 0 and grads["head.weight"].abs().sum() > 0
     tiny.backbone.zero_grad()
     tiny.backbone.eval()
-    tok_loss, stats = tiny.tokenizer_training_loss(images, sched)
-    tiny.tokenizer.requires_grad_(True)
-    tok_loss, stats = tiny.tokenizer_training_loss(images, sched)
-    tok_loss.backward()
-    assert torch.isfinite(tok_loss) and set(stats) == {"rec_l1", "rec_mse", "vq"}
-    assert tiny.tokenizer.encoder.conv_in.weight.grad is not None
-    assert tiny.tokenizer.quantize.embedding.weight.grad is not None
-    tiny.tokenizer.zero_grad()
-    tiny.tokenizer.requires_grad_(False)
+    tok = tiny.tokenizer
+    saved = {k: v.clone() for k, v in tok.state_dict().items()}
+    tok.train().requires_grad_(True)
+    opt = torch.optim.Adam(tok.parameters(), lr=2e-3)
+    losses = []
+    try:
+        for _ in range(5):
+            tok_loss, stats = tiny.tokenizer_training_loss(images, sched)
+            opt.zero_grad()
+            tok_loss.backward()
+            assert tok.encoder.conv_in.weight.grad.abs().sum() > 0
+            assert tok.quantize.embedding.weight.grad.abs().sum() > 0
+            opt.step()
+            losses.append(tok_loss.item())
+        assert set(stats) == {"rec_l1", "rec_mse", "vq"} and losses[-1] < losses[0]
+    finally:
+        tok.load_state_dict(saved)
+        tok.eval().requires_grad_(False)
+
+
+def test_case_overrides_read_config_json(config):
+    ov = VARAdapter.case_overrides(config)
+    assert ov["patch_nums"] == tuple(config["patch_nums"]) and ov["quant_resi"] == config["tokenizer"]["quant_resi"]
+    assert ov["using_znorm"] is False and "cond_drop_rate" not in ov  # a prose value is skipped
+    assert set(ov) <= set(VARConfig.model_fields)
 
 
 # ------------------------------------------------------------------ config inference

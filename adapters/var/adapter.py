@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -140,7 +140,7 @@ class VARAdapter(ScaleWiseAdapter):
         sched = self.default_schedule
         sides = sched.sides
         dev = self.device
-        tok, bb = self.tokenizer, self.backbone
+        bb = self.backbone
         was_training, drop = bb.training, bb.cond_drop_rate
         bb.eval()
         bb.cond_drop_rate = 0.0

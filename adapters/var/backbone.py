@@ -15,7 +15,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sar_adapters.common.adaln import AdaLNBeforeHead, AdaLNSelfAttn

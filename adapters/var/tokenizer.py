@@ -113,7 +113,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
-        for i, level in enumerate(self.down):
+        for level in self.down:
             for j, block in enumerate(level.block):
                 h = block(h)
                 if len(level.attn):
