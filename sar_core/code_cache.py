@@ -226,7 +226,7 @@ class CodeCacheDataset(Dataset):
         if self._labels is None:
             self._open()
         n = len(self)
-        return torch.from_numpy(np.asarray(self._labels[:n], dtype=np.int64))
+        return torch.from_numpy(np.array(self._labels[:n], dtype=np.int64))
 
     def __len__(self) -> int:
         return int(self.meta["num_items"]) if self.flips == "all" else self.n_src
@@ -238,7 +238,7 @@ class CodeCacheDataset(Dataset):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         if self.flips == "random" and bool(torch.rand(()) < 0.5):
             i += self.n_src
-        codes = [torch.from_numpy(np.asarray(a[i], dtype=np.int64)) for a in self._arrays]
+        codes = [torch.from_numpy(np.array(a[i], dtype=np.int64)) for a in self._arrays]
         return codes, torch.tensor(int(self._labels[i]), dtype=torch.int64)
 
     def __getstate__(self) -> dict:

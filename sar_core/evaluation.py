@@ -247,7 +247,8 @@ def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
 
 def compute_metrics(generated: Any, reference: Any = None, *, extractor: FeatureExtractorSpec,
                     metrics: Sequence[str] = ALL_METRICS, reference_stats: dict | None = None,
-                    device: torch.device | str = "cpu", batch_size: int = 64, seed: int = 2020) -> dict:
+                    device: torch.device | str = "cpu", batch_size: int = 64, seed: int = 2020,
+                    kid_subsets: int = 100) -> dict:
     """Metrics of ``generated`` against ``reference`` (image sets, see :func:`as_image_set`).
 
     FID uses ``reference_stats`` ({'mu', 'sigma'}) when given, else the reference set.
@@ -276,7 +277,7 @@ def compute_metrics(generated: Any, reference: Any = None, *, extractor: Feature
         out["isc_mean"], out["isc_std"] = isc["inception_score_mean"], isc["inception_score_std"]
     if "kid" in metrics:
         a, b = gen[layers["kid"]].double(), ref[layers["kid"]].double()  # float32 kernels cancel badly
-        kid = kid_features_to_metric(a, b, kid_subsets=100, kid_subset_size=min(1000, len(a), len(b)),
+        kid = kid_features_to_metric(a, b, kid_subsets=kid_subsets, kid_subset_size=min(1000, len(a), len(b)),
                                      verbose=False, rng_seed=seed)
         out["kid_mean"] = kid["kernel_inception_distance_mean"]
         out["kid_std"] = kid["kernel_inception_distance_std"]
