@@ -13,8 +13,8 @@ from rich.table import Table
 from sar_cli._shared import BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, user_errors
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4f}"
+def _fmt(v, signed: bool = False) -> str:
+    return "-" if v is None else (f"{v:+.3f}" if signed else f"{v:.3f}")
 
 
 def print_gap(console: Console, report: dict) -> None:
@@ -23,19 +23,23 @@ def print_gap(console: Console, report: dict) -> None:
         table.add_column(col, justify="right")
     for r in report["scales"]:
         table.add_row(str(r["scale"]), "x".join(map(str, r["size"])), _fmt(r["tf_ce"]), _fmt(r["sf_ce"]),
-                      _fmt(r["gap_ce"]), _fmt(r["tf_acc"]), _fmt(r["sf_acc"]), _fmt(r["gap_acc"]),
+                      _fmt(r["gap_ce"], True), _fmt(r["tf_acc"]), _fmt(r["sf_acc"]), _fmt(r["gap_acc"], True),
                       _fmt(r["input_error"]))
     console.print(table)
     console.print(f"mean gap: CE {report['mean_gap_ce']:+.4f}, accuracy {report['mean_gap_acc']:+.4f}")
 
 
-def _data(data: str, adapter, sched, split: str):
-    from sar_core.code_cache import META, CodeCacheDataset
+def _data(data: str, adapter, schedule: Optional[str], split: str):
+    """(dataset, schedule): a code cache brings its own schedule unless --schedule is given."""
+    from sar_core.code_cache import META, CodeCacheDataset, read_meta
     from sar_core.evaluation import open_dataset
+    from sar_core.schedule import Schedule
 
     if (Path(data) / META).is_file():
-        return CodeCacheDataset(data, adapter, sched, flips="none")
-    return open_dataset(data, split=split, image_size=adapter.image_size(sched)[0])
+        sched = Schedule.parse(schedule or read_meta(data)["schedule"])
+        return CodeCacheDataset(data, adapter, sched, flips="none"), sched
+    sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
+    return open_dataset(data, split=split, image_size=adapter.image_size(sched)[0]), sched
 
 
 def diagnose(
@@ -56,13 +60,11 @@ def diagnose(
     built from its own greedy prediction at scale k instead of the ground truth."""
     from sar_core.checkpoint_io import atomic_write_text
     from sar_core.diagnostics import exposure_gap, plot_exposure_gap
-    from sar_core.schedule import Schedule
 
     console = Console()
     try:
         adapter = load_model(console, family, tokenizer, backbone, device)
-        sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
-        dataset = _data(data, adapter, sched, split)
+        dataset, sched = _data(data, adapter, schedule, split)
         with console.status("teacher- and student-forced passes ..."):
             report = exposure_gap(adapter, dataset, sched, batches or None, batch_size=batch_size, mode=mode)
     except user_errors() as exc:

@@ -54,13 +54,17 @@ def evaluate(
     metrics: str = typer.Option("fid,isc,kid,prc", "--metrics", help="Comma list of fid, isc, kid, prc."),
     samples_folder: Optional[Path] = typer.Option(None, "--samples-folder", help="Also write every sample as PNG."),
     samples_npz: Optional[Path] = typer.Option(None, "--samples-npz", help="Also write samples as ADM's arr_0 .npz."),
+    save_reference_stats: Optional[Path] = typer.Option(
+        None, "--save-reference-stats", help="Also save the reference set's FID mu / sigma (.npz) for reuse."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the report as JSON here."),
     device: str = DEVICE,
 ) -> None:
     """Sample N images class-balanced from the model and compare them with a reference set
     through torch-fidelity. Nothing is downloaded: Inception needs --inception-weights."""
     from sar_core.checkpoint_io import atomic_write_text
-    from sar_core.evaluation import evaluate_adapter, get_feature_extractor
+    from sar_core.evaluation import (
+        evaluate_adapter, get_feature_extractor, reference_set, reference_statistics, save_statistics,
+    )
 
     console = Console()
     try:
@@ -77,6 +81,14 @@ def evaluate(
                 metrics=[m.strip() for m in metrics.split(",") if m.strip()], cfg=cfg, top_k=top_k,
                 top_p=top_p, seed=seed, batch_size=batch_size, schedule=schedule,
                 samples_folder=samples_folder, samples_npz=samples_npz, progress=advance)
+        if save_reference_stats is not None:
+            if reference is None:
+                raise ValueError("--save-reference-stats needs --reference")
+            size = report["image_size"][-1]
+            stats = reference_statistics(reference_set(reference, reference_split, size), extractor,
+                                         adapter.device, batch_size)
+            save_statistics(stats, save_reference_stats)
+            console.print(f"wrote reference statistics to {save_reference_stats}")
     except user_errors() as exc:
         fail(console, exc)
     report.update({"tokenizer": str(tokenizer), "backbone": str(backbone) if backbone else None})

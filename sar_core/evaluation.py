@@ -204,6 +204,14 @@ def fid_from_statistics(stats_a: dict, stats_b: dict) -> float:
     return float(fid_statistics_to_metric(a, b, False)[KEY_METRIC_FID])
 
 
+def reference_statistics(reference: Any, extractor: FeatureExtractorSpec, device: torch.device | str = "cpu",
+                         batch_size: int = 64) -> dict:
+    """FID statistics {'mu', 'sigma'} of an image set in the extractor's FID feature space
+    (save them with :func:`save_statistics` to skip the reference pass next time)."""
+    layer = layer_for(extractor, "fid")
+    return fid_statistics(extract_features(reference, extractor, [layer], device, batch_size)[layer])
+
+
 def load_statistics(path: str | Path) -> dict:
     """Reference statistics from an ``.npz`` with ``mu`` and ``sigma`` (ADM layout)."""
     p = Path(path)

@@ -189,3 +189,27 @@ def test_evaluate_adapter_end_to_end(fe, tmp_path):
     assert len(files) == 20 and files[0] == "000000_c0.png" and files[11] == "000011_c1.png"
     # the random-weight model makes noise: far from real digits
     assert report["fid"] > 5
+
+
+def test_eval_cli_report_and_reusable_reference_statistics(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sar_cli.main import app
+
+    tiny_var().save(tmp_path / "tok.pth", tmp_path / "bb.pth")
+    model = ["eval", "-f", "var", "--tokenizer", str(tmp_path / "tok.pth"), "--backbone", str(tmp_path / "bb.pth"),
+             "--device", "cpu", "-n", "12", "--seed", "4"]
+    r = CliRunner().invoke(app, model + ["--reference", "digits", "--metrics", "fid,isc",
+                                         "--save-reference-stats", str(tmp_path / "ref.npz"),
+                                         "--out", str(tmp_path / "a.json")])
+    assert r.exit_code == 0, r.output
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["num_generated"] == 12 and a["feature_extractor"] == "digit-classifier" and "kid_mean" not in a
+    r = CliRunner().invoke(app, model + ["--reference-stats", str(tmp_path / "ref.npz"),
+                                         "--out", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["fid"] == pytest.approx(a["fid"], rel=1e-9) and b["class_accuracy"] == a["class_accuracy"]
+    assert "kid_mean" not in b and b["notes"]
