@@ -213,3 +213,24 @@ def test_eval_cli_report_and_reusable_reference_statistics(tmp_path):
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["fid"] == pytest.approx(a["fid"], rel=1e-9) and b["class_accuracy"] == a["class_accuracy"]
     assert "kid_mean" not in b and b["notes"]
+
+
+def test_inception_wiring_with_a_local_weights_file(tmp_path, monkeypatch):
+    """Random Inception weights in torch-fidelity's layout, read from a local path only."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(inc, "load_state_dict_from_url", no_download)
+    with monkeypatch.context() as m:  # build a random state dict without any file
+        m.setattr(inc, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(inc.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        torch.manual_seed(0)
+        sd = inc.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    torch.save(sd, tmp_path / "inception.pth")
+    spec = get_feature_extractor("inception", tmp_path / "inception.pth")
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    feats = extract_features(images, spec, ["2048", "logits_unbiased"])
+    assert feats["2048"].shape == (3, 2048) and feats["logits_unbiased"].shape == (3, 1008)
+    assert torch.isfinite(feats["2048"]).all() and feats["2048"].std() > 0
