@@ -4,11 +4,11 @@ Inception features mean little on 8x8 digits upsampled to 16-64 px, and Inceptio
 cannot be downloaded here, so the demo measures FID / KID / precision-recall in the
 64-d pooled feature space of this classifier and IS / class accuracy from its logits.
 
-The shipped weights ``assets/digit_classifier.pt`` (~100 KB) are reproduced exactly by::
+The shipped weights ``assets/digit_classifier.pt`` (~230 KB) are reproduced exactly by::
 
     python -m sar_plugins.digit_classifier --out plugins/assets/digit_classifier.pt
 
-(defaults: seed 0, 40 epochs, 1 CPU thread; a few seconds on a laptop CPU). Training uses
+(defaults: seed 0, 40 epochs, 1 CPU thread; about 20 s on one CPU core). Training uses
 the ``digits`` train split only; the reported accuracy is on the ``val`` split.
 
 Input handling (``prepare``): any (B, 3, H, W) image batch, uint8 in 0..255 or float in

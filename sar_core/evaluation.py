@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sar_core.generation import to_uint8
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ALL_METRICS = ("fid", "isc", "kid", "prc")
 
@@ -69,8 +71,6 @@ class UInt8Images(Dataset):
     def __init__(self, images: torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (N, 3, H, W), got {tuple(images.shape)}")
-        from sar_core.generation import to_uint8
-
         self.images = images if images.dtype == torch.uint8 else to_uint8(images.float())
 
     def __len__(self) -> int:
@@ -92,8 +92,6 @@ class DatasetImages(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         item = self.dataset[i]
         image = item[0] if isinstance(item, (tuple, list)) else item
-        from sar_core.generation import to_uint8
-
         return to_uint8((image.float() + 1) / 2)
 
 
@@ -236,8 +234,6 @@ def save_statistics(stats: dict, path: str | Path) -> Path:
 
 def write_samples_npz(images: torch.Tensor, path: str | Path) -> Path:
     """Samples as the ADM evaluator reads them: ``arr_0`` uint8 (N, H, W, 3)."""
-    from sar_core.generation import to_uint8
-
     u8 = images if images.dtype == torch.uint8 else to_uint8(images)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
