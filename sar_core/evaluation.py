@@ -130,9 +130,23 @@ def as_image_set(x: Any) -> Dataset:
     raise TypeError(f"cannot use {type(x).__name__} as an image set (tensor, dataset or folder)")
 
 
-def open_dataset(spec: str | Path, split: str = "train", image_size: int | None = None, **options) -> Dataset:
+def _accepts(factory: Callable, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def open_dataset(spec: str | Path, split: str = "train", image_size: int | None = None,
+                 deterministic: bool = False, **options) -> Dataset:
     """A registered dataset name, or a folder (read by the registered ``imagefolder``
-    dataset) -> a dataset of (image (3, S, S) in [-1, 1], label)."""
+    dataset) -> a dataset of (image (3, S, S) in [-1, 1], label).
+
+    ``deterministic`` asks the factory for ``augment=False`` (no random crops / flips:
+    code caches and diagnostics must see every image the same way each time)."""
     from sar_core.plugins import get_registry
 
     reg = get_registry()
@@ -140,11 +154,15 @@ def open_dataset(spec: str | Path, split: str = "train", image_size: int | None 
     if image_size is not None:
         opts["image_size"] = int(image_size)
     if str(spec) in reg.names("dataset"):
-        return reg.get("dataset", str(spec))(**opts)
-    if Path(spec).is_dir():
-        return reg.get("dataset", "imagefolder")(root=str(spec), **opts)
-    known = ", ".join(reg.names("dataset")) or "none"
-    raise ValueError(f"'{spec}' is neither a registered dataset ({known}) nor an existing folder")
+        factory = reg.get("dataset", str(spec))
+    elif Path(spec).is_dir():
+        factory, opts["root"] = reg.get("dataset", "imagefolder"), str(spec)
+    else:
+        known = ", ".join(reg.names("dataset")) or "none"
+        raise ValueError(f"'{spec}' is neither a registered dataset ({known}) nor an existing folder")
+    if deterministic and _accepts(factory, "augment"):
+        opts["augment"] = False
+    return factory(**opts)
 
 
 # ------------------------------------------------------------------------ features
@@ -321,7 +339,7 @@ def reference_set(reference: str | Path, split: str, image_size: int) -> Dataset
     from sar_core.plugins import get_registry
 
     if str(reference) in get_registry().names("dataset"):
-        return DatasetImages(open_dataset(str(reference), split=split, image_size=image_size))
+        return DatasetImages(open_dataset(str(reference), split=split, image_size=image_size, deterministic=True))
     if Path(reference).is_dir():
         return FolderImages(reference)
     known = ", ".join(get_registry().names("dataset")) or "none"

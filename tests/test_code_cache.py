@@ -129,14 +129,20 @@ def test_wrong_image_size_and_existing_folder(var, cache, tmp_path):
         build_code_cache(var, Subset(digits("val", 64), range(2)), None, cache)
 
 
-def test_tokenize_cli(tmp_path):
+def _tiny_var():
     from sar_adapters.var.adapter import VARAdapter
     from sar_adapters.var.config import VARConfig
 
     torch.manual_seed(0)
-    small = VARAdapter.from_config(VARConfig(vocab_size=32, Cvae=8, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1,
-                                             depth=1, embed_dim=32, num_heads=2, num_classes=10,
-                                             patch_nums=(1, 2, 4)))
+    return VARAdapter.from_config(VARConfig(vocab_size=32, Cvae=8, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1,
+                                            depth=1, embed_dim=32, num_heads=2, num_classes=10,
+                                            patch_nums=(1, 2, 4)))
+
+
+def test_tokenize_cli(tmp_path):
+    from sar_adapters.var.adapter import VARAdapter
+
+    small = _tiny_var()
     small.save(tmp_path / "tok.pth", tmp_path / "bb.pth")
     cmd = ["tokenize", "-f", "var", "--tokenizer", str(tmp_path / "tok.pth"),
            "--backbone", str(tmp_path / "bb.pth"), "--data", "digits", "--split", "val", "--image-size", "16",
@@ -151,3 +157,25 @@ def test_tokenize_cli(tmp_path):
     assert all(torch.equal(c, d[0]) for c, d in zip(ds[100][0], direct)) and int(ds[100][1]) == int(label)
     bad = CliRunner().invoke(app, cmd[:-4] + ["--image-size", "32", "--out", str(tmp_path / "c2")])
     assert bad.exit_code == 2 and "--image-size 32" in bad.output.replace("\n", " ")
+
+
+def test_folder_cache_is_deterministic(tmp_path):
+    """An image folder is cached without random crops / flips, identically every time."""
+    from PIL import Image
+
+    from sar_core.evaluation import open_dataset
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / "train" / cls).mkdir(parents=True)
+        for j in range(3):
+            arr = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "imgs" / "train" / cls / f"{j}.png")
+    small = _tiny_var()
+    ds = open_dataset(tmp_path / "imgs", split="train", image_size=16, deterministic=True)
+    assert len(ds) == 6 and ds[0][0].shape == (3, 16, 16)
+    a = build_code_cache(small, ds, None, tmp_path / "a")
+    b = build_code_cache(small, ds, None, tmp_path / "b")
+    for k in range(3):
+        assert np.array_equal(np.load(a / f"codes_{k:02d}.npy"), np.load(b / f"codes_{k:02d}.npy"))
+    assert np.load(a / "labels.npy").tolist() == [0, 0, 0, 1, 1, 1]
