@@ -6,6 +6,7 @@ import typer
 
 from sar_cli import conformance_cmd, plugins_cmd
 from sar_cli import diagnose_cmd, eval_cmd, sample_cmd, tokenize_cmd
+from sar_cli import train_cmd
 
 app = typer.Typer(
     name="sar",
@@ -39,6 +40,7 @@ sample_cmd.add_to(app)
 eval_cmd.add_to(app)
 tokenize_cmd.add_to(app)
 diagnose_cmd.add_to(app)
+train_cmd.add_to(app)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The built-in plugin ``core``: sar's own rollouts and losses (and, below, other built-ins).
+"""The built-in plugin ``core``: sar's own rollouts, losses, datasets and loggers.
 
 It is registered through the ``sar`` entry-point group exactly like a third-party plugin.
 """
@@ -17,4 +17,20 @@ def register_rollouts(register):
 @hookimpl
 def register_losses(register):
     for name, cls in BUILTIN_LOSSES.items():
+        register(name, cls)
+
+
+@hookimpl
+def register_datasets(register):
+    from sar_plugins.datasets import BUILTIN_DATASETS
+
+    for name, factory in BUILTIN_DATASETS.items():
+        register(name, factory)
+
+
+@hookimpl
+def register_loggers(register):
+    from sar_plugins.loggers import BUILTIN_LOGGERS
+
+    for name, cls in BUILTIN_LOGGERS.items():
         register(name, cls)

@@ -1,0 +1,94 @@
+"""Image datasets for training and evaluation (registered by the ``core`` plugin).
+
+``imagefolder``: an ImageNet-layout folder, one sub-folder per class::
+
+    root/n01440764/xxx.JPEG
+    root/n01443537/yyy.JPEG            (or root/<split>/<class>/... when root/<split> exists)
+
+Classes are the sorted sub-folder names, labels their indices. Transforms follow the VAR
+family's training pipeline: resize the shorter side to ``round(resize_ratio * S)``
+(Lanczos), random crop to S x S and random horizontal flip when augmenting (the default
+for the ``train`` split), centre crop otherwise, then values in [-1, 1]. Randomness comes
+from torch's global RNG, which the trainer seeds per item.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders (expected root/<class>/<image>, ImageNet layout)")
+    items = []
+    for label, name in enumerate(classes):
+        for p in sorted((root / name).rglob("*")):
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+                items.append((p, label))
+    if not items:
+        raise ValueError(f"{root}: no images with extensions {', '.join(IMAGE_EXTENSIONS)} in its class folders")
+    return items, classes
+
+
+def build_transform(image_size: int, augment: bool, resize_ratio: float = 1.125, hflip: bool = True):
+    from torchvision import transforms as T
+
+    resize = T.Resize(round(resize_ratio * image_size), interpolation=T.InterpolationMode.LANCZOS)
+    crop = T.RandomCrop(image_size) if augment else T.CenterCrop(image_size)
+    steps = [resize, crop]
+    if augment and hflip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
+    return T.Compose(steps)
+
+
+class ImageFolderDataset(Dataset):
+    """(image (3, S, S) float in [-1, 1], label int64) from class sub-folders."""
+
+    def __init__(self, root: str | Path, split: str = "train", image_size: int = 256,
+                 augment: Optional[bool] = None, hflip: bool = True, resize_ratio: float = 1.125):
+        base = Path(root)
+        if not base.is_dir():
+            raise FileNotFoundError(f"image folder not found: {base}")
+        self.root = base / split if (base / split).is_dir() else base
+        self.items, self.classes = scan_folder(self.root)
+        self.image_size = int(image_size)
+        self.augment = (split == "train") if augment is None else bool(augment)
+        self.transform = build_transform(self.image_size, self.augment, resize_ratio, hflip)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        path, label = self.items[i]
+        with Image.open(path) as img:
+            image = self.transform(img.convert("RGB"))
+        return image, torch.tensor(label, dtype=torch.int64)
+
+    def __repr__(self) -> str:
+        return (f"ImageFolderDataset(root={str(self.root)!r}, n={len(self)}, classes={len(self.classes)}, "
+                f"image_size={self.image_size}, augment={self.augment})")
+
+
+def imagefolder(root: str, split: str = "train", image_size: int = 256, augment: Optional[bool] = None,
+                hflip: bool = True, resize_ratio: float = 1.125, **_) -> ImageFolderDataset:
+    """Factory registered as dataset ``imagefolder``."""
+    return ImageFolderDataset(root, split=split, image_size=image_size, augment=augment, hflip=hflip,
+                              resize_ratio=resize_ratio)
+
+
+#: registered by the ``core`` plugin (name -> factory)
+BUILTIN_DATASETS = {"imagefolder": imagefolder}

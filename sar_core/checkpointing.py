@@ -1,0 +1,128 @@
+"""Run checkpoints of ``sar train``: full training state, atomic, keep-last-N, resume.
+
+A run folder keeps ``checkpoints/step_00001000.pt`` files. Each is written atomically
+(:func:`sar_core.checkpoint_io.atomic_save`: temp file, fsync, rename), so an interrupted
+write leaves the previous checkpoints intact and never a truncated file under the final
+name. Only the newest ``keep_last`` are kept. A checkpoint holds everything a resumed run
+needs to continue exactly like an uninterrupted one: model, optimizer, EMA, loss scaler,
+step (the learning rate is a function of it), data position (epoch, batch within the
+epoch, sampler seed), the schedule sampler's state and every RNG (python, numpy, torch
+CPU / CUDA, the rollout generator and rollout rng) of every rank.
+
+Everything stored is plain tensors / numbers / strings / lists / dicts, so files load with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from sar_core.adapter import CheckpointError
+from sar_core.checkpoint_io import atomic_save, load_file
+
+FORMAT = "sar-run-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint file, oldest first."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Optional[Path]:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int) -> Path:
+    """Write ``state`` atomically as the checkpoint of ``step``; prune older ones."""
+    payload = {"format": FORMAT, "version": VERSION, "step": int(step), **state}
+    path = atomic_save(payload, checkpoint_path(ckpt_dir, step))
+    prune(ckpt_dir, keep_last)
+    return path
+
+
+def prune(ckpt_dir: str | Path, keep_last: int) -> None:
+    found = list_checkpoints(ckpt_dir)
+    for _, p in found[: max(len(found) - keep_last, 0)]:
+        p.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    state = load_file(path, "run checkpoint")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a sar train checkpoint (it may be an upstream model file; "
+                              "pass it as --backbone instead)")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not {VERSION}")
+    return state
+
+
+def load_latest(ckpt_dir: str | Path, warn=print) -> Optional[dict]:
+    """The newest readable checkpoint (falling back to older ones with a warning)."""
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as exc:
+            warn(f"skipping unreadable checkpoint {path}: {exc}")
+            continue
+        state["path"] = str(path)
+        return state
+    return None
+
+
+# ----------------------------------------------------------------------------- RNG
+def capture_rng(generator: Optional[torch.Generator] = None, rollout_rng: Optional[random.Random] = None) -> dict:
+    """Every RNG state of this process, in weights_only-loadable form."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+    }
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    if rollout_rng is not None:
+        state["rollout_rng"] = rollout_rng.getstate()
+    return state
+
+
+def _py_state(st: Any) -> tuple:
+    return (st[0], tuple(st[1]), st[2])
+
+
+def restore_rng(state: dict, generator: Optional[torch.Generator] = None,
+                rollout_rng: Optional[random.Random] = None) -> None:
+    random.setstate(_py_state(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+    if rollout_rng is not None and "rollout_rng" in state:
+        rollout_rng.setstate(_py_state(state["rollout_rng"]))

@@ -1,0 +1,249 @@
+"""The run config of ``sar train``: one pydantic model, sections per concern.
+
+A config is written as YAML or TOML (nested sections) and every field can be overridden
+from the command line (flat flags such as ``--lr`` or ``--set optim.lr=3e-4``). The
+resolved config is saved as ``<out>/config.yaml`` so that a run can be resumed or
+reproduced from its folder alone.
+
+    model:   family, checkpoint files, adapter overrides, training schedule
+    data:    dataset name / image folder / code cache, image size, workers
+    rollout: registry name (none | ssr | official) and its options
+    loss:    registry name (hard | soft | naive), options, gamma, label smoothing
+    optim:   AdamW and the learning-rate schedule
+    train:   steps, batch, AMP, EMA, seeds, checkpoints, guards, loggers
+    dist:    DDP (default) or FSDP2 under torchrun
+
+``None`` in the rollout / loss options means "the registered class's own default" (the
+``official`` rollout defaults to the official trainer's sampled, guided rollout).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    family: str = Field(description="adapter name, e.g. var, flexvar (see `sar plugins`)")
+    tokenizer: Optional[Path] = Field(None, description="tokenizer checkpoint (upstream layout); "
+                                      "without tokenizer and backbone the model is built from `overrides`")
+    backbone: Optional[Path] = Field(None, description="backbone checkpoint to post-train (upstream layout)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="adapter config fields that win "
+                                      "over what the checkpoints imply")
+    schedule: Optional[str] = Field(None, description="training schedule: sides like 1_2_3_4, or a "
+                                    "registered schedule sampler (e.g. flexvar-random); default: the adapter's")
+    cond_drop: Optional[float] = Field(None, ge=0, le=1, description="class-dropout probability "
+                                       "(default: the backbone's own)")
+
+
+class DataConfig(Section):
+    name: str = Field(description="registered dataset, image folder (class sub-folders) or code cache folder")
+    split: str = "train"
+    image_size: Optional[int] = Field(None, gt=0, description="pixels a side (default: the model's)")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra dataset factory options")
+    workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
+
+
+class RolloutConfig(Section):
+    name: str = Field("ssr", description="registered rollout: none, ssr, official, ...")
+    scales: Optional[Literal["all", "last", "random"]] = None
+    sampling: Optional[Literal["argmax", "sample"]] = None
+    top_k: Optional[int] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    cfg: Optional[float] = Field(None, ge=0)
+
+    def options(self) -> dict:
+        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+
+
+class LossConfig(Section):
+    name: str = Field("hard", description="registered CSF loss: hard, soft, naive, ...")
+    temperature: Optional[float] = Field(None, gt=0, description="soft CSFL temperature")
+    gamma: float = Field(0.01, ge=0, description="weight of the CSF loss")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    def options(self) -> dict:
+        return {"temperature": self.temperature} if self.temperature is not None else {}
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    lr_end: Optional[float] = Field(None, ge=0, description="final lr of a linear / cosine decay")
+    lr_schedule: Optional[Literal["constant", "linear", "cosine"]] = Field(
+        None, description="after warm-up; default: linear when lr_end is set, else constant")
+    warmup_steps: int = Field(0, ge=0)
+    warmup_start: float = Field(0.005, ge=0, le=1, description="warm-up starts at this fraction of lr")
+    hold_fraction: float = Field(0.0, ge=0, lt=1, description="fraction of the post-warm-up steps "
+                                 "held at the peak before decaying (upstream 'lin0': 0.05)")
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(2.0, ge=0, description="max gradient norm (0: no clipping)")
+
+    @property
+    def schedule_kind(self) -> str:
+        return self.lr_schedule or ("linear" if self.lr_end is not None else "constant")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if self.lr_schedule == "constant" and self.lr_end is not None and self.lr_end != self.lr:
+            raise ValueError("lr_end needs lr_schedule 'linear' or 'cosine' (the schedule is 'constant')")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, gt=0, description="optimizer steps in total (a resumed run stops there too)")
+    batch_size: int = Field(32, gt=0, description="global batch per optimizer step (all ranks, all "
+                            "accumulation micro-steps)")
+    grad_accum: int = Field(1, gt=0)
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype (CUDA only)")
+    compile: bool = False
+    ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of the backbone weights (0: off)")
+    seed: int = 0
+    device: str = "auto"
+    save_every: int = Field(1000, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_last: int = Field(3, ge=1)
+    log_every: int = Field(10, gt=0, description="console line every N steps (metrics.jsonl: every step)")
+    max_nonfinite: int = Field(5, gt=0, description="stop after this many consecutive non-finite steps")
+    max_nonfinite_total: Optional[int] = Field(None, gt=0, description="... or this many in total")
+    loggers: list[str] = Field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
+
+
+class DistConfig(Section):
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: Optional[Literal["nccl", "gloo"]] = Field(None, description="default: nccl on CUDA, gloo on CPU")
+    find_unused_parameters: Optional[bool] = Field(
+        None, description="DDP option; default: on for rollouts whose second pass skips parameters")
+
+
+class RunConfig(Section):
+    model: ModelConfig
+    data: DataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    dist: DistConfig = DistConfig()
+    out: Path = Field(Path("runs/sar"), description="run folder")
+    resume: bool = Field(False, description="continue from the latest checkpoint in out/checkpoints")
+
+    def to_dict(self) -> dict:
+        return json.loads(self.model_dump_json())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message lists every problem."""
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML (.yaml / .yml / .json) or TOML (.toml) file -> nested dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except Exception as exc:
+        raise ConfigError(f"cannot parse config {p}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {p} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML scalars / lists ('3e-4', 'true', '[1, 2]'), else the string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _is_float(value):  # YAML 1.1 reads '3e-4' as a string
+        return float(value)
+    return value
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def set_path(tree: dict, dotted: str, value: Any) -> None:
+    """``tree['a']['b'] = value`` for ``dotted = 'a.b'`` (creating sections as needed)."""
+    keys = [k for k in dotted.split(".") if k]
+    if not keys:
+        raise ConfigError(f"empty config key in override {dotted!r}")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {dotted!r}: '{k}' is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``['optim.lr=3e-4', ...]`` -> {'optim.lr': 0.0003, ...}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value (e.g. optim.lr=3e-4), got {item!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        given = e.get("input")
+        shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "invalid run config:\n" + "\n".join(lines)
+
+
+def build_config(base: Optional[dict] = None, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
+    """Validate ``base`` (nested) with dotted ``overrides`` applied; raise ConfigError."""
+    tree = json.loads(json.dumps(base or {}, default=str))
+    for key, value in (overrides or {}).items():
+        set_path(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
+    """Config file (optional) + dotted overrides -> validated RunConfig."""
+    return build_config(read_config_file(path) if path else {}, overrides)

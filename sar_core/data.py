@@ -1,0 +1,168 @@
+"""Training data: datasets, a resumable sampler, per-item seeding, collate.
+
+A dataset item is ``(image, label)`` (image float (3, H, W) in [-1, 1]) or
+``(codes, label)`` with ``codes`` a list of per-scale int64 tensors (a pre-tokenised code
+cache: the frozen tokenizer is then skipped). A batch is a :class:`Batch` carrying either
+``images`` or ``codes``.
+
+Determinism: the order of an epoch is a function of (seed, epoch) (a
+``DistributedSampler``), and every item's random augmentations are drawn from RNGs seeded
+by (seed, epoch, index) inside the item fetch, whatever worker process fetches it. A run
+resumed at (epoch, batch) therefore sees exactly the batches an uninterrupted run sees,
+with any number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+
+@dataclass
+class Batch:
+    labels: torch.Tensor
+    images: Optional[torch.Tensor] = None
+    codes: Optional[list] = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device) -> "Batch":
+        nb = device.type == "cuda"
+        return Batch(self.labels.to(device, non_blocking=nb),
+                     None if self.images is None else self.images.to(device, non_blocking=nb),
+                     None if self.codes is None else [c.to(device, non_blocking=nb) for c in self.codes])
+
+
+def collate(items: list) -> Batch:
+    """[(image | codes, label), ...] -> Batch."""
+    if not items:
+        raise ValueError("empty batch")
+    first = items[0]
+    if not isinstance(first, (tuple, list)) or len(first) < 2:
+        raise TypeError("dataset items must be (image, label) or (codes per scale, label) pairs, "
+                        f"got {type(first).__name__}")
+    labels = torch.as_tensor([int(it[1]) for it in items], dtype=torch.int64)
+    x = first[0]
+    if isinstance(x, (list, tuple)):
+        codes = [torch.stack([torch.as_tensor(it[0][k]) for it in items]).long() for k in range(len(x))]
+        return Batch(labels, codes=codes)
+    return Batch(labels, images=torch.stack([it[0] for it in items]).float())
+
+
+# ----------------------------------------------------------------------------- seeding
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class SeededItems(Dataset):
+    """Fetches ``(epoch, index)`` items of ``dataset`` under RNGs seeded per item.
+
+    The caller's python / numpy / torch RNG states are restored afterwards, so fetching in
+    the main process (``workers=0``) does not disturb the training RNG stream.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        s = item_seed(self.seed, epoch, index)
+        py, npst = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                random.seed(s)
+                np.random.seed(s % (2 ** 32))
+                return self.dataset[index]
+        finally:
+            random.setstate(py)
+            np.random.set_state(npst)
+
+
+class ResumableSampler(Sampler):
+    """This rank's share of a shuffled epoch, as ``(epoch, index)`` keys, from an offset.
+
+    Wraps ``DistributedSampler(shuffle=True, drop_last=True)``: every rank gets
+    ``len(dataset) // world`` distinct items per epoch, in an order fixed by (seed, epoch).
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int, seed: int):
+        self.inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                        seed=seed, drop_last=True)
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+        self.inner.set_epoch(self.epoch)
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.start, 0)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(self.inner)[self.start:]
+        return iter([(self.epoch, i) for i in indices])
+
+
+class BatchStream:
+    """Endless micro-batches across epochs with a resumable position (epoch, batch)."""
+
+    def __init__(self, dataset: Dataset, micro_batch: int, rank: int, world_size: int, seed: int,
+                 workers: int = 0, pin_memory: bool = False):
+        per_rank = len(dataset) // world_size
+        self.batches_per_epoch = per_rank // micro_batch
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"the dataset has {len(dataset)} items: too few for {world_size} rank(s) x "
+                             f"micro-batch {micro_batch}; lower --batch-size or add data")
+        self.micro_batch = micro_batch
+        self.sampler = ResumableSampler(dataset, rank, world_size, seed)
+        self.loader = DataLoader(SeededItems(dataset, seed), batch_size=micro_batch, sampler=self.sampler,
+                                 drop_last=True, num_workers=workers, collate_fn=collate,
+                                 pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
+        self.epoch, self.batch = 0, 0
+        self._it: Optional[Iterator] = None
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = int(epoch), int(batch)
+        self._it = None
+
+    def next(self) -> Batch:
+        if self.batch >= self.batches_per_epoch:
+            self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            self.sampler.set_position(self.epoch, self.batch * self.micro_batch)
+            self._it = iter(self.loader)
+        b = next(self._it)
+        self.batch += 1
+        return b
+
+
+# ----------------------------------------------------------------------------- datasets
+def is_code_cache(spec: str | Path) -> bool:
+    from sar_core.code_cache import META
+
+    return Path(spec).is_dir() and (Path(spec) / META).is_file()
+
+
+def open_training_data(spec: str, split: str, image_size: Optional[int], options: dict,
+                       adapter=None, schedule=None) -> Dataset:
+    """A code cache folder, a registered dataset name, or an image folder -> Dataset."""
+    if is_code_cache(spec):
+        from sar_core.code_cache import CodeCacheDataset
+
+        return CodeCacheDataset(spec, adapter=adapter, schedule=schedule, **options)
+    from sar_core.evaluation import open_dataset
+
+    return open_dataset(spec, split=split, image_size=image_size, **options)

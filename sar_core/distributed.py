@@ -1,0 +1,262 @@
+"""Distributed training under torchrun: process group, model wrapping, gradient sync.
+
+``torchrun --nproc-per-node N -m sar_cli.main train ...`` sets RANK / WORLD_SIZE /
+LOCAL_RANK; without them everything runs in one process. Backend: nccl on CUDA, gloo on
+CPU. DDP is the default; FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every
+element of the backbone's ``nn.ModuleList`` s (the transformer blocks) and the root.
+
+Gradient sync of a SAR step
+---------------------------
+A SAR micro-step runs up to two forwards and two backwards (the memory-lean backward of
+:func:`sar_core.sar_step.sar_step`), and an optimizer step may accumulate several
+micro-steps. :class:`GradSync` makes DDP all-reduce exactly once per optimizer step: every
+forward runs without sync except the last expected one, whose backward all-reduces the
+accumulated gradients. Each rank divides its losses by ``grad_accum`` and DDP averages
+over ranks, so with equal micro-batches the gradient equals that of one process on the
+whole global batch. If a step runs fewer forwards than expected (a rollout that skipped
+its student pass), :meth:`GradSync.finish` all-reduces the gradients by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment (0, 1, 0 without)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    if device in ("auto", "", None):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistEnv:
+    """Join torchrun's process group (if any) and pick this rank's device."""
+    rank, world, local = env_world()
+    dev = resolve_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(minutes=30)}
+        if backend == "nccl":
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistEnv(rank, world, local, dev)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_objects(obj: Any, env: DistEnv) -> list:
+    if not env.enabled:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    if not env.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ------------------------------------------------------------------------- wrapping
+def wrap_model(module: nn.Module, env: DistEnv, strategy: str, find_unused: bool,
+               compile_model: bool = False) -> nn.Module:
+    """The module the trainer calls: DDP / FSDP2 wrapped (and compiled) as configured.
+
+    ``module`` stays the owner of the parameters; with FSDP2 it is sharded in place.
+    """
+    if env.enabled and strategy == "fsdp":
+        _fully_shard(module, env)
+        model = module
+    elif env.enabled:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+    else:
+        model = module
+    if compile_model:
+        model = torch.compile(model)
+    return model
+
+
+def _fully_shard(module: nn.Module, env: DistEnv) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.no_grad():  # FSDP2 does not broadcast: start every rank from rank 0's weights
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+    for sub in module.modules():
+        if isinstance(sub, nn.ModuleList):
+            for block in sub:
+                fully_shard(block)
+    fully_shard(module)
+
+
+def ddp_of(model: nn.Module) -> Optional[nn.parallel.DistributedDataParallel]:
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, FSDPModule)
+
+
+@contextmanager
+def unsharded(module: nn.Module) -> Iterator[None]:
+    """Under FSDP2, gather full parameters for the block (every rank must enter)."""
+    if not is_fsdp(module):
+        yield
+        return
+    mods = [m for m in module.modules() if is_fsdp(m)]
+    for m in mods:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+
+
+# ------------------------------------------------------------------------- state dicts
+def model_state(module: nn.Module) -> dict:
+    """Full (unsharded) CPU state dict; under FSDP2 every rank must call it."""
+    if is_fsdp(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def load_model_state(module: nn.Module, sd: dict) -> None:
+    if is_fsdp(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True))
+        return
+    module.load_state_dict(sd, strict=True)
+
+
+def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    if is_fsdp(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(module, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
+    if is_fsdp(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, optimizer, sd, options=StateDictOptions(full_state_dict=True))
+        return
+    optimizer.load_state_dict(sd)
+
+
+# ------------------------------------------------------------------------- gradient sync
+class GradSync:
+    """Decides, forward by forward, which backward all-reduces the gradients."""
+
+    def __init__(self, model: nn.Module, module: nn.Module, env: DistEnv):
+        self.model, self.module, self.env = model, module, env
+        self.ddp = ddp_of(model)
+        self.fsdp = is_fsdp(module)
+        self.synced = False
+
+    def begin_step(self) -> None:
+        self.synced = False
+
+    def micro(self, last_micro: bool, expected_forwards: int) -> "_SyncedModel":
+        """The callable to hand to the SAR step for one micro-step."""
+        if self.fsdp:
+            self.module.set_requires_gradient_sync(last_micro)
+            self.synced = self.synced or last_micro
+        return _SyncedModel(self, last_micro, expected_forwards)
+
+    def finish(self) -> None:
+        """All-reduce by hand if no synced backward happened (DDP only)."""
+        if not self.env.enabled or self.synced or self.fsdp:
+            return
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.env.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+        self.synced = True
+
+
+class _SyncedModel:
+    """Calls the wrapped model; only the last expected forward of the step syncs (DDP)."""
+
+    def __init__(self, sync: GradSync, last_micro: bool, expected: int):
+        self.sync, self.last_micro, self.expected, self.calls = sync, last_micro, expected, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        ddp = self.sync.ddp
+        if ddp is not None:
+            do_sync = self.last_micro and self.calls >= self.expected
+            ddp.require_backward_grad_sync = do_sync
+            self.sync.synced = self.sync.synced or do_sync
+        return self.sync.model(*args, **kwargs)
