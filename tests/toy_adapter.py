@@ -246,10 +246,18 @@ class ToyPlugin:
 PLUGIN = ToyPlugin()
 
 
+_BASE_REGISTRY: list = []
+
+
 def make_registry(*extra: Any):
+    """Entry-point plugins + the toy plugin (+ ``extra``); the plain one is built once."""
     from sar_core.plugins import build_registry
 
-    return build_registry(extra_plugins=(PLUGIN, *extra))
+    if extra:
+        return build_registry(extra_plugins=(PLUGIN, *extra))
+    if not _BASE_REGISTRY:
+        _BASE_REGISTRY.append(build_registry(extra_plugins=(PLUGIN,)))
+    return _BASE_REGISTRY[0]
 
 
 def toy_files(tmp: Path, **overrides) -> tuple[Path, Path]:
