@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -49,7 +48,13 @@ def pretrain(
         model = yaml.safe_load(model_config.read_text()) or {}
         if not isinstance(model, dict):
             raise ValueError(f"{model_config} must hold a mapping of model config fields")
-        command = "sar " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        args = ["-f", family, "--model-config", model_config, "--data", data, "--image-size", image_size,
+                "--tokenizer-steps", tokenizer_steps, "--tokenizer-lr", tokenizer_lr, "--steps", steps,
+                "--batch-size", batch_size, "--lr", lr, "--warmup-steps", warmup_steps,
+                "--eval-every", eval_every, "--seed", seed, "--out", out]
+        if threads:
+            args += ["--threads", threads]
+        command = "sar pretrain " + " ".join(shlex.quote(str(a)) for a in args)
         with Progress(console=console, transient=True) as progress:
             summary = run_pretrain(family, model, data, image_size, out, tokenizer_steps=tokenizer_steps,
                                    tokenizer_lr=tokenizer_lr, steps=steps, batch_size=batch_size, lr=lr,
