@@ -156,13 +156,21 @@ def is_code_cache(spec: str | Path) -> bool:
     return Path(spec).is_dir() and (Path(spec) / META).is_file()
 
 
-def open_training_data(spec: str, split: str, image_size: Optional[int], options: dict,
+def open_training_data(spec: str, split: str, image_size: Optional[int], options: dict, registry,
                        adapter=None, schedule=None) -> Dataset:
-    """A code cache folder, a registered dataset name, or an image folder -> Dataset."""
+    """A code cache folder, a registered dataset name, or an image folder (read by the
+    registered ``imagefolder`` dataset) -> Dataset."""
     if is_code_cache(spec):
         from sar_core.code_cache import CodeCacheDataset
 
         return CodeCacheDataset(spec, adapter=adapter, schedule=schedule, **options)
-    from sar_core.evaluation import open_dataset
-
-    return open_dataset(spec, split=split, image_size=image_size, **options)
+    opts = {"split": split, **options}
+    if image_size is not None:
+        opts["image_size"] = int(image_size)
+    if str(spec) in registry.names("dataset"):
+        return registry.get("dataset", str(spec))(**opts)
+    if Path(spec).is_dir():
+        return registry.get("dataset", "imagefolder")(root=str(spec), **opts)
+    known = ", ".join(registry.names("dataset")) or "none"
+    raise ValueError(f"--data '{spec}' is neither a registered dataset ({known}), an image folder, "
+                     "nor a code cache folder")

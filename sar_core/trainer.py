@@ -192,10 +192,10 @@ class Trainer:
         if is_code_cache(cfg.data.name):
             if type(self.sampler) is not ScheduleSampler:
                 raise ValueError("a code cache holds one schedule; a random training schedule needs images")
-            return open_training_data(cfg.data.name, cfg.data.split, None, cfg.data.options,
+            return open_training_data(cfg.data.name, cfg.data.split, None, cfg.data.options, self.registry,
                                       self.adapter, self.sampler.default)
         size = data_image_size(cfg, self.adapter, self.sampler)
-        return open_training_data(cfg.data.name, cfg.data.split, size, cfg.data.options)
+        return open_training_data(cfg.data.name, cfg.data.split, size, cfg.data.options, self.registry)
 
     def _setup_precision(self) -> None:
         amp, dev = self.config.train.amp, self.env.device
@@ -320,13 +320,12 @@ class Trainer:
         losses = torch.stack([res.loss_tf.detach().float(), res.loss_csf.detach().float()])
         return losses, len(batch) * schedule.total_tokens
 
-    def train_step(self) -> dict:
-        """One optimizer step; returns its metrics (averaged over micro-steps and ranks)."""
-        cfg, env = self.config, self.env
-        accum = cfg.train.grad_accum
-        lr = lr_at(self.step, self.total_steps, cfg.optim)
-        set_lr(self.optimizer, lr)
-        t0 = time.perf_counter()
+    def forward_backward(self) -> torch.Tensor:
+        """All micro-steps of one optimizer step, gradients synced across ranks.
+
+        Returns (loss_tf sum, loss_csf sum, non-finite micro-steps, tokens) summed over
+        micro-steps and ranks (float64)."""
+        env, accum = self.env, self.config.train.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         self.sync.begin_step()
         sums = torch.zeros(4, dtype=torch.float64, device=env.device)
@@ -337,8 +336,16 @@ class Trainer:
             sums[2] += 0.0 if finite else 1.0
             sums[3] += tokens
         self.sync.finish()
-        D.all_reduce_sum(sums, env)
-        n = accum * env.world_size
+        return D.all_reduce_sum(sums, env)
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns its metrics (averaged over micro-steps and ranks)."""
+        cfg, env = self.config, self.env
+        lr = lr_at(self.step, self.total_steps, cfg.optim)
+        set_lr(self.optimizer, lr)
+        t0 = time.perf_counter()
+        sums = self.forward_backward()
+        n = cfg.train.grad_accum * env.world_size
         bad_loss = sums[2].item() > 0
         grad_norm, skipped = self._update(bad_loss)
         if env.device.type == "cuda":
