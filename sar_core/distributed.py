@@ -20,10 +20,9 @@ its student pass), :meth:`GradSync.finish` all-reduces the gradients by hand.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -154,22 +153,6 @@ def is_fsdp(module: nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(module, FSDPModule)
-
-
-@contextmanager
-def unsharded(module: nn.Module) -> Iterator[None]:
-    """Under FSDP2, gather full parameters for the block (every rank must enter)."""
-    if not is_fsdp(module):
-        yield
-        return
-    mods = [m for m in module.modules() if is_fsdp(m)]
-    for m in mods:
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.reshard()
 
 
 # ------------------------------------------------------------------------- state dicts

@@ -343,6 +343,8 @@ class Trainer:
         cfg, env = self.config, self.env
         lr = lr_at(self.step, self.total_steps, cfg.optim)
         set_lr(self.optimizer, lr)
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(env.device)
         t0 = time.perf_counter()
         sums = self.forward_backward()
         n = cfg.train.grad_accum * env.world_size
@@ -424,14 +426,15 @@ class Trainer:
             atomic_write_text(self.config.to_yaml(), self.out_dir / "config.yaml")
 
     def run(self) -> TrainResult:
-        self.resume()
+        resumed = self.resume()
         self._write_config()
         hook = self.registry.hook
         main = self.env.is_main
         loggers = self._loggers() if main else []
         if main:
             hook.on_train_start(run=self)
-        status, message, saved_at = "finished", "", None
+        status, message = "finished", ""
+        saved_at = self.step if resumed else None
         try:
             while self.step < self.total_steps:
                 self.take_snapshot()
@@ -478,11 +481,20 @@ class Trainer:
 
     def export(self) -> None:
         """Write the trained backbone (and its EMA) in the family's upstream layout."""
-        with D.unsharded(self.backbone):
-            if self.env.is_main:
-                self.adapter.save(None, self.out_dir / "backbone.pth")
-        if self.ema is not None:
-            with self.ema.swap_into(self.backbone), D.unsharded(self.backbone):
-                if self.env.is_main:
+        main = self.env.is_main
+        if D.is_fsdp(self.backbone):  # gather full weights, export from a plain copy on rank 0
+            full = D.model_state(self.backbone)
+            ema = self.ema.state_dict()["shadow"] if self.ema is not None else None
+            if main:
+                plain = build_adapter(self.config, self.registry)
+                plain.backbone.load_state_dict(full)
+                plain.save(None, self.out_dir / "backbone.pth")
+                if ema is not None:
+                    plain.backbone.load_state_dict({**full, **ema})
+                    plain.save(None, self.out_dir / "backbone_ema.pth")
+        elif main:
+            self.adapter.save(None, self.out_dir / "backbone.pth")
+            if self.ema is not None:
+                with self.ema.swap_into(self.backbone):
                     self.adapter.save(None, self.out_dir / "backbone_ema.pth")
         D.barrier(self.env)

@@ -8,6 +8,8 @@ import pytest
 import torch
 import yaml
 
+from sar_core.hookspecs import hookimpl
+
 import toy_adapter as toy
 
 VAR_FIX = Path(__file__).parent / "fixtures" / "var"
@@ -179,3 +181,39 @@ def test_training_from_a_code_cache(tmp_path, reg):
     _check_metrics(out, 2, 0.01, student=True)
     r = toy.invoke(*common, "--data", cache, "--schedule", "toy-random", "--out", tmp_path / "r2")
     assert r.exit_code == 2 and "code cache holds one schedule" in r.output
+
+
+class _Recorder:
+    __name__ = "recorder"
+
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def on_train_start(self, run):
+        self.calls.append(("start", run.step, run.total_steps, run.out_dir))
+
+    @hookimpl
+    def on_step_end(self, step, metrics):
+        self.calls.append(("step", step, metrics["loss"]))
+
+    @hookimpl
+    def on_checkpoint_saved(self, path):
+        self.calls.append(("ckpt", Path(path).name, Path(path).is_file()))
+
+    @hookimpl
+    def on_train_end(self, run):
+        self.calls.append(("end", run.step))
+
+
+def test_run_time_hooks_fire_in_order(tmp_path, monkeypatch):
+    rec = _Recorder()
+    toy.use_registry(monkeypatch, rec)
+    out = tmp_path / "run"
+    r = toy.invoke(*_base(out, "--steps", "3", "--save-every", "2"))
+    assert r.exit_code == 0, r.output
+    kinds = [c[0] for c in rec.calls]
+    assert kinds == ["start", "step", "step", "ckpt", "step", "ckpt", "end"]
+    assert rec.calls[0] == ("start", 0, 3, out)
+    assert rec.calls[3] == ("ckpt", "step_00000002.pt", True) and rec.calls[5][1] == "step_00000003.pt"
+    assert [c[2] for c in rec.calls if c[0] == "step"] == [m["loss"] for m in toy.read_metrics(out)]

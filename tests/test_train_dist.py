@@ -101,11 +101,13 @@ def test_two_ranks_match_one_process_on_the_doubled_batch(two_rank_results, tmp_
         assert ref["grads"]["pos_start"].abs().sum() > 0
 
 
-def test_torchrun_end_to_end_writes_from_rank_zero_only(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_end_to_end_writes_from_rank_zero_only(tmp_path, strategy):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), str(HERE / "toy_adapter.py"), "train", "-f", "toy", "--data",
-           "toy-images", "--steps", "2", "--batch-size", "4", "--workers", "0", "--rollout", "official",
+           "toy-images", "--steps", "2", "--batch-size", "4", "--workers", "0", "--dist", strategy,
+           "--rollout", "official" if strategy == "ddp" else "ssr", "--ema", "0.9",
            "--loggers", "jsonl,console", "--log-every", "1", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE.parent)
@@ -118,4 +120,11 @@ def test_torchrun_end_to_end_writes_from_rank_zero_only(tmp_path):
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "checkpoints"))
     assert state["data"]["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank streams
-    assert (out / "backbone.pth").is_file()
+    # full (unsharded) weights in the checkpoint and in the upstream-layout exports
+    tok, _ = toy.toy_files(tmp_path)
+    model = toy.ToyAdapter.load(tok, out / "backbone.pth").backbone.state_dict()
+    ema = toy.ToyAdapter.load(tok, out / "backbone_ema.pth").backbone.state_dict()
+    assert model.keys() == state["model"].keys()
+    assert all(torch.equal(model[k], state["model"][k]) for k in model)
+    assert all(torch.equal(ema[k], state["ema"]["shadow"][k]) for k in state["ema"]["shadow"])
+    assert not torch.equal(ema["head.weight"], model["head.weight"])
