@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider benchmarks --benchmark-only
+	$(PY) -m pytest -q -s -p no:cacheprovider benchmarks
 
 clean-venv:
 	rm -rf $(VENV)
