@@ -114,6 +114,10 @@ class Rollout:
 
 
 def _gather_scales(x: torch.Tensor, schedule: Schedule, scales: Sequence[int]) -> torch.Tensor:
+    """Tokens of ``scales`` along dim 1: a view when they are consecutive (all built-in
+    choices are), so no copy of the (B, L, V) logits is made."""
+    if list(scales) == list(range(scales[0], scales[-1] + 1)):
+        return x[:, schedule.offsets[scales[0]]:schedule.offsets[scales[-1] + 1]]
     return torch.cat([x[:, schedule.slice(k)] for k in scales], dim=1)
 
 
