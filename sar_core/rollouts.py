@@ -56,6 +56,9 @@ class Rollout:
 
     name: ClassVar[str] = ""
     active: ClassVar[bool] = True
+    #: True when pass 2 leaves some backbone parameters unused (DDP then needs
+    #: ``find_unused_parameters``); the official short pass skips the start position.
+    skips_parameters: ClassVar[bool] = False
 
     def __init__(self, sampling: str = "argmax", top_k: int = 0, top_p: float = 0.0,
                  cfg: float = 1.0, scales: str = "all"):
@@ -157,6 +160,7 @@ class OfficialRollout(Rollout):
     """The official SAR code: last transition only, start token as the only context."""
 
     name = "official"
+    skips_parameters = True
 
     # Defaults are what the official scripts effectively run (their trainer's defaults,
     # since the command-line sampling flags never reach it): guided sampling, cfg 1.2,

@@ -178,7 +178,7 @@ class Trainer:
         self._setup_precision()
         find_unused = cfg.dist.find_unused_parameters
         if find_unused is None:
-            find_unused = bool(self.rollout.active)
+            find_unused = bool(self.rollout.active and getattr(self.rollout, "skips_parameters", True))
         self.model = D.wrap_model(self.backbone, env, cfg.dist.strategy, find_unused, cfg.train.compile)
         self.sync = D.GradSync(self.model, self.backbone, env)
         self.optimizer = build_optimizer(self.backbone, cfg.optim, self.adapter.no_decay_keywords, env.device)
