@@ -10,3 +10,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def var():
+    """The public VAR golden case's model (tiny, random weights)."""
+    from sar_adapters.var.adapter import VARAdapter
+
+    return VARAdapter.load(FIXTURES / "var" / "vae_ch32v64z8.pth", FIXTURES / "var" / "var_tiny_d2w64.pth")

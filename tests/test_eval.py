@@ -16,15 +16,6 @@ from sar_plugins.digits import digits
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models run fastest on one CPU thread (and do not slow down on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def fe():
     return get_feature_extractor("digit-classifier")

@@ -18,14 +18,6 @@ train_patch_nums: [1, 2, 4, 8]
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_flattened_detects_plateau_and_progress():
     improving = [{"val_loss_tf": 5.0 - 0.5 * i} for i in range(8)]
     plateau = [{"val_loss_tf": v} for v in (5.0, 4.0, 3.5, 3.4, 3.41, 3.405, 3.42, 3.43)]

@@ -9,15 +9,6 @@ from sar_cli.main import app
 from sar_core.generation import balanced_labels, generate_images, parse_labels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models run fastest on one CPU thread (and do not slow down on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     """A small random VAR (16 px, schedule 1_2_4, 10 classes) saved in the upstream layout."""
