@@ -184,7 +184,9 @@ def run_demo(s: DemoSettings, progress=None, log: Callable[[str], None] = print)
             adapter = load_adapter(FAMILY, tok, bb_path, device=s.device, overrides=overrides)
             runs.append(evaluate(adapter, s, extractor, reference, val_set, val_codes, seed))
             if seed == s.seeds[0]:
-                grid = save_grid(generate_images(adapter, grid_labels, cfg=s.cfg, seed=7), s.out / f"samples_{name}.png", nrow=10)
+                samples = generate_images(adapter, grid_labels, cfg=s.cfg, seed=7)
+                big = torch.nn.functional.interpolate(samples, scale_factor=4, mode="nearest")
+                grid = save_grid(big, s.out / f"samples_{name}.png", nrow=10)
         gaps = list(zip(*[r["gap"] for r in runs]))
         results["arms"][name] = {"runs": runs, "summary": _summary(runs), "history": hist,
                                  "gap": {"mean": [mean(g) for g in gaps], "std": [pstdev(g) for g in gaps]},

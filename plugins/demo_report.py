@@ -38,10 +38,15 @@ def table_rows(results: dict) -> list[list[str]]:
     rows = []
     for key, label, higher in METRICS:
         cells = [label] + [_fmt(arms[a]["summary"], key) for a in arms]
-        means = {a: arms[a]["summary"][key]["mean"] for a in arms if key in arms[a]["summary"]}
+        stats = {a: arms[a]["summary"][key] for a in arms if key in arms[a]["summary"]}
+        means = {a: st["mean"] for a, st in stats.items()}
         if len(means) == len(arms) and len(set(means.values())) > 1:
             best = (max if higher else min)(means, key=means.get)
-            cells.append(best)
+            others = [a for a in means if a != best]
+            # a difference smaller than the seeds' spread is not a win
+            spread = max(stats[best]["std"] + stats[a]["std"] for a in others)
+            margin = min(abs(means[best] - means[a]) for a in others)
+            cells.append(best if margin > spread else f"{best} (within spread)")
         else:
             cells.append("tie")
         rows.append(cells)
@@ -73,6 +78,8 @@ def plot(results: dict, path: Path) -> Path:
         g = arm["gap"]
         ax2.errorbar(range(1, len(g["mean"]) + 1), g["mean"], yerr=g["std"], marker="o", capsize=3, label=name)
     ax2.axhline(0, color="grey", lw=0.5)
+    n_gaps = len(next(iter(arms.values()))["gap"]["mean"])
+    ax2.set_xticks(range(1, n_gaps + 1))
     ax2.set_xlabel("scale index (student-forced from the scale below)")
     ax2.set_ylabel("CE own-input - CE gt-input")
     ax2.set_title("per-scale exposure gap (validation)")
@@ -110,14 +117,19 @@ def write_report(results: dict, out_dir: Path) -> dict:
         "",
         "![losses and gaps](losses_and_gaps.png)",
         "",
-        "Samples (same labels and sampling seeds; rows are classes 0-9):",
+        "Samples (same labels and sampling seeds in both arms; column c holds class c):",
         "",
-        *[f"**{a}**\n\n![{a}]({Path(results['arms'][a]['grid']).name})\n" for a in arms],
+        "| " + " | ".join(arms) + " |",
+        "|" + "---|" * len(arms),
+        "| " + " | ".join(f"![{a}]({Path(results['arms'][a]['grid']).name})" for a in arms) + " |",
         "",
         "Exposure gap: per scale, cross-entropy of the model's prediction when the input of that "
         "scale is built from its own argmax prediction one scale below (ground truth further "
         "below) minus the cross-entropy with ground-truth input. Positive means the model is worse "
         "on its own inputs.",
+        "",
+        "'better' names the arm with the better mean, marked '(within spread)' when the "
+        "difference is smaller than the two arms' standard deviations over seeds added.",
         "",
         "Reading it honestly: SAR is expected to shrink the exposure gap; on a tiny model it need "
         "not improve FID over plain teacher-forcing continuation. The table reports what was "

@@ -52,7 +52,13 @@ def test_pretrain_cli_reports_bad_model_config(tmp_path):
     assert res.exit_code == 2 and "model config not found" in res.output
 
 
-@pytest.mark.skipif(not (ASSETS / "backbone.pth").is_file(), reason="demo model not built yet")
+def test_shipped_demo_model_is_complete():
+    summary = json.loads((ASSETS / "pretrain.json").read_text())
+    assert summary["command"].startswith("sar pretrain")
+    assert summary["backbone"]["best_val_loss_tf"] == min(c["val_loss_tf"] for c in summary["val_curve"])
+    assert (ASSETS / "tokenizer.pth").is_file() and (ASSETS / "backbone.pth").is_file()
+
+
 def test_demo_quick_run_writes_report(tmp_path):
     out = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "--out", str(out), "--steps", "2", "--seeds", "0",
