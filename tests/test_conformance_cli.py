@@ -1,0 +1,76 @@
+"""The conformance kit through the CLI and the Python API."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sar_cli.main import app
+from sar_core.conformance import compare_key, run_conformance
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CASES = sorted(p.parent for p in FIXTURES.glob("*/config.json"))
+INPUT_KEYS = {"var": ("images", "labels", "infer_labels"),
+              "flexvar": ("images", "labels", "tf_patch_nums", "infer_patch_nums", "infer_labels",
+                          "schedule_seeds")}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_every_shipped_case_passes_through_the_api(case):
+    report = run_conformance(case)
+    assert report.compared > 5
+    failed = [(r.key, r.note, r.max_abs) for r in report.results if r.status == "fail"]
+    assert not failed
+
+
+def test_cli_exit_codes(tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(app, ["conformance", str(FIXTURES / "var")])
+    assert ok.exit_code == 0, ok.output
+    assert "all 11 keys within tolerance" in ok.output
+    bad = tmp_path / "bad"
+    shutil.copytree(FIXTURES / "var", bad)
+    case = torch.load(bad / "case.pt", weights_only=True)
+    case["tf_logits"] = case["tf_logits"] + 1e-2
+    case["gt_idx"][2] = (case["gt_idx"][2] + 1) % 64
+    torch.save(case, bad / "case.pt")
+    res = runner.invoke(app, ["conformance", str(bad)])
+    assert res.exit_code == 1
+    assert "2 of 11 keys failed" in res.output
+    missing = runner.invoke(app, ["conformance", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "config.json is missing" in missing.output
+
+
+@pytest.mark.parametrize("family", ["var", "flexvar"])
+def test_inputs_only_case_is_computed_and_dumped(tmp_path, family):
+    src = FIXTURES / family
+    case_dir = tmp_path / family
+    shutil.copytree(src, case_dir)
+    full = torch.load(src / "case.pt", weights_only=True)
+    torch.save({k: full[k] for k in INPUT_KEYS[family]}, case_dir / "case.pt")
+    dump = tmp_path / "dump.pt"
+    res = CliRunner().invoke(app, ["conformance", str(case_dir), "--dump", str(dump)])
+    assert res.exit_code == 0, res.output
+    assert "nothing compared" in res.output
+    out = torch.load(dump, weights_only=True)
+    outputs = set(full) - set(INPUT_KEYS[family]) - {"meta", "format_version", "family"}
+    assert outputs <= set(out), outputs - set(out)
+    # what was dumped is what upstream recorded
+    for key in ("tf_logits", "gt_idx"):
+        assert compare_key(key, out[key], full[key]).status == "pass"
+
+
+def test_compare_rules():
+    a = torch.tensor([1, 2, 3])
+    assert compare_key("idx", a, a.to(torch.uint8)).status == "pass"
+    assert compare_key("idx", a + 1, a).status == "fail"
+    x = torch.randn(4, 4)
+    assert compare_key("f", x + 5e-5, x).status == "pass"
+    assert compare_key("f", x + 5e-3, x).status == "fail"
+    assert compare_key("tf_loss", torch.tensor(1.0 + 2e-5), torch.tensor(1.0)).status == "fail"
+    assert compare_key("sar_grad_norm", torch.tensor(3.0001), torch.tensor(3.0)).status == "pass"
+    assert compare_key("f", torch.zeros(2, 3), torch.zeros(3, 2)).status == "fail"
+    assert compare_key("l", [torch.ones(2)], [torch.ones(2), torch.ones(2)]).status == "fail"
