@@ -1,6 +1,7 @@
 """Reading and writing FlexVAR checkpoints in the upstream layouts.
 
-* Tokenizer (``FlexVAE.pth``): ``{'model': state_dict}``; a plain state dict is accepted.
+* Tokenizer (``FlexVAE.pth``): ``{'model': state_dict}``; a plain state dict, or the
+  training checkpoint's ``{'trainer': {'vae_local': state_dict}, ...}``, is accepted.
   ``quantize.codebook_used`` (usage statistics) is ignored on load and written on save.
 * Backbone: a plain state dict (released ``FlexVARd*-epo*.pth``) or the training layout
   ``{'trainer': {'var_wo_ddp': state_dict}, ...}``; ``module.`` / ``_orig_mod.`` prefixes
@@ -26,6 +27,7 @@ FAMILY = "a FlexVAR (jiaosiyu1999/FlexVAR) checkpoint"
 TOKENIZER_IGNORE = ("quantize.codebook_used",)
 BACKBONE_IGNORE = ("attn_bias_for_masking", "zero_k_bias")
 NESTED = ("trainer", "var_wo_ddp")
+TOKENIZER_NESTED = (("model",), ("trainer", "vae_local"), ("vae_local",))
 LAYOUTS = ("plain", "nested")
 
 
@@ -37,7 +39,7 @@ def _clean(sd: dict) -> dict:
 
 def read_tokenizer(path: str | Path) -> dict:
     obj = load_file(path, what="FlexVAR tokenizer checkpoint")
-    sd, _ = unwrap_state_dict(obj, (("model",),), f"FlexVAR tokenizer {path}")
+    sd, _ = unwrap_state_dict(obj, TOKENIZER_NESTED, f"FlexVAR tokenizer {path}")
     sd = _clean(sd)
     _reject_other_families(sd, path, "tokenizer")
     if "quantize.embedding.weight" not in sd or "encoder.conv_in.weight" not in sd:

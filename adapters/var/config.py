@@ -240,6 +240,9 @@ def infer_var_config(tokenizer_sd: Optional[dict], backbone_sd: Optional[dict],
         if key in tok and key in bb and tok[key] != bb[key]:
             raise CheckpointError(f"tokenizer and backbone disagree: tokenizer has {key}={tok[key]}, "
                                   f"backbone has {key}={bb[key]} (are they from the same release?)")
+    if overrides.get("default_qresi_counts") == 0 and "default_qresi_counts" in tok:
+        # upstream's 0 means "one phi per scale": the count stored in the file stands
+        del overrides["default_qresi_counts"]
     soft = {"drop_path_rate", "quant_resi"}  # conventions, not shapes: overrides may change them
     for key, value in overrides.items():
         if key in soft:
