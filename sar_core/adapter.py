@@ -21,26 +21,33 @@ Conventions every adapter follows
   (B, L, G, C) groups so losses and rollouts stay family-agnostic.
 * The backbone is an ``nn.Module`` whose ``forward(cond, inputs, schedule,
   student_forcing=False)`` returns logits. It is the only module that trains; the trainer
-  wraps it in DDP / FSDP and calls it directly. It has a float attribute
-  ``cond_drop_rate`` (class / text dropout probability; the trainer sets it, conformance
-  sets it to 0).
+  wraps it in DDP / FSDP and calls it directly. Its condition dropout (class / text
+  dropout probability) is read and set through :attr:`ScaleWiseAdapter.condition_dropout`.
 * A condition is whatever the family needs (class ids (B,) int64, or a dict of text
-  features). ``cfg_condition`` and ``condition_from_labels`` are the only places the core
-  touches it.
+  features). The core builds it only through :meth:`ScaleWiseAdapter.condition` (from a
+  :class:`~sar_core.data.Batch`), :meth:`null_condition` / :meth:`cfg_condition` and
+  :meth:`condition_to`; it never looks inside.
+* Every fact the core needs is a member below (``num_classes``, ``code_space``,
+  ``image_size``, ``training_image_size``, ``guidance_scale``, ...): the core never probes
+  config field names or attributes.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional, Sequence
 
 import torch
 from pydantic import BaseModel
 from torch import nn
 
 from sar_core.schedule import Schedule, ScheduleSampler
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sar_core.data import Batch
 
 Codes = list  # list[torch.Tensor], one entry per scale
 
@@ -60,6 +67,61 @@ class Generation:
     guided_logits: list = field(default_factory=list)  # per scale, what the sampler saw
 
 
+@dataclass(frozen=True)
+class CodeSpace:
+    """What one token is: an index into ``vocab_size`` codes, or ``bits`` independent bits.
+
+    Exactly one of the two is set. ``logits_width`` is the last dimension of the
+    backbone's logits (V, or 2 * bits laid out as in the module docstring).
+    """
+
+    vocab_size: Optional[int] = None
+    bits: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if (self.vocab_size is None) == (self.bits is None):
+            raise ValueError("a CodeSpace has exactly one of vocab_size (index codes) or bits (bitwise codes)")
+        n = self.vocab_size if self.bits is None else self.bits
+        if int(n) < 1:
+            raise ValueError(f"a CodeSpace needs a positive size, got {n}")
+
+    @property
+    def bitwise(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def logits_width(self) -> int:
+        return 2 * int(self.bits) if self.bits is not None else int(self.vocab_size)
+
+    def __str__(self) -> str:
+        return f"{self.bits} bits" if self.bitwise else f"{self.vocab_size} codes"
+
+
+def official_guidance_ramp(step: int, num_steps: int, cfg: float) -> float:
+    """The official SAR trainer's ramp: t_i = cfg * 0.5 * (1 + i / (n - 1)) (cfg at n = 1)."""
+    return cfg * 0.5 * (1 + step / (num_steps - 1)) if num_steps > 1 else cfg
+
+
+def cat_conditions(conds: Sequence[Any]) -> Any:
+    """Row-concatenate conditions that are tensors, or dicts of tensors padded along dim 1
+    (values) with per-row lengths. Families with another layout override
+    :meth:`ScaleWiseAdapter.cfg_condition`."""
+    first = conds[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(conds), dim=0)
+    if isinstance(first, dict):
+        out = {}
+        for key in first:
+            vals = [c[key] for c in conds]
+            if isinstance(vals[0], torch.Tensor) and vals[0].dim() >= 2 and len({v.shape[1] for v in vals}) > 1:
+                n = max(v.shape[1] for v in vals)
+                vals = [torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, n - v.shape[1])) for v in vals]
+            out[key] = torch.cat(vals, dim=0) if isinstance(vals[0], torch.Tensor) else sum(vals, [])
+        return out
+    raise TypeError(f"cannot concatenate conditions of type {type(first).__name__}; "
+                    "override cfg_condition() for this family")
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or belongs to another family / size."""
 
@@ -73,10 +135,11 @@ class ScaleWiseAdapter(ABC):
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[AdapterConfig]] = AdapterConfig
-    #: None for index codes; d for bitwise codes of d bits per token.
-    bits_per_token: ClassVar[Optional[int]] = None
     #: parameter-name fragments excluded from weight decay (besides 1-D params / biases).
     no_decay_keywords: ClassVar[tuple[str, ...]] = ()
+    #: golden-case support (``sar conformance``): a :class:`sar_core.conformance.CaseRunner`
+    #: subclass, or None for a family without golden cases. Not part of training.
+    case_runner: ClassVar[Optional[type]] = None
 
     def __init__(self, config: AdapterConfig, tokenizer: nn.Module, backbone: nn.Module):
         self.config = config
@@ -121,14 +184,99 @@ class ScaleWiseAdapter(ABC):
     def image_size(self, schedule: Schedule) -> tuple[int, int]:
         """Pixel (H, W) of images encoded with / decoded from ``schedule``."""
 
+    def training_image_size(self, sampler: ScheduleSampler) -> tuple[int, int]:
+        """Pixel (H, W) training images are resized to for ``sampler``'s schedules.
+
+        Default: the size of the sampler's default schedule. Families that train one image
+        size under many schedules (FlexVAR) return their configured size."""
+        return tuple(self.image_size(sampler.default))
+
+    @classmethod
+    def image_size_overrides(cls, size: tuple[int, int]) -> dict:
+        """Config overrides that make a fresh / loaded model train at pixel ``size``
+        (``--image-size``). Default: none (the size follows from the schedule)."""
+        return {}
+
+    # ---------------------------------------------------------------- model facts
+    @property
+    @abstractmethod
+    def num_classes(self) -> Optional[int]:
+        """Number of classes of a class-conditional family; None for text conditions."""
+
+    @property
+    @abstractmethod
+    def code_space(self) -> CodeSpace:
+        """What a token is (index codes of a vocabulary, or d bits)."""
+
+    @property
+    def bits_per_token(self) -> Optional[int]:
+        """None for index codes; d for bitwise codes (``code_space.bits``)."""
+        return self.code_space.bits
+
     # ---------------------------------------------------------------- conditions
+    def condition(self, batch: "Batch") -> Any:
+        """The backbone's condition for a batch (on the batch's device).
+
+        Default (class-conditional families): the batch's class ids. Text-conditioned
+        families read ``batch.conditions[name]`` (padded payloads with lengths)."""
+        if batch.labels is None:
+            names = ", ".join(sorted(batch.conditions)) or "none"
+            raise ValueError(f"family '{self.name}' is class-conditional but the batch has no class "
+                             f"labels (condition payloads: {names})")
+        return batch.labels
+
     def condition_from_labels(self, labels: torch.Tensor) -> Any:
-        """Turn a dataset's labels into the backbone's condition (identity for classes)."""
+        """Class ids -> condition; for class-conditional sampling (``sar sample --labels``)."""
+        if self.num_classes is None:
+            raise ValueError(f"family '{self.name}' is not class-conditional; give condition payloads "
+                             "(e.g. --text-features) instead of class labels")
         return labels
 
-    @abstractmethod
+    def null_condition(self, cond: Any) -> Any:
+        """The null (unconditional) condition, one row per row of ``cond``.
+
+        Default for class-conditional families: class id ``num_classes``."""
+        if self.num_classes is None or not isinstance(cond, torch.Tensor):
+            raise NotImplementedError(f"family '{self.name}' must implement null_condition()")
+        return torch.full_like(cond, int(self.num_classes))
+
     def cfg_condition(self, cond: Any) -> Any:
         """Batch of 2B rows: ``cond`` then the null (unconditional) condition."""
+        return cat_conditions([cond, self.null_condition(cond)])
+
+    @property
+    def condition_dropout(self) -> float:
+        """Probability that training replaces a row's condition by the null condition.
+        Default: the backbone's ``cond_drop_rate`` attribute (override if stored elsewhere)."""
+        return float(self.backbone.cond_drop_rate)
+
+    @condition_dropout.setter
+    def condition_dropout(self, p: float) -> None:
+        self.backbone.cond_drop_rate = float(p)
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator["ScaleWiseAdapter"]:
+        """Eval mode with condition dropout 0; both restored on exit, even on error."""
+        was_training, drop = self.backbone.training, self.condition_dropout
+        self.backbone.eval()
+        self.condition_dropout = 0.0
+        try:
+            yield self
+        finally:
+            self.condition_dropout = drop
+            self.backbone.train(was_training)
+
+    # ---------------------------------------------------------------- guidance
+    def guidance_scale(self, step: int, num_steps: int, cfg: float) -> float:
+        """Guidance strength t at scale ``step`` of ``num_steps`` for a rollout guided with
+        ``cfg``; logits = (1 + t) * cond - t * uncond. Default: the official SAR ramp."""
+        return official_guidance_ramp(step, num_steps, cfg)
+
+    def guide_logits(self, cond_logits: torch.Tensor, uncond_logits: torch.Tensor, step: int,
+                     num_steps: int, cfg: float) -> torch.Tensor:
+        """Guided logits a rollout samples from at scale ``step`` (float32)."""
+        t = self.guidance_scale(step, num_steps, cfg)
+        return (1 + t) * cond_logits - t * uncond_logits
 
     def condition_to(self, cond: Any, device: torch.device) -> Any:
         if isinstance(cond, torch.Tensor):
@@ -178,25 +326,6 @@ class ScaleWiseAdapter(ABC):
                  **options: Any) -> Generation:
         """KV-cached autoregressive sampling with classifier-free guidance, exactly as the
         upstream sampler (its guidance ramp and top-k / top-p rules)."""
-
-    # ---------------------------------------------------------------- conformance
-    #: per-key (atol, rtol) overrides used by the conformance kit
-    case_tolerances: ClassVar[dict] = {}
-
-    @classmethod
-    def case_overrides(cls, config: dict) -> dict:
-        """Config overrides a golden case's config.json implies (default: none; sizes are
-        inferred from the checkpoints)."""
-        return {}
-
-    @abstractmethod
-    def run_case(self, case: dict, config: dict) -> dict:
-        """Compute every output a golden case of this family records.
-
-        ``case`` is the loaded case.pt (it may hold inputs only), ``config`` the parsed
-        config.json. Return a dict keyed like case.pt; the conformance kit compares and
-        dumps it.
-        """
 
     # ---------------------------------------------------------------- helpers
     @property

@@ -15,7 +15,7 @@ with any number of DataLoader workers.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -25,19 +25,64 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 @dataclass
+class Padded:
+    """Per-sample payloads of varying length, zero-padded: ``values`` (B, N_max, ...) and
+    ``lengths`` (B,) int64 (row i is valid in ``values[i, :lengths[i]]``)."""
+
+    values: torch.Tensor
+    lengths: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Padded":
+        return Padded(self.values.to(device, non_blocking=non_blocking),
+                      self.lengths.to(device, non_blocking=non_blocking))
+
+    def __getitem__(self, rows) -> "Padded":
+        return Padded(self.values[rows], self.lengths[rows])
+
+    def unpadded(self) -> list:
+        """One (n_i, ...) tensor per sample."""
+        return [v[: int(n)] for v, n in zip(self.values, self.lengths)]
+
+    @classmethod
+    def pad(cls, items: list) -> "Padded":
+        """[(n_i, ...) tensors] -> Padded (zero padding along dim 0 of every item)."""
+        items = [torch.as_tensor(x) for x in items]
+        lengths = torch.as_tensor([x.shape[0] for x in items], dtype=torch.int64)
+        n = int(lengths.max()) if len(items) else 0
+        values = items[0].new_zeros((len(items), n, *items[0].shape[1:]))
+        for i, x in enumerate(items):
+            values[i, : x.shape[0]] = x
+        return cls(values, lengths)
+
+
+@dataclass
 class Batch:
-    labels: torch.Tensor
+    """One micro-batch: images or codes, plus the condition's raw material.
+
+    ``labels`` holds class ids (B,) int64, or None for datasets without classes;
+    ``conditions`` maps payload names (e.g. ``"text_features"``) to :class:`Padded`
+    per-sample payloads. The adapter turns a batch into its condition
+    (:meth:`sar_core.adapter.ScaleWiseAdapter.condition`)."""
+
+    labels: Optional[torch.Tensor] = None
     images: Optional[torch.Tensor] = None
     codes: Optional[list] = None
+    conditions: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return int(self.labels.shape[0])
+        for x in (self.labels, self.images):
+            if x is not None:
+                return int(x.shape[0])
+        if self.codes is not None:
+            return int(self.codes[0].shape[0])
+        return int(next(iter(self.conditions.values())).lengths.shape[0])
 
     def to(self, device: torch.device) -> "Batch":
         nb = device.type == "cuda"
-        return Batch(self.labels.to(device, non_blocking=nb),
+        return Batch(None if self.labels is None else self.labels.to(device, non_blocking=nb),
                      None if self.images is None else self.images.to(device, non_blocking=nb),
-                     None if self.codes is None else [c.to(device, non_blocking=nb) for c in self.codes])
+                     None if self.codes is None else [c.to(device, non_blocking=nb) for c in self.codes],
+                     {k: v.to(device, non_blocking=nb) for k, v in self.conditions.items()})
 
 
 def collate(items: list) -> Batch:
@@ -156,17 +201,19 @@ def is_code_cache(spec: str | Path) -> bool:
     return Path(spec).is_dir() and (Path(spec) / META).is_file()
 
 
-def open_training_data(spec: str, split: str, image_size: Optional[int], options: dict, registry,
+def open_training_data(spec: str, split: str, image_size: Optional[tuple[int, int]], options: dict, registry,
                        adapter=None, schedule=None) -> Dataset:
     """A code cache folder, a registered dataset name, or an image folder (read by the
-    registered ``imagefolder`` dataset) -> Dataset."""
+    registered ``imagefolder`` dataset) -> Dataset. ``image_size`` is (H, W); dataset
+    factories get an int for square sizes and the (H, W) pair otherwise."""
     if is_code_cache(spec):
         from sar_core.code_cache import CodeCacheDataset
 
         return CodeCacheDataset(spec, adapter=adapter, schedule=schedule, **options)
     opts = {"split": split, **options}
     if image_size is not None:
-        opts["image_size"] = int(image_size)
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        opts["image_size"] = int(h) if h == w else (int(h), int(w))
     if str(spec) in registry.names("dataset"):
         return registry.get("dataset", str(spec))(**opts)
     if Path(spec).is_dir():

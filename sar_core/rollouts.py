@@ -15,9 +15,10 @@ runs the student-forced pass through the adapter contract only:
   i.e. a two-scale sequence [start, last scale] (``student_forcing=True``).
 * ``none``: plain teacher forcing (the control arm); no second pass.
 
-Guided sampling uses the official trainer's ramp: at scale i of n,
-t_i = cfg * 0.5 * (1 + i / (n - 1)) and logits = (1 + t) * cond - t * uncond; the
-teacher-forced pass then runs on 2B rows (condition, then null condition), as upstream.
+Guided sampling asks the adapter (``adapter.guide_logits``) how to guide at scale i of n;
+the default is the official trainer's ramp t_i = cfg * 0.5 * (1 + i / (n - 1)) and
+logits = (1 + t) * cond - t * uncond. The teacher-forced pass then runs on 2B rows
+(condition, then null condition), as upstream.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
-from sar_core.sampling import guide, sample_logits
+from sar_core.sampling import sample_logits
 from sar_core.schedule import Schedule
 from sar_core.tokens import group_logits, token_argmax, ungroup_codes
 
@@ -91,8 +92,7 @@ class Rollout:
                 preds.append(token_argmax(lg, bits))
                 continue
             if logits_uncond is not None:
-                t = self.cfg * 0.5 * (1 + i / (n - 1)) if n > 1 else self.cfg
-                lg = guide(lg, logits_uncond[:, sl].float(), t)
+                lg = adapter.guide_logits(lg, logits_uncond[:, sl].float(), i, n, self.cfg)
             if bits is None:
                 preds.append(sample_logits(lg, self.top_k, self.top_p, generator))
             else:

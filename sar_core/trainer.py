@@ -74,8 +74,10 @@ def build_adapter(cfg: RunConfig, registry) -> Any:
     """Load (or, without checkpoint files, build from ``model.overrides``) the adapter."""
     cls = registry.get("adapter", cfg.model.family)
     overrides = dict(cfg.model.overrides)
-    if cfg.data.image_size is not None and "image_size" in cls.config_cls.model_fields:
-        overrides.setdefault("image_size", cfg.data.image_size)
+    if cfg.data.image_size is not None:
+        size = int(cfg.data.image_size)
+        for key, value in cls.image_size_overrides((size, size)).items():
+            overrides.setdefault(key, value)
     if cfg.model.tokenizer is None and cfg.model.backbone is None:
         return cls.from_config(cls.config_cls.model_validate(overrides))
     return cls.load(cfg.model.tokenizer, cfg.model.backbone, overrides=overrides or None)
@@ -110,19 +112,14 @@ def build_rollout_and_loss(cfg: RunConfig, registry) -> tuple[Any, Any]:
     return rollout, loss
 
 
-def data_image_size(cfg: RunConfig, adapter, sampler: ScheduleSampler) -> int:
-    """Pixels a side of training images; checked against what the model encodes."""
-    from sar_core.generation import config_value
-
-    natural = adapter.image_size(sampler.default)
-    own = config_value(adapter.config, "image_size") if "image_size" in adapter.config_cls.model_fields else None
-    if own is not None:
-        return int(own)
-    if cfg.data.image_size is not None and cfg.data.image_size != natural[0]:
+def data_image_size(cfg: RunConfig, adapter, sampler: ScheduleSampler) -> tuple[int, int]:
+    """Pixel (H, W) of training images; checked against what the model encodes."""
+    natural = tuple(adapter.training_image_size(sampler))
+    if cfg.data.image_size is not None and (cfg.data.image_size, cfg.data.image_size) != natural:
         raise ValueError(f"--image-size {cfg.data.image_size} does not match the model: family "
                          f"'{adapter.name}' with schedule {sampler.default} encodes {natural[0]}x{natural[1]} "
                          "images (change the schedule or the image size)")
-    return int(natural[0])
+    return natural
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -171,14 +168,14 @@ class Trainer:
         self.backbone = self.adapter.backbone
         self.backbone.train()
         if cfg.model.cond_drop is not None:
-            self.backbone.cond_drop_rate = cfg.model.cond_drop
+            self.adapter.condition_dropout = cfg.model.cond_drop
         self.dataset = self._open_data()
         self.stream = BatchStream(self.dataset, self.micro_batch, env.rank, env.world_size, seed,
                                   workers=cfg.data.workers, pin_memory=env.device.type == "cuda")
         self._setup_precision()
         find_unused = cfg.dist.find_unused_parameters
         if find_unused is None:
-            find_unused = bool(self.rollout.active and getattr(self.rollout, "skips_parameters", True))
+            find_unused = bool(self.rollout.active and self.rollout.skips_parameters)
         self.model = D.wrap_model(self.backbone, env, cfg.dist.strategy, find_unused, cfg.train.compile)
         self.sync = D.GradSync(self.model, self.backbone, env)
         self.optimizer = build_optimizer(self.backbone, cfg.optim, self.adapter.no_decay_keywords, env.device)
@@ -311,7 +308,7 @@ class Trainer:
         else:
             with torch.no_grad():
                 codes = adapter.encode(batch.images, schedule)
-        cond = adapter.condition_to(adapter.condition_from_labels(batch.labels), dev)
+        cond = adapter.condition_to(adapter.condition(batch), dev)
         model = self.sync.micro(last, self._expected_forwards(schedule))
         with self._autocast():
             res = sar_step(adapter, model, cond, codes, schedule, self.rollout, self.csf_loss,

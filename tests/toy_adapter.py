@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.data import Dataset
 
-from sar_core.adapter import AdapterConfig, CheckpointError, Generation, ScaleWiseAdapter
+from sar_core.adapter import AdapterConfig, CodeSpace, CheckpointError, Generation, ScaleWiseAdapter
 from sar_core.checkpoint_io import atomic_save, load_file
 from sar_core.hookspecs import hookimpl
 from sar_core.sampling import guide, sample_logits
@@ -153,8 +153,13 @@ class ToyAdapter(ScaleWiseAdapter):
         h, w = Schedule.parse(schedule)[-1]
         return h * self.config.downsample, w * self.config.downsample
 
-    def cfg_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        return torch.cat([cond, torch.full_like(cond, self.config.num_classes)])
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def code_space(self) -> CodeSpace:
+        return CodeSpace(vocab_size=self.config.vocab_size)
 
     @torch.no_grad()
     def encode(self, images, schedule):
@@ -186,9 +191,6 @@ class ToyAdapter(ScaleWiseAdapter):
             guided = guide(logits[:B], logits[B:], cfg)
             codes.append(sample_logits(guided, top_k, top_p, generator))
         return Generation(codes, (self.decode(codes, schedule) + 1) / 2)
-
-    def run_case(self, case: dict, config: dict) -> dict:
-        return {}
 
 
 # ------------------------------------------------------------------------- data, schedules

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
-from sar_core.adapter import Generation, ScaleWiseAdapter, CheckpointError
+from sar_core.adapter import CodeSpace, Generation, ScaleWiseAdapter, CheckpointError
 from sar_core.schedule import Schedule, ScheduleSampler
 
 from . import checkpoint as ckpt
@@ -70,7 +70,6 @@ def apply_overrides(cfg: dict, overrides: Optional[dict]) -> dict:
 class FlexVARAdapter(ScaleWiseAdapter):
     name: ClassVar[str] = "flexvar"
     config_cls = FlexVARConfig
-    bits_per_token = None
     no_decay_keywords = NO_DECAY
 
     # ---------------------------------------------------------------- construction
@@ -153,10 +152,28 @@ class FlexVARAdapter(ScaleWiseAdapter):
         d = self.config.tokenizer.downsample
         return h * d, w * d
 
-    # ---------------------------------------------------------------- conditions
-    def cfg_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        return torch.cat((cond, torch.full_like(cond, self.config.backbone.num_classes)))
+    def training_image_size(self, sampler: ScheduleSampler) -> tuple[int, int]:
+        if self.config.image_size is not None:
+            return int(self.config.image_size), int(self.config.image_size)
+        return tuple(self.image_size(sampler.default))
 
+    @classmethod
+    def image_size_overrides(cls, size: tuple[int, int]) -> dict:
+        h, w = size
+        if h != w:
+            raise ValueError(f"FlexVAR trains square images; got {h}x{w}")
+        return {"image_size": int(h)}
+
+    # ---------------------------------------------------------------- model facts
+    @property
+    def num_classes(self) -> int:
+        return int(self.config.backbone.num_classes)
+
+    @property
+    def code_space(self) -> CodeSpace:
+        return CodeSpace(vocab_size=int(self.config.tokenizer.codebook_size))
+
+    # ---------------------------------------------------------------- conditions
     # ---------------------------------------------------------------- tokenizer side
     def _check(self, schedule) -> Schedule:
         schedule = Schedule.parse(schedule)

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from sar_core.adapter import Codes, Generation, ScaleWiseAdapter
+from sar_core.adapter import CodeSpace, Codes, Generation, ScaleWiseAdapter
 from sar_core.schedule import Schedule
 from sar_core.tokens import cat_codes, mean_token_loss, token_ce
 
@@ -24,7 +24,6 @@ _CASE_SECTIONS = ("tokenizer", "backbone")
 class VARAdapter(ScaleWiseAdapter):
     name = "var"
     config_cls = VARConfig
-    bits_per_token = None
     no_decay_keywords = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC",
                          "pos_start", "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias",
                          "scale_mul")
@@ -81,10 +80,16 @@ class VARAdapter(ScaleWiseAdapter):
     def _sides(self, schedule: Schedule) -> tuple[int, ...]:
         return Schedule.parse(schedule).sides
 
-    # ---------------------------------------------------------------- conditions
-    def cfg_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        return torch.cat((cond, torch.full_like(cond, self.config.num_classes)))
+    # ---------------------------------------------------------------- model facts
+    @property
+    def num_classes(self) -> int:
+        return int(self.config.num_classes)
 
+    @property
+    def code_space(self) -> CodeSpace:
+        return CodeSpace(vocab_size=int(self.config.vocab_size))
+
+    # ---------------------------------------------------------------- conditions
     # ---------------------------------------------------------------- tokenizer side
     @torch.no_grad()
     def encode(self, images: torch.Tensor, schedule: Schedule) -> Codes:
