@@ -22,6 +22,7 @@ def demo(
     samples_per_class: Optional[int] = typer.Option(None, "--samples-per-class",
                                                     help="Samples per class of every evaluation (preset: 50)."),
     sets: list[str] = typer.Option([], "--set", help="Any other study field, e.g. --set eval.noise_seeds=[1,2,3]."),
+    jobs: int = typer.Option(2, "--jobs", help="Runs trained at once, one process and thread each (2 cores: 2)."),
     threads: Optional[int] = typer.Option(1, "--threads", help="torch CPU threads (the tiny demo model runs fastest on one)."),
 ) -> None:
     """The `demo` study preset on the shipped tiny digits model: plain teacher forcing vs
@@ -50,7 +51,7 @@ def demo(
         with Progress(*cols, console=console) as progress:
             task = progress.add_task("post-training", total=total)
             results = run_demo(settings, log=lambda m: progress.console.print(m, highlight=False),
-                               on_step=lambda step, metrics: progress.advance(task))
+                               advance=lambda n: progress.advance(task, n), jobs=max(1, jobs))
     except user_errors() as exc:
         fail(console, exc)
     _summary(console, results)

@@ -38,6 +38,8 @@ def study(
     family: Optional[str] = typer.Option(None, "--family", help="Run only this family label."),
     sets: list[str] = typer.Option([], "--set", help="Override a study field: --set run.train.steps=50, "
                                    "--set seeds=[0,1,2], --set eval.samples_per_class=20."),
+    jobs: int = typer.Option(1, "--jobs", help="Train / evaluate this many runs at once as local processes "
+                             "(one thread each; e.g. 2 on a 2-core machine)."),
     device: str = typer.Option("auto", "--device", help="Device of the evaluations (training: run.train.device)."),
     threads: Optional[int] = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved study and exit."),
@@ -73,7 +75,9 @@ def study(
         from sar_core.study import run_study
 
         dest = out or Path("runs") / f"study-{cfg.name}"
-        results = _run(console, cfg, dest, family, arm, seed, device)
+        if jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {jobs}")
+        results = _run(console, cfg, dest, family, arm, seed, device, jobs)
     except user_errors() as exc:
         fail(console, exc)
     if results is not None:
@@ -83,7 +87,7 @@ def study(
         console.print(f"done; aggregate with: sar study report {dest}")
 
 
-def _run(console: Console, cfg, dest: Path, family, arm, seed, device):
+def _run(console: Console, cfg, dest: Path, family, arm, seed, device, jobs: int = 1):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from sar_core.study import plan, run_study
@@ -96,9 +100,9 @@ def _run(console: Console, cfg, dest: Path, family, arm, seed, device):
             TimeRemainingColumn())
     with Progress(*cols, console=console) as progress:
         task = progress.add_task(f"study {cfg.name}: optimizer steps", total=total)
-        return run_study(cfg, dest, family=family, arm=arm, seed=seed, device=device,
+        return run_study(cfg, dest, family=family, arm=arm, seed=seed, device=device, jobs=jobs,
                          log=lambda m: progress.console.print(m, highlight=False),
-                         on_step=lambda step, metrics: progress.advance(task))
+                         advance=lambda n: progress.advance(task, n))
 
 
 def _summary(console: Console, results: dict) -> None:

@@ -46,8 +46,9 @@ def demo_study(s: DemoSettings):
     return load_study(preset_path("demo"), s.overrides())
 
 
-def run_demo(s: DemoSettings, log: Callable[[str], None] = print, on_step=None) -> dict:
-    """Run the demo study into ``s.out`` (resuming what is there) and return its report."""
+def run_demo(s: DemoSettings, log: Callable[[str], None] = print, advance=None, jobs: int = 2) -> dict:
+    """Run the demo study into ``s.out`` (resuming what is there) and return its report;
+    ``jobs`` runs train in parallel (one process per core of a 2-core laptop)."""
     from sar_core.study import run_study
 
-    return run_study(demo_study(s), s.out, log=log, on_step=on_step, device="cpu")
+    return run_study(demo_study(s), s.out, log=log, advance=advance, device="cpu", jobs=jobs)

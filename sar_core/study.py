@@ -251,7 +251,7 @@ def fixed_from(res: dict) -> dict:
 
 # ----------------------------------------------------------------------------- one run
 def run_one(study: StudyConfig, out: Path, spec: RunSpec, ctx: Optional[FamilyContext], registry,
-            log: Log, on_step=None) -> Optional[dict]:
+            log: Log, advance: Optional[Callable[[int], None]] = None) -> Optional[dict]:
     """Train one arm x seed (resuming if it has checkpoints), then evaluate it on rank 0."""
     from sar_core.trainer import Trainer
 
@@ -265,7 +265,7 @@ def run_one(study: StudyConfig, out: Path, spec: RunSpec, ctx: Optional[FamilyCo
         f"(rollout {cfg.rollout.name}, loss {cfg.loss.name}, gamma {cfg.loss.gamma})"
         + (" resuming" if cfg.resume else ""))
     trainer = Trainer(cfg, registry, log=log)
-    plugin = _StepHook(on_step) if on_step is not None else None
+    plugin = _StepHook(advance) if advance is not None else None
     if plugin is not None:
         registry.pm.register(plugin, name=f"sar-study-{spec.family}-{spec.arm}-{spec.seed}")
     try:
@@ -290,22 +290,25 @@ def run_one(study: StudyConfig, out: Path, spec: RunSpec, ctx: Optional[FamilyCo
 class _StepHook:
     """Run-time plugin forwarding every optimizer step (progress bars)."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, advance: Callable[[int], None]):
+        self.advance = advance
 
     @hookimpl
     def on_step_end(self, step: int, metrics: dict) -> None:
-        self.fn(step, metrics)
+        self.advance(1)
 
 
 # ----------------------------------------------------------------------------- the whole study
 def run_study(study: StudyConfig, out: str | Path, *, family: Optional[str] = None, arm: Optional[str] = None,
               seed: Optional[int] = None, registry=None, device: str = "auto", log: Log = print,
-              on_step=None, report: bool = True) -> Optional[dict]:
+              advance: Optional[Callable[[int], None]] = None, jobs: int = 1,
+              report: bool = True) -> Optional[dict]:
     """Run (the selected part of) a study; with nothing selected, also write the report.
 
     ``arm='start'`` only prepares the families (code cache, start-model evaluation): the
-    first job of a study split over a cluster."""
+    first job of a study split over a cluster. ``jobs > 1`` runs the training runs as that
+    many parallel local processes (:mod:`sar_core.study_jobs`); ``advance(n)`` is called
+    with the number of optimizer steps just done."""
     from sar_core import distributed as D
     from sar_core.plugins import get_registry
 
@@ -320,6 +323,7 @@ def run_study(study: StudyConfig, out: str | Path, *, family: Optional[str] = No
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_study_file(study, out)
+    starts: list[RunSpec] = []
     for label in study.families:
         if family not in (None, label):
             continue
@@ -330,10 +334,17 @@ def run_study(study: StudyConfig, out: str | Path, *, family: Optional[str] = No
         ctx = FamilyContext(study, out, label, device, log) if main else None
         if main:
             ctx.ensure_cache()
-            if arm in (None, START):
+            if arm in (None, START) and jobs <= 1:
                 evaluate_start(ctx, log)
-        for spec in (r for r in runs if r.family == label):
-            run_one(study, out, spec, ctx, registry, log, on_step)
+            elif arm in (None, START):
+                starts.append(RunSpec(label, START, -1))
+        if jobs <= 1:
+            for spec in (r for r in runs if r.family == label):
+                run_one(study, out, spec, ctx, registry, log, advance)
+    if jobs > 1 and main and (runs or starts):
+        from sar_core.study_jobs import run_jobs
+
+        run_jobs(out, starts + runs, jobs, device, log, advance)
     if report and main and family is None and arm is None and seed is None:
         from sar_core.study_report import write_report
 

@@ -201,12 +201,13 @@ def family_blocks(label: str, fam: dict, study: dict, plots: dict, out: Path) ->
                      _diff_cell(ch, HIGHER_IS_BETTER[k]) if ch else "-",
                      {True: "flat", False: "MOVED", None: "-"}[flat]])
     fid_note = ""
-    if "fid" in fam["noise"] and fam["noise"]["fid"]["sd"]:
-        five = 0.05 * fam["start"]["metrics"]["fid"]
-        fid_note = (f" A 5% FID difference from the start model is {five:.4g}, i.e. "
-                    f"{five / fam['noise']['fid']['diff_sd']:.2f} sd of the difference of two evaluations "
-                    f"({'resolvable' if five > 2 * fam['noise']['fid']['diff_sd'] else 'NOT resolvable'} "
-                    "with these samples at 2 sd).")
+    nz = fam["noise"].get("fid")
+    if nz and nz["sd"]:
+        five = 0.05 * nz["mean"]
+        fid_note = (f" FID noise: sd {nz['sd']:.4g} = {100 * nz['relative']:.1f}% of its mean with "
+                    f"{study['eval']['samples_per_class']} samples per class, so a 5% FID difference ({five:.4g}) "
+                    f"is {five / nz['sd']:.2f} noise sd ({'above' if five > nz['sd'] else 'BELOW'} the noise) "
+                    f"and {five / nz['diff_sd']:.2f} sd of the difference of two unpaired evaluations.")
     blocks += [("h3", "measurement noise and the control arm"),
                ("p", f"Noise: sd of the start model's metric over sampling seeds {study['eval']['noise_seeds']}. "
                      f"Control change: {control} - start per training seed; flat when its mean lies within "

@@ -113,16 +113,17 @@ def test_study_end_to_end_and_arm_jobs_reproduce_it(tmp_path):
     assert "paired difference arm - tf" in md and "measurement noise" in md and "NOT YET" not in md
     # the same study as one job per arm / seed, then report
     two = tmp_path / "two"
-    for extra in (["--arm", "start"], ["--arm", "tf"], ["--arm", "sar", "--seed", "1"]):
+    for extra in (["--arm", "start"], ["--arm", "tf"]):
         res = run.invoke(app, ["study", *TINY, "--out", str(two), *extra])
         assert res.exit_code == 0, res.output
     res = run.invoke(app, ["study", "report", str(two)])
     assert res.exit_code == 0, res.output
-    assert "NOT YET EVALUATED" in (two / "report.md").read_text()  # sar seed 0 missing, and said so
-    res = run.invoke(app, ["study", *TINY, "--out", str(two), "--arm", "sar", "--seed", "0"])
+    assert "NOT YET EVALUATED" in (two / "report.md").read_text()  # the sar runs are missing, and said so
+    # the rest as parallel local jobs (subprocesses running `--arm sar --seed S`), then the report
+    res = run.invoke(app, ["study", *TINY, "--out", str(two), "--jobs", "2"])
     assert res.exit_code == 0, res.output
-    res = run.invoke(app, ["study", "report", str(two)])
-    assert res.exit_code == 0, res.output
+    assert "flexvar/sar/seed1: started as a job" in _out(res) and "flexvar/tf/seed0: started" not in _out(res)
+    assert (two / "flexvar" / "sar" / "seed0.log").is_file()
     assert _numbers(json.loads((two / "report.json").read_text())) == _numbers(report)
     # a finished run is skipped; a folder of another study is refused
     res = run.invoke(app, ["study", *TINY, "--out", str(two), "--arm", "tf", "--seed", "0"])
