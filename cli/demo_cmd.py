@@ -20,7 +20,7 @@ def demo(
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of both arms (preset: 1e-4, constant)."),
     gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight of the SAR arm (preset: 0.5)."),
     samples_per_class: Optional[int] = typer.Option(None, "--samples-per-class",
-                                                    help="Samples per class of every evaluation (preset: 50)."),
+                                                    help="Samples per class of every evaluation (preset: 100)."),
     sets: list[str] = typer.Option([], "--set", help="Any other study field, e.g. --set eval.noise_seeds=[1,2,3]."),
     jobs: int = typer.Option(2, "--jobs", help="Runs trained at once, one process and thread each (2 cores: 2)."),
     threads: Optional[int] = typer.Option(1, "--threads", help="torch CPU threads (the tiny demo model runs fastest on one)."),
