@@ -356,12 +356,51 @@ class AdapterContractTests:
         for name in ("loss_tf", "loss_csf", "total"):
             assert torch.isfinite(getattr(res, name)), name
         if rollout.active:
-            assert res.student is not None and float(res.loss_csf) > 0
+            assert res.student is not None and float(res.loss_csf.detach()) > 0
         grads = [p.grad for p in adapter.backbone.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
         assert any(g.abs().sum() > 0 for g in grads)
         adapter.backbone.zero_grad(set_to_none=True)
         adapter.backbone.eval()
+
+    @pytest.mark.parametrize("rollout_name,loss_name,options", [
+        ("ssr", "hard", {}), ("ssr", "soft", {"sampling": "sample", "cfg": 1.5, "scales": "random"}),
+        ("official", "naive", {"sampling": "argmax"})])
+    def test_memory_lean_backward_equals_single_backward(self, adapter, batch, gt, rollout_name, loss_name,
+                                                         options):
+        sched, cond = self.schedule(adapter), self._cond(adapter, batch)
+        rollout, loss = BUILTIN_ROLLOUTS[rollout_name](**options), BUILTIN_LOSSES[loss_name]()
+        runs = []
+        for lean in (True, False):
+            adapter.backbone.zero_grad(set_to_none=True)
+            res = sar_step(adapter, adapter.backbone, cond, gt, sched, rollout, loss, 0.3,
+                           generator=torch.Generator().manual_seed(0), rng=random.Random(0),
+                           backward=(lambda l: l.backward()) if lean else None)
+            if not lean:
+                res.total.backward()
+            runs.append((res.total.detach(), {n: p.grad.clone() for n, p in adapter.backbone.named_parameters()
+                                              if p.grad is not None}))
+        adapter.backbone.zero_grad(set_to_none=True)
+        (t1, g1), (t2, g2) = runs
+        torch.testing.assert_close(t1, t2, atol=1e-6, rtol=1e-6)
+        assert g1.keys() == g2.keys() and g1
+        for name in g1:
+            torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+    def test_ssr_with_perfect_predictions_reproduces_teacher_forcing(self, adapter, batch, gt):
+        sched, cond = self.schedule(adapter), self._cond(adapter, batch)
+
+        class Oracle(BUILTIN_ROLLOUTS["ssr"]):
+            def predict(self, *args, **kwargs):
+                return list(gt)
+
+        with torch.no_grad():
+            res = sar_step(adapter, adapter.backbone, cond, gt, sched, Oracle(), BUILTIN_LOSSES["soft"]())
+        sp = res.student
+        assert sp.scales == tuple(range(1, len(sched)))
+        atol, rtol = self.forward_tol
+        torch.testing.assert_close(sp.logits, sp.teacher_logits, atol=atol, rtol=rtol)
+        assert abs(float(res.loss_csf)) < 1e-5   # KL of identical distributions
 
     # ---------------------------------------------------------------- autocast
     def test_tokenizer_work_is_safe_under_cpu_bf16_autocast(self, adapter, batch, gt):

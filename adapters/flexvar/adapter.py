@@ -17,6 +17,7 @@ from sar_core.schedule import Schedule, ScheduleSampler
 
 from . import checkpoint as ckpt
 from .backbone import FlexVAR, init_weights
+from .case import FlexVARCaseRunner
 from .config import BackboneConfig, FlexVARConfig, TokenizerConfig, check_sides
 from .sampler import sample
 from .schedules import MAX_SIDE, FlexVARRandomSchedule
@@ -71,6 +72,7 @@ class FlexVARAdapter(ScaleWiseAdapter):
     name: ClassVar[str] = "flexvar"
     config_cls = FlexVARConfig
     no_decay_keywords = NO_DECAY
+    case_runner = FlexVARCaseRunner
 
     # ---------------------------------------------------------------- construction
     @staticmethod
@@ -235,15 +237,3 @@ class FlexVARAdapter(ScaleWiseAdapter):
                      generator, max_pn, used_llamagen_cfg, invalid_ids)
         images = out.raw_images.add(1).div(2).clamp(0, 1)
         return FlexVARGeneration(out.codes, images, out.guided_logits, out.raw_images)
-
-    # ---------------------------------------------------------------- conformance
-    @classmethod
-    def case_overrides(cls, config: dict) -> dict:
-        """Heads cannot be read from a checkpoint without ``scale_mul_1H11``: take them
-        from config.json when it names them."""
-        heads = config.get("backbone", {}).get("num_heads")
-        return {"backbone.num_heads": int(heads)} if isinstance(heads, int) else {}
-
-    def run_case(self, case: dict, config: dict) -> dict:
-        from .case import run_case
-        return run_case(self, case, config)
