@@ -47,7 +47,7 @@ class VARAdapter(ScaleWiseAdapter):
         tok_sd = bb_sd = None
         layout = "plain"
         if tokenizer_path is not None:
-            tok_sd, _ = ckpt.read_tokenizer(tokenizer_path)
+            tok_sd = ckpt.read_tokenizer(tokenizer_path)
         if backbone_path is not None:
             bb_sd, layout = ckpt.read_backbone(backbone_path)
         cfg = infer_var_config(tok_sd, bb_sd, overrides)
@@ -62,8 +62,13 @@ class VARAdapter(ScaleWiseAdapter):
 
     def save(self, tokenizer_path: str | Path | None, backbone_path: str | Path | None,
              layout: str = "plain") -> None:
-        extra = {"config": {"patch_nums": list(self.config.patch_nums)}}
-        ckpt.save_checkpoints(self.tokenizer, self.backbone, tokenizer_path, backbone_path, layout, extra)
+        if layout not in ckpt.LAYOUTS:
+            raise ValueError(f"unknown VAR checkpoint layout {layout!r}; choose one of {', '.join(ckpt.LAYOUTS)}")
+        if tokenizer_path is not None:
+            ckpt.write_tokenizer(self.tokenizer, tokenizer_path)
+        if backbone_path is not None:
+            extra = {"config": {"patch_nums": list(self.config.patch_nums)}}
+            ckpt.write_backbone(self.backbone, backbone_path, layout, self.tokenizer, extra)
 
     # ---------------------------------------------------------------- schedules
     @property
