@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import torch
 
 from sar_adapters.flexvar import FlexVARAdapter, FlexVARConfig
 from sar_adapters.flexvar.sampler import guidance_scale as flexvar_guidance

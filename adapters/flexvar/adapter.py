@@ -8,12 +8,14 @@ replace those codes by the prediction at k; nothing below k matters.
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 from sar_core.adapter import CodeSpace, Generation, ScaleWiseAdapter, CheckpointError
 from sar_core.schedule import Schedule, ScheduleSampler
+
+from sar_adapters.common.init import NO_DECAY_KEYWORDS
 
 from . import checkpoint as ckpt
 from .backbone import FlexVAR, init_weights
@@ -22,10 +24,6 @@ from .config import FlexVARConfig, check_sides, infer_flexvar_config
 from .sampler import sample
 from .schedules import MAX_SIDE, FlexVARRandomSchedule
 from .tokenizer import VQModel, init_tokenizer, vq_training_loss
-
-NO_DECAY = ("pos_1LC", "pos_start", "lvl_embed", "scale_mul", "gamma", "beta", "ada_gss",
-            "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "start_pos",
-            "moe_bias")
 
 
 def tokenizer_side(fn):
@@ -48,7 +46,7 @@ class FlexVARGeneration(Generation):
 class FlexVARAdapter(ScaleWiseAdapter):
     name: ClassVar[str] = "flexvar"
     config_cls = FlexVARConfig
-    no_decay_keywords = NO_DECAY
+    no_decay_keywords = NO_DECAY_KEYWORDS
     case_runner = FlexVARCaseRunner
 
     # ---------------------------------------------------------------- construction

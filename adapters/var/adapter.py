@@ -10,6 +10,8 @@ import torch
 from sar_core.adapter import CodeSpace, Codes, Generation, ScaleWiseAdapter
 from sar_core.schedule import Schedule
 
+from sar_adapters.common.init import NO_DECAY_KEYWORDS
+
 from . import checkpoint as ckpt
 from .backbone import VAR
 from .case import VARCaseRunner
@@ -20,9 +22,7 @@ from .tokenizer import VQVAE
 class VARAdapter(ScaleWiseAdapter):
     name = "var"
     config_cls = VARConfig
-    no_decay_keywords = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC",
-                         "pos_start", "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias",
-                         "scale_mul")
+    no_decay_keywords = NO_DECAY_KEYWORDS
     case_runner = VARCaseRunner
 
     config: VARConfig
