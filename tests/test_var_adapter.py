@@ -68,7 +68,7 @@ def test_case_covers_every_recorded_output(computed, case):
     assert not missing
 
 
-def test_pure_inference_matches_case_overrides(adapter, case):
+def test_pure_inference_matches_case_runner_overrides(adapter, case):
     """Sizes inferred from the checkpoints alone give the same model as config.json."""
     plain = VARAdapter.load(FIX / "vae_ch32v64z8.pth", FIX / "var_tiny_d2w64.pth")
     assert plain.config == adapter.config
@@ -219,7 +219,7 @@ def test_from_config_trains(tiny):
         tok.eval().requires_grad_(False)
 
 
-def test_case_overrides_read_config_json(config):
+def test_case_runner_overrides_read_config_json(config):
     ov = VARCaseRunner().overrides(config)
     assert ov["patch_nums"] == tuple(config["patch_nums"]) and ov["quant_resi"] == config["tokenizer"]["quant_resi"]
     assert ov["using_znorm"] is False and "cond_drop_rate" not in ov  # a prose value is skipped
