@@ -39,9 +39,10 @@ def tokenize(
         sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
         h, w = adapter.image_size(sched)
         if image_size is not None and (image_size, image_size) != (h, w):
+            hint = f"pass --image-size {h}" if h == w else "leave --image-size out"
             raise ValueError(f"--image-size {image_size} does not match schedule {sched}, which encodes "
-                             f"{h}x{w} images; pass --image-size {h} or another --schedule")
-        dataset = open_dataset(data, split=split, image_size=h, deterministic=True)
+                             f"{h}x{w} images; {hint} or another --schedule")
+        dataset = open_dataset(data, split=split, image_size=(h, w), deterministic=True)
         n = len(dataset) * (2 if flips else 1)
         with progress_bar(console, f"encoding {data}/{split}", len(dataset)) as advance:
             path = build_code_cache(adapter, dataset, sched, out, flips=flips, batch_size=batch_size,
