@@ -63,7 +63,8 @@ def evaluate(
     device: str = DEVICE,
 ) -> None:
     """Sample N images class-balanced (or conditioned on --text-features) from the model and
-    compare them with a reference set through torch-fidelity. Nothing is downloaded: Inception needs --inception-weights."""
+    compare them with a reference set through torch-fidelity. Nothing is downloaded:
+    Inception needs --inception-weights."""
     from sar_core.checkpoint_io import atomic_write_text
     from sar_core.evaluation import (
         evaluate_adapter, get_feature_extractor, reference_set, reference_statistics, save_statistics,

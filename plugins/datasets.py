@@ -90,7 +90,8 @@ class ImageFolderDataset(Dataset):
                 f"image_size={self.image_size}, augment={self.augment})")
 
 
-def imagefolder(root: str, split: str = "train", image_size: int | tuple[int, int] = 256, augment: Optional[bool] = None,
+def imagefolder(root: str, split: str = "train", image_size: int | tuple[int, int] = 256,
+                augment: Optional[bool] = None,
                 hflip: bool = True, resize_ratio: float = 1.125, **_) -> ImageFolderDataset:
     """Factory registered as dataset ``imagefolder``."""
     return ImageFolderDataset(root, split=split, image_size=image_size, augment=augment, hflip=hflip,

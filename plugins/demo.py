@@ -126,7 +126,8 @@ def _val_loss(adapter, codes, labels) -> float:
 
     sched = adapter.default_schedule
     with adapter.inference():
-        logits = adapter.forward(adapter.condition_from_labels(labels), adapter.teacher_inputs(codes, sched), sched)
+        cond = adapter.condition_from_labels(labels)
+        logits = adapter.forward(cond, adapter.teacher_inputs(codes, sched), sched)
     return teacher_forcing_loss(logits, cat_codes(codes), adapter.bits_per_token).item()
 
 

@@ -101,7 +101,8 @@ class DigitsDataset(Dataset):
         return f"DigitsDataset(split={self.split!r}, n={len(self)}, image_size={self.image_size})"
 
 
-def digits(split: str = "train", image_size: int | tuple[int, int] = 16, hflip: bool = False, **_) -> DigitsDataset:
+def digits(split: str = "train", image_size: int | tuple[int, int] = 16, hflip: bool = False,
+           **_) -> DigitsDataset:
     """Factory registered as dataset ``digits`` (extra options are ignored)."""
     return DigitsDataset(split=split, image_size=image_size, hflip=hflip)
 

@@ -16,7 +16,8 @@ flipped copies) into a folder that :class:`CodeCacheDataset` memory-maps::
 Items ``0..N-1`` are the dataset's images in order; with ``flips`` items ``N..2N-1`` are
 their mirror images (with the payloads of their originals). Dataset items are ``(image,
 target)`` with ``target`` a class id or a dict ``{"label": int (optional), "<name>":
-tensor (n_i, D), ...}`` (see :mod:`sar_core.data`); cache items come back the same way. The cache belongs to one tokenizer and one schedule: opening it with
+tensor (n_i, D), ...}`` (see :mod:`sar_core.data`); cache items come back the same way.
+The cache belongs to one tokenizer and one schedule: opening it with
 an adapter whose tokenizer weights differ (sha256 over the tokenizer state dict) or with
 another schedule raises :class:`StaleCacheError`. A random-schedule family (FlexVAR's
 random training schedules) can only train from the one cached schedule.
@@ -137,7 +138,8 @@ def build_code_cache(adapter, dataset: Dataset, schedule: Schedule | str | None,
                      flips: bool = False, batch_size: int = 64, *, tokenizer_file: str | Path | None = None,
                      overwrite: bool = False, num_workers: int = 0,
                      progress: Optional[Callable[[int], None]] = None) -> Path:
-    """Encode ``dataset`` (items ``(image in [-1, 1], label)``) into a cache folder."""
+    """Encode ``dataset`` (items ``(image in [-1, 1], target)``, see :mod:`sar_core.data`)
+    into a cache folder."""
     schedule = Schedule.parse(schedule) if schedule is not None else adapter.default_schedule
     out = Path(out_dir)
     if out.exists() and not overwrite:

@@ -86,7 +86,8 @@ def _split_batch(adapter, batch: Any, schedule: Schedule) -> tuple[list, Any, in
     batch = batch.to(dev)
     if batch.codes is not None:
         if len(batch.codes) != len(schedule):
-            raise ValueError(f"batch has codes for {len(batch.codes)} scales, schedule {schedule} has {len(schedule)}")
+            raise ValueError(f"batch has codes for {len(batch.codes)} scales, schedule {schedule} "
+                             f"has {len(schedule)}")
         codes = list(batch.codes)
     else:
         codes = adapter.encode(batch.images, schedule)
@@ -101,7 +102,8 @@ def exposure_gap(adapter, data: Dataset | Iterable, schedule: Schedule | str | N
     ``data`` is a dataset of ``(images | codes, target)`` items (see :mod:`sar_core.data`;
     e.g. a :class:`~sar_core.code_cache.CodeCacheDataset`) or an iterable of
     :class:`~sar_core.data.Batch` / ``(images | codes, labels)`` batches; the condition
-    comes from ``adapter.condition(batch)``, so class labels and payloads both work; ``batches`` caps how many batches are
+    comes from ``adapter.condition(batch)``, so class labels and payloads both work;
+    ``batches`` caps how many batches are
     used. ``predict`` replaces the argmax prediction (tests use an oracle).
     """
     if mode not in ("per_scale", "joint"):

@@ -81,7 +81,7 @@ class UInt8Images(Dataset):
 
 
 class DatasetImages(Dataset):
-    """A sar dataset of (image in [-1, 1], label) -> items uint8 (3, H, W)."""
+    """A sar dataset of (image in [-1, 1], target) -> items uint8 (3, H, W)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -118,7 +118,7 @@ class FolderImages(Dataset):
 
 
 def as_image_set(x: Any) -> Dataset:
-    """An image tensor, a (image, label) dataset, or a folder path -> uint8 image dataset."""
+    """An image tensor, an (image, target) dataset, or a folder path -> uint8 image dataset."""
     if isinstance(x, (UInt8Images, DatasetImages, FolderImages)):
         return x
     if isinstance(x, torch.Tensor):

@@ -217,3 +217,22 @@ def test_eval_without_classes_needs_condition_payloads(reg, files):
     spec = FeatureExtractorSpec(name="none", fidelity_name="none")
     with pytest.raises(ValueError, match="no classes.*text-features"):
         evaluate_adapter(a, num_samples=2, extractor=spec, reference="toy-text-images")
+
+
+def test_datasets_take_an_image_size_pair(tmp_path):
+    from sar_core.data import image_hw, size_option
+    from sar_plugins.datasets import imagefolder
+    from sar_plugins.digits import digits
+
+    assert image_hw(16) == (16, 16) and image_hw([4, 8]) == (4, 8) and size_option((5, 5)) == 5
+    with pytest.raises(ValueError, match="positive"):
+        image_hw((0, 3))
+    d = digits("val", (6, 12))
+    assert d[0][0].shape == (3, 6, 12) and digits("val", 16)[0][0].shape == (3, 16, 16)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        pixels = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / c / "x.png")
+    for augment in (True, False):
+        ds = imagefolder(str(tmp_path), image_size=(8, 12), augment=augment)
+        assert ds[0][0].shape == (3, 8, 12) and ds[1][1] == 1
