@@ -209,14 +209,22 @@ def test_sar_diagnose_from_images_and_cache(tmp_path, reg, files):
         first = rep
 
 
-def test_eval_without_classes_needs_condition_payloads(reg, files):
-    from sar_core.evaluation import FeatureExtractorSpec, evaluate_adapter
+def test_eval_samples_from_text_features_and_refuses_without_them(tmp_path, reg, files):
+    from sar_core.evaluation import get_feature_extractor, evaluate_adapter
     from sar_core.generation import load_adapter
 
+    torch.save([torch.randn(n, 6) for n in (1, 2, 3)], tmp_path / "t.pt")
+    r = toy.invoke("eval", *_model(files), "--text-features", tmp_path / "t.pt", "--reference", "toy-text-images",
+                   "--metrics", "fid,kid", "-n", "6", "--samples-folder", tmp_path / "s", "--out", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["num_generated"] == 6 and rep["image_size"] == [4, 8] and math.isfinite(rep["fid"])
+    assert rep["num_classes"] is None and "class_accuracy" not in rep  # no classes to check
+    assert len(list((tmp_path / "s").glob("*.png"))) == 6
     a = load_adapter("toy-bits", *files, device="cpu")
-    spec = FeatureExtractorSpec(name="none", fidelity_name="none")
     with pytest.raises(ValueError, match="no classes.*text-features"):
-        evaluate_adapter(a, num_samples=2, extractor=spec, reference="toy-text-images")
+        evaluate_adapter(a, num_samples=2, extractor=get_feature_extractor("digit-classifier"),
+                         reference="toy-text-images")
 
 
 def test_datasets_take_an_image_size_pair(tmp_path):
