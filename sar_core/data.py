@@ -249,6 +249,17 @@ def image_hw(image_size: int | tuple[int, int] | list) -> tuple[int, int]:
     return h, w
 
 
+def parse_image_size(text: str | int) -> int | tuple[int, int]:
+    """``"16"`` -> 16, ``"4x8"`` -> (4, 8) (the ``--image-size`` flags), with a clear error."""
+    if isinstance(text, int):
+        return size_option(text)
+    parts = str(text).lower().replace(",", "x").split("x")
+    try:
+        return size_option(int(parts[0]) if len(parts) == 1 else tuple(int(p) for p in parts))
+    except ValueError:
+        raise ValueError(f"--image-size takes S (pixels a side) or HxW, e.g. 256 or 256x512; got {text!r}") from None
+
+
 def size_option(image_size: int | tuple[int, int] | list) -> int | tuple[int, int]:
     """What a dataset factory's ``image_size`` gets: an int for a square size, else (H, W)."""
     h, w = image_hw(image_size)

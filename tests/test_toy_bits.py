@@ -128,7 +128,7 @@ def test_code_cache_stores_payloads_beside_bitwise_codes(tmp_path, reg):
 # ------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("rollout", ["ssr", "official"])
 def test_sar_train_from_images(tmp_path, reg, rollout):
-    r = _train(tmp_path / "run", "toy-text-images", None, "--rollout", rollout)
+    r = _train(tmp_path / "run", "toy-text-images", None, "--rollout", rollout, "--image-size", "4x8")
     assert r.exit_code == 0, r.output
     _finite_rows(tmp_path / "run", student=True)
     start = bits.ToyBitsAdapter.from_config(bits.ToyBitsConfig())
@@ -147,7 +147,11 @@ def test_sar_tokenize_then_train_from_the_cache(tmp_path, reg, files):
     _finite_rows(tmp_path / "run", student=True)
     r = toy.invoke("tokenize", *_model(files), "--data", "toy-text-images", "--image-size", "4",
                    "--out", tmp_path / "c2")
-    assert r.exit_code == 2 and "4x8" in r.output
+    assert r.exit_code == 2 and "--image-size 4x8" in r.output
+    r = _train(tmp_path / "bad", "toy-text-images", None, "--image-size", "8x4")
+    assert r.exit_code == 2 and "8x4" in r.output and "4x8" in r.output
+    r = _train(tmp_path / "bad", "toy-text-images", None, "--image-size", "4by8")
+    assert r.exit_code == 2 and "HxW" in r.output
 
 
 def test_sar_sample_with_text_features(tmp_path, reg, files):
