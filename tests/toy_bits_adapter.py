@@ -225,24 +225,31 @@ class ToyBitsAdapter(ScaleWiseAdapter):
     def condition_dropout(self, p: float) -> None:
         self.backbone.text_drop = float(p)
 
-    # ------------------------------------------------------------ tokenizer side
+    # ------------------------------------------------------------ tokenizer side (float32, even under autocast)
+    def _fp32(self):
+        return torch.autocast(self.device.type, enabled=False)
+
     @torch.no_grad()
     def encode(self, images, schedule):
-        return self.tokenizer.encode(images, Schedule.parse(schedule).scales)
+        with self._fp32():
+            return self.tokenizer.encode(images, Schedule.parse(schedule).scales)
 
     @torch.no_grad()
     def teacher_inputs(self, codes, schedule):
-        return self.tokenizer.inputs(list(codes), Schedule.parse(schedule).scales)
+        with self._fp32():
+            return self.tokenizer.inputs(list(codes), Schedule.parse(schedule).scales)
 
     @torch.no_grad()
     def stagger_inputs(self, gt_codes, pred_codes, schedule, scales):
         keep = set(scales)
         mixed = [pred_codes[k] if k in keep else gt_codes[k] for k in range(len(gt_codes))]
-        return self.tokenizer.inputs(mixed, Schedule.parse(schedule).scales)
+        with self._fp32():
+            return self.tokenizer.inputs(mixed, Schedule.parse(schedule).scales)
 
     @torch.no_grad()
     def decode(self, codes, schedule):
-        return self.tokenizer.decode(codes[-1], Schedule.parse(schedule)[-1])
+        with self._fp32():
+            return self.tokenizer.decode(codes[-1], Schedule.parse(schedule)[-1])
 
     # ------------------------------------------------------------ sampling (KV-less)
     @torch.no_grad()
