@@ -221,8 +221,8 @@ class ScaleWiseAdapter(ABC):
         families read ``batch.conditions[name]`` (padded payloads with lengths)."""
         if batch.labels is None:
             names = ", ".join(sorted(batch.conditions)) or "none"
-            raise ValueError(f"family '{self.name}' is class-conditional but the batch has no class "
-                             f"labels (condition payloads: {names})")
+            raise ValueError(f"family '{self.name}' is class-conditional, not text-conditioned: it needs "
+                             f"class labels (e.g. --labels), the batch has only condition payloads: {names}")
         return batch.labels
 
     def condition_from_labels(self, labels: torch.Tensor) -> Any:
