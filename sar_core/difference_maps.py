@@ -41,20 +41,17 @@ def difference_maps(adapter, data: Dataset | Iterable, schedule: Schedule | str 
     sums = [torch.zeros(h * w, dtype=torch.float64) for h, w in schedule]
     n = 0
     with adapter.inference():
-        dev = adapter.device
         for i, batch in enumerate(_batches(data, batch_size)):
             if batches is not None and i >= batches:
                 break
-            codes, labels = _split_batch(adapter, batch, schedule)
-            codes = [c.to(dev) for c in codes]
-            cond = adapter.condition_to(adapter.condition_from_labels(labels.to(dev)), dev)
+            codes, cond, size = _split_batch(adapter, batch, schedule)
             tf_BLV = adapter.forward(cond, adapter.teacher_inputs(codes, schedule), schedule).float()
             preds = [token_argmax(tf_BLV[:, schedule.slice(k)], bits) for k in range(K)]
             for k in range(K - 1):
                 sf_BLV = adapter.forward(cond, adapter.stagger_inputs(codes, preds, schedule, [k]), schedule).float()
                 sl = schedule.slice(k + 1)
                 sums[k + 1] += _disagree_Bn(sf_BLV[:, sl], tf_BLV[:, sl], bits).double().sum(0).cpu()
-            n += len(labels)
+            n += size
     if n == 0:
         raise ValueError("no batches to evaluate")
     maps = [None] + [rearrange(sums[k] / n, "(h w) -> h w", h=h, w=w).float()

@@ -146,7 +146,7 @@ class FamilyContext:
             raise ValueError(f"family '{family}': sar study evaluates class-conditional models only "
                              f"('{fam.family}' has no classes)")
         self.schedule = self.start.default_schedule
-        size = self.start.image_size(self.schedule)[0]
+        size = tuple(self.start.image_size(self.schedule))
         self.val = open_dataset(fam.val_data or fam.data, split=fam.val_split, image_size=size,
                                 deterministic=True, **fam.data_options)
         e = study.eval
@@ -161,7 +161,7 @@ class FamilyContext:
         cache = Path(training_data(self.study, self.out, self.label))
         if not self.spec.cache_codes or is_code_cache(cache):
             return
-        size = self.start.image_size(self.schedule)[0]
+        size = tuple(self.start.image_size(self.schedule))
         train = open_dataset(self.spec.data, "train", size, deterministic=True, **self.spec.data_options)
         self.log(f"{self.label}: tokenising {self.spec.data} once into {cache}")
         build_code_cache(self.start, train, self.schedule, cache)
