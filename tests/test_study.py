@@ -130,3 +130,16 @@ def test_study_end_to_end_and_arm_jobs_reproduce_it(tmp_path):
     assert res.exit_code == 0 and "done already" in _out(res)
     res = run.invoke(app, ["study", *TINY, "--set", "run.optim.lr=0.5", "--out", str(two), "--arm", "tf"])
     assert res.exit_code == 2 and "different study" in _out(res)
+
+
+def test_models_file_replaces_families_with_paths_from_its_folder(tmp_path):
+    from sar_core.study_config import load_study, read_families
+
+    (tmp_path / "ck").mkdir()
+    models = tmp_path / "models.yaml"
+    models.write_text("families:\n  mine: {family: var, tokenizer: ck/vae.pth, backbone: ck/var.pth, data: digits}\n")
+    study = load_study(preset_path("student-forcing"), {"run.train.steps": 7}, read_families(models))
+    assert list(study.families) == ["mine"] and study.run["train"]["steps"] == 7
+    assert study.families["mine"].tokenizer == (tmp_path / "ck" / "vae.pth").resolve()
+    res = CliRunner().invoke(app, ["study", "--preset", "gamma-sweep", "--models", str(models), "--print-config"])
+    assert res.exit_code == 0 and "mine:" in res.output and "gamma-0.01" in res.output
