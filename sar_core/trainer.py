@@ -11,9 +11,19 @@ so the gradient of an optimizer step equals that of one process on the global ba
 
 Guards: a step whose loss (or, without a loss scaler, gradient norm) is not finite on any
 rank is skipped (no update) with a warning; ``max_nonfinite`` consecutive (or
-``max_nonfinite_total``) such steps stop the run without writing a new checkpoint, so the
-last good one stays the newest. Ctrl-C in a single-process run saves the state of the
-last completed step (resumable exactly); a crash never leaves a partial checkpoint.
+``max_nonfinite_total``) such steps stop the run without writing a new checkpoint. A
+checkpoint is *good* when its weights are finite and it was written before the run's
+first non-finite step; the newest good one is never pruned by keep-last-N, and the stop
+message names its step.
+
+Run folder safety: the run holds ``<out>/.lock`` (:mod:`sar_core.runlock`) and clears
+temp files of interrupted writes on start. SIGTERM / SIGUSR1 (:mod:`sar_core.signals`)
+finish the step under way on every rank (the stop flag rides on the step's all-reduce),
+rank 0 writes a checkpoint, the run ends with status "signalled". Ctrl-C in a
+single-process run saves the state of the last completed step (resumable exactly); so
+does a training-data read error; a crash never leaves a partial checkpoint. A resume
+refuses another model or data and warns on every other changed hyper-parameter
+(:mod:`sar_core.resume_check`).
 """
 
 from __future__ import annotations
@@ -31,8 +41,11 @@ import torch
 
 from sar_core import checkpointing as ckpt
 from sar_core import distributed as D
-from sar_core.checkpoint_io import atomic_write_text
+from sar_core import resume_check
+from sar_core.checkpoint_io import atomic_write_text, remove_stale_tmp
 from sar_core.config import RunConfig
+from sar_core.runlock import RunLock, RunLockError
+from sar_core.signals import StopRequest
 from sar_core.data import BatchStream, is_code_cache, open_training_data
 from sar_core.ema import EMA
 from sar_core.optim import build_optimizer, lr_at, set_lr
@@ -42,11 +55,20 @@ from sar_core.schedule import Schedule, ScheduleSampler
 
 @dataclass
 class TrainResult:
-    status: str                 # "finished" | "nonfinite" | "interrupted"
+    status: str                 # "finished" | "nonfinite" | "interrupted" | "signalled"
     step: int
     out_dir: Path
     checkpoint: Optional[Path]  # newest checkpoint on disk
     message: str = ""
+
+
+class DataReadError(Exception):
+    """The training data could not be read mid-run (a corrupt image, a vanished file)."""
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _console_print(msg: str) -> None:
@@ -134,16 +156,19 @@ class Trainer:
                  log: Optional[Callable[[str], None]] = None):
         from sar_core.plugins import get_registry
 
-        self.config = cfg = config
         self.registry = registry or get_registry()
-        self.env = env or D.init_distributed(cfg.train.device, cfg.dist.backend)
+        self.config = cfg = config.with_absolute_paths(tuple(self.registry.names("dataset")))
+        self.env = env or D.init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
         self.log = log or (_console_print if self.env.is_main else _silent)
         self.console = None  # a rich Console the console logger shares (set by the CLI)
         self.out_dir = Path(cfg.out)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.total_steps = cfg.train.steps
         self.step = 0
-        self.nonfinite = {"consecutive": 0, "total": 0}
+        # first: the run's first non-finite step; good: step of the newest good checkpoint
+        self.nonfinite: dict[str, Any] = {"consecutive": 0, "total": 0, "first": None, "good": None}
+        self.stop = StopRequest()  # replaced by an installed one while run() runs
+        self._stop_all = False     # some rank got a stop signal (agreed in the step's all-reduce)
         self._dirty = False
         self._snapshot: Optional[dict] = None
         self._check_batch()
@@ -250,7 +275,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        self.nonfinite = dict(state.get("nonfinite") or self.nonfinite)
+        self.nonfinite = {**self.nonfinite, **(state.get("nonfinite") or {})}
         self.sampler.load_state_dict(state["schedule_sampler"])
         data = state["data"]
         same_layout = (data.get("world_size") == self.env.world_size and data.get("micro_batch") == self.micro_batch
@@ -269,10 +294,26 @@ class Trainer:
         state = self.state_dict(snapshot)
         path = None
         if self.env.is_main:
-            path = ckpt.save_checkpoint(state, self.ckpt_dir, self.step, self.config.train.keep_last)
+            finite = ckpt.weights_finite(state["model"])
+            if finite and self.nonfinite["first"] is None:
+                self.nonfinite["good"] = self.step
+            elif not finite:
+                self.log(f"[yellow]warning:[/] the weights at step {self.step} are not finite; this checkpoint "
+                         "is not a good one")
+            state["nonfinite"] = dict(self.nonfinite)
+            path = ckpt.save_checkpoint(state, self.ckpt_dir, self.step, self.config.train.keep_last,
+                                        protect=self.nonfinite["good"])
             self.registry.hook.on_checkpoint_saved(path=path)
         D.barrier(self.env)
         return path
+
+    def _check_resume(self, state: dict) -> None:
+        """Refuse another model / data; warn on every other changed hyper-parameter."""
+        saved = state.get("config")
+        if not isinstance(saved, dict):
+            return
+        for line in resume_check.check(saved, self.config.to_dict(), str(self.out_dir)):
+            self.log(f"[yellow]warning:[/] {line}")
 
     def resume(self) -> bool:
         existing = ckpt.list_checkpoints(self.ckpt_dir)
@@ -285,6 +326,7 @@ class Trainer:
         if state is None:
             self.log(f"[yellow]warning:[/] --resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
             return False
+        self._check_resume(state)
         self.load_state_dict(state)
         self.log(f"resumed from {state['path']} at step {self.step}")
         return True
@@ -301,7 +343,12 @@ class Trainer:
 
     def _micro_step(self, last: bool) -> tuple[torch.Tensor, int]:
         cfg, adapter, dev = self.config, self.adapter, self.env.device
-        batch = self.stream.next().to(dev)
+        try:
+            batch = self.stream.next()
+        except Exception as exc:
+            raise DataReadError(f"reading the training data failed at step {self.step + 1}: {_last_line(exc)}; "
+                                "fix or remove that file, then continue with --resume") from exc
+        batch = batch.to(dev)
         schedule = self.sampler.sample()
         if batch.codes is not None:
             codes = batch.codes
@@ -320,12 +367,12 @@ class Trainer:
     def forward_backward(self) -> torch.Tensor:
         """All micro-steps of one optimizer step, gradients synced across ranks.
 
-        Returns (loss_tf sum, loss_csf sum, non-finite micro-steps, tokens) summed over
-        micro-steps and ranks (float64)."""
+        Returns (loss_tf sum, loss_csf sum, non-finite micro-steps, tokens, ranks asked to
+        stop) summed over micro-steps and ranks (float64)."""
         env, accum = self.env, self.config.train.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         self.sync.begin_step()
-        sums = torch.zeros(4, dtype=torch.float64, device=env.device)
+        sums = torch.zeros(5, dtype=torch.float64, device=env.device)
         for m in range(accum):
             losses, tokens = self._micro_step(m == accum - 1)
             finite = bool(torch.isfinite(losses).all())
@@ -333,6 +380,7 @@ class Trainer:
             sums[2] += 0.0 if finite else 1.0
             sums[3] += tokens
         self.sync.finish()
+        sums[4] = float(self.stop.requested)
         return D.all_reduce_sum(sums, env)
 
     def train_step(self) -> dict:
@@ -344,6 +392,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(env.device)
         t0 = time.perf_counter()
         sums = self.forward_backward()
+        self._stop_all = sums[4].item() > 0
         n = cfg.train.grad_accum * env.world_size
         bad_loss = sums[2].item() > 0
         grad_norm, skipped = self._update(bad_loss)
@@ -409,6 +458,8 @@ class Trainer:
             return None
         self.nonfinite["consecutive"] += 1
         self.nonfinite["total"] += 1
+        if self.nonfinite["first"] is None:
+            self.nonfinite["first"] = metrics["step"]
         t = self.config.train
         self.log(f"[yellow]warning:[/] step {metrics['step']}: non-finite loss or gradient; update skipped "
                  f"({self.nonfinite['consecutive']} in a row, {self.nonfinite['total']} in total)")
@@ -423,6 +474,39 @@ class Trainer:
             atomic_write_text(self.config.to_yaml(), self.out_dir / "config.yaml")
 
     def run(self) -> TrainResult:
+        """Lock the run folder, handle stop signals, train; see the module docstring."""
+        with self._run_folder(), StopRequest(note=self.log) as stop:
+            self.stop = stop
+            try:
+                return self._train()
+            finally:
+                self.stop = StopRequest()
+
+    @contextlib.contextmanager
+    def _run_folder(self):
+        """Rank 0 holds the run-folder lock (every rank fails if it cannot) and clears
+        temp files of interrupted writes."""
+        lock, error = None, None
+        if self.env.is_main:
+            try:
+                lock = RunLock(self.out_dir, note=self.log).acquire()
+            except RunLockError as exc:
+                error = str(exc)
+        error = D.broadcast_object(error, self.env)
+        if error is not None:
+            raise RunLockError(error)
+        try:
+            if self.env.is_main:
+                stale = remove_stale_tmp(self.ckpt_dir) + remove_stale_tmp(self.out_dir)
+                if stale:
+                    self.log(f"note: removed {len(stale)} temp file(s) of interrupted writes: "
+                             + ", ".join(p.name for p in stale))
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> TrainResult:
         resumed = self.resume()
         self._write_config()
         hook = self.registry.hook
@@ -444,18 +528,28 @@ class Trainer:
                     hook.on_step_end(step=self.step, metrics=metrics)
                 stop = self._guard(metrics)
                 if stop:
-                    status, message = "nonfinite", f"stopped at step {self.step}: {stop}"
+                    status, message = "nonfinite", self._nonfinite_message(stop)
                     break
                 every = self.config.train.save_every
                 if every and self.step % every == 0 and not metrics["skipped"]:
                     self.save()
                     saved_at = self.step
+                if self._stop_all:
+                    if saved_at != self.step:
+                        self.save()
+                        saved_at = self.step
+                    status = "signalled"
+                    message = (f"stopped by {self.stop.name} after step {self.step}; checkpoint "
+                               f"{ckpt.checkpoint_path(self.ckpt_dir, self.step)} (continue with --resume)")
+                    break
             if status == "finished":
                 if saved_at != self.step:
                     self.save()
                 self.export()
         except KeyboardInterrupt:
             status, message = "interrupted", self._save_on_interrupt()
+        except DataReadError as exc:
+            raise DataReadError(f"{exc} ({self._save_on_error()})") from exc.__cause__
         finally:
             for lg in loggers:
                 lg.close()
@@ -463,6 +557,33 @@ class Trainer:
                 hook.on_train_end(run=self)
         latest = ckpt.latest_checkpoint(self.ckpt_dir)
         return TrainResult(status, self.step, self.out_dir, latest, message)
+
+    def _nonfinite_message(self, stop: str) -> str:
+        first, good = self.nonfinite["first"], self.nonfinite["good"]
+        msg = f"stopped at step {self.step}: {stop}; the first non-finite step was {first}"
+        if good is None:
+            return msg + "; no checkpoint was written before it: start again (e.g. with a lower --lr)"
+        path = ckpt.checkpoint_path(self.ckpt_dir, good)
+        newer = [s for s, _ in ckpt.list_checkpoints(self.ckpt_dir) if s > good]
+        if not newer:
+            return msg + f"; newest good checkpoint: step {good} ({path}): continue with --resume"
+        return (msg + f"; newest good checkpoint: step {good} ({path}); the newer ones (steps "
+                + ", ".join(map(str, newer)) + ") come after the first non-finite step: delete them to "
+                f"--resume from step {good} (e.g. with a lower --lr)")
+
+    def _save_on_error(self) -> str:
+        """Checkpoint of the last completed step after a data error (single process)."""
+        snap = self._snapshot if self._snapshot and self._snapshot["step"] == self.step else None
+        if self.env.enabled or self._dirty or snap is None or self.step == 0:
+            latest = ckpt.latest_checkpoint(self.ckpt_dir)
+            return f"newest checkpoint: {latest}" if latest else "no checkpoint written"
+        newest = ckpt.list_checkpoints(self.ckpt_dir)
+        if newest and newest[-1][0] == self.step:
+            return f"checkpoint {newest[-1][1]}"
+        try:
+            return f"saved {self.save(snap)}"
+        except Exception as exc:  # e.g. the disk is full too
+            return f"saving the step-{self.step} checkpoint failed too: {_last_line(exc)}"
 
     def _save_on_interrupt(self) -> str:
         if self.env.enabled:
