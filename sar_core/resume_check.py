@@ -16,7 +16,7 @@ from typing import Any
 from sar_core.config import absolute
 
 #: fields a resume must keep
-IDENTITY = ("model.family", "model.tokenizer", "model.backbone", "model.overrides",
+IDENTITY = ("model.family", "model.tokenizer", "model.backbone", "model.overrides", "model.resize_classes",
             "data.name", "data.split", "data.image_size", "data.options")
 #: fields that change nothing about what is trained
 NOT_HYPER = ("out", "resume", "data.workers", "train.loggers", "train.log_every")

@@ -11,6 +11,7 @@ two different files).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from sar_core.checkpoint_io import file_mode
+from sar_core import distributed as D
+from sar_core.checkpoint_io import file_mode, remove_stale_tmp
 
 LOCK_NAME = ".lock"
 
@@ -96,3 +98,28 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def held_run_folder(out_dir: Path, ckpt_dir: Path, env: D.DistEnv, log: Callable[[str], None]):
+    """Rank 0 holds the run-folder lock for the block (every rank fails together if it
+    cannot) and first clears temp files of interrupted writes."""
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = RunLock(out_dir, note=log).acquire()
+        except RunLockError as exc:
+            error = str(exc)
+    error = D.broadcast_object(error, env)
+    if error is not None:
+        raise RunLockError(error)
+    try:
+        if env.is_main:
+            stale = remove_stale_tmp(ckpt_dir) + remove_stale_tmp(out_dir)
+            if stale:
+                log(f"note: removed {len(stale)} temp file(s) of interrupted writes: "
+                    + ", ".join(p.name for p in stale))
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

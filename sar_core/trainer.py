@@ -41,10 +41,11 @@ import torch
 
 from sar_core import checkpointing as ckpt
 from sar_core import distributed as D
+from sar_core import nonfinite as guard
 from sar_core import resume_check
-from sar_core.checkpoint_io import atomic_write_text, remove_stale_tmp
+from sar_core.checkpoint_io import atomic_write_text
 from sar_core.config import RunConfig
-from sar_core.runlock import RunLock, RunLockError
+from sar_core.runlock import held_run_folder
 from sar_core.signals import StopRequest
 from sar_core.data import BatchStream, is_code_cache, open_training_data
 from sar_core.ema import EMA
@@ -165,8 +166,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.total_steps = cfg.train.steps
         self.step = 0
-        # first: the run's first non-finite step; good: step of the newest good checkpoint
-        self.nonfinite: dict[str, Any] = {"consecutive": 0, "total": 0, "first": None, "good": None}
+        self.nonfinite = guard.fresh_state()
         self.stop = StopRequest()  # replaced by an installed one while run() runs
         self._stop_all = False     # some rank got a stop signal (agreed in the step's all-reduce)
         self._dirty = False
@@ -294,12 +294,7 @@ class Trainer:
         state = self.state_dict(snapshot)
         path = None
         if self.env.is_main:
-            finite = ckpt.weights_finite(state["model"])
-            if finite and self.nonfinite["first"] is None:
-                self.nonfinite["good"] = self.step
-            elif not finite:
-                self.log(f"[yellow]warning:[/] the weights at step {self.step} are not finite; this checkpoint "
-                         "is not a good one")
+            guard.mark_saved(self.nonfinite, self.step, ckpt.weights_finite(state["model"]), self.log)
             state["nonfinite"] = dict(self.nonfinite)
             path = ckpt.save_checkpoint(state, self.ckpt_dir, self.step, self.config.train.keep_last,
                                         protect=self.nonfinite["good"])
@@ -453,21 +448,9 @@ class Trainer:
 
     def _guard(self, metrics: dict) -> Optional[str]:
         """Count a skipped step; returns a stop message when the limits are reached."""
-        if not metrics["skipped"]:
-            self.nonfinite["consecutive"] = 0
-            return None
-        self.nonfinite["consecutive"] += 1
-        self.nonfinite["total"] += 1
-        if self.nonfinite["first"] is None:
-            self.nonfinite["first"] = metrics["step"]
         t = self.config.train
-        self.log(f"[yellow]warning:[/] step {metrics['step']}: non-finite loss or gradient; update skipped "
-                 f"({self.nonfinite['consecutive']} in a row, {self.nonfinite['total']} in total)")
-        if self.nonfinite["consecutive"] >= t.max_nonfinite:
-            return f"{self.nonfinite['consecutive']} consecutive non-finite steps (max_nonfinite {t.max_nonfinite})"
-        if t.max_nonfinite_total is not None and self.nonfinite["total"] >= t.max_nonfinite_total:
-            return f"{self.nonfinite['total']} non-finite steps in total (max_nonfinite_total {t.max_nonfinite_total})"
-        return None
+        return guard.observe(self.nonfinite, metrics["step"], bool(metrics["skipped"]), t.max_nonfinite,
+                             t.max_nonfinite_total, self.log)
 
     def _write_config(self) -> None:
         if self.env.is_main:
@@ -475,36 +458,12 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Lock the run folder, handle stop signals, train; see the module docstring."""
-        with self._run_folder(), StopRequest(note=self.log) as stop:
+        with held_run_folder(self.out_dir, self.ckpt_dir, self.env, self.log), StopRequest(note=self.log) as stop:
             self.stop = stop
             try:
                 return self._train()
             finally:
                 self.stop = StopRequest()
-
-    @contextlib.contextmanager
-    def _run_folder(self):
-        """Rank 0 holds the run-folder lock (every rank fails if it cannot) and clears
-        temp files of interrupted writes."""
-        lock, error = None, None
-        if self.env.is_main:
-            try:
-                lock = RunLock(self.out_dir, note=self.log).acquire()
-            except RunLockError as exc:
-                error = str(exc)
-        error = D.broadcast_object(error, self.env)
-        if error is not None:
-            raise RunLockError(error)
-        try:
-            if self.env.is_main:
-                stale = remove_stale_tmp(self.ckpt_dir) + remove_stale_tmp(self.out_dir)
-                if stale:
-                    self.log(f"note: removed {len(stale)} temp file(s) of interrupted writes: "
-                             + ", ".join(p.name for p in stale))
-            yield
-        finally:
-            if lock is not None:
-                lock.release()
 
     def _train(self) -> TrainResult:
         resumed = self.resume()
@@ -528,7 +487,7 @@ class Trainer:
                     hook.on_step_end(step=self.step, metrics=metrics)
                 stop = self._guard(metrics)
                 if stop:
-                    status, message = "nonfinite", self._nonfinite_message(stop)
+                    status, message = "nonfinite", guard.stop_message(self.nonfinite, self.step, stop, self.ckpt_dir)
                     break
                 every = self.config.train.save_every
                 if every and self.step % every == 0 and not metrics["skipped"]:
@@ -557,19 +516,6 @@ class Trainer:
                 hook.on_train_end(run=self)
         latest = ckpt.latest_checkpoint(self.ckpt_dir)
         return TrainResult(status, self.step, self.out_dir, latest, message)
-
-    def _nonfinite_message(self, stop: str) -> str:
-        first, good = self.nonfinite["first"], self.nonfinite["good"]
-        msg = f"stopped at step {self.step}: {stop}; the first non-finite step was {first}"
-        if good is None:
-            return msg + "; no checkpoint was written before it: start again (e.g. with a lower --lr)"
-        path = ckpt.checkpoint_path(self.ckpt_dir, good)
-        newer = [s for s, _ in ckpt.list_checkpoints(self.ckpt_dir) if s > good]
-        if not newer:
-            return msg + f"; newest good checkpoint: step {good} ({path}): continue with --resume"
-        return (msg + f"; newest good checkpoint: step {good} ({path}); the newer ones (steps "
-                + ", ".join(map(str, newer)) + ") come after the first non-finite step: delete them to "
-                f"--resume from step {good} (e.g. with a lower --lr)")
 
     def _save_on_error(self) -> str:
         """Checkpoint of the last completed step after a data error (single process)."""
