@@ -132,7 +132,11 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:1 ..."),
     sets: List[str] = typer.Option([], "--set", help="Override any field: --set optim.hold_fraction=0.05."),
 ) -> None:
-    """Post-train a scale-wise AR model with SAR (or plain teacher forcing: --rollout none)."""
+    """Post-train a scale-wise AR model with SAR (or plain teacher forcing: --rollout none).
+
+    Exit status: 0 trained; 1 non-finite stop, frozen peer rank or crash; 2 bad input (one
+    line on stderr); 130 Ctrl-C; 143 SIGTERM / SIGUSR1 (checkpoint written: --resume).
+    """
     from sar_core.config import ConfigError
 
     console = Console(soft_wrap=True)  # a warning or error stays one line in logs

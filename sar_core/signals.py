@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Callable, Optional
+from typing import Optional
 
 #: exit status of a run stopped by SIGTERM / SIGUSR1 after writing its checkpoint (128 + 15)
 EXIT_SIGNALLED = 143
@@ -21,10 +21,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
-    """``with StopRequest(note) as stop:`` ... ``stop.requested`` after a stop signal."""
+    """``with StopRequest() as stop:`` ... ``stop.requested`` after a stop signal.
 
-    def __init__(self, note: Callable[[str], None] = print):
-        self.note = note
+    The handler only records the signal (printing from a handler can re-enter a buffered
+    write); the training loop reports it."""
+
+    def __init__(self):
         self.signum: Optional[int] = None
         self._previous: dict[int, object] = {}
 
@@ -40,8 +42,6 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt  # a second signal: abandon the step now
         self.signum = signum
-        self.note(f"received {signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
-                  "(send it again to stop at once)")
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():

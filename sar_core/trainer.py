@@ -458,7 +458,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Lock the run folder, handle stop signals, train; see the module docstring."""
-        with held_run_folder(self.out_dir, self.ckpt_dir, self.env, self.log), StopRequest(note=self.log) as stop:
+        with held_run_folder(self.out_dir, self.ckpt_dir, self.env, self.log), StopRequest() as stop:
             self.stop = stop
             try:
                 return self._train()
@@ -475,6 +475,7 @@ class Trainer:
             hook.on_train_start(run=self)
         status, message = "finished", ""
         saved_at = self.step if resumed else None
+        noted = False
         try:
             while self.step < self.total_steps:
                 self.take_snapshot()
@@ -493,6 +494,10 @@ class Trainer:
                 if every and self.step % every == 0 and not metrics["skipped"]:
                     self.save()
                     saved_at = self.step
+                if self.stop.requested and not noted:
+                    noted = True
+                    self.log(f"received {self.stop.name}: writing a checkpoint and stopping (send it again "
+                             "to stop at once)")
                 if self._stop_all:
                     if saved_at != self.step:
                         self.save()
