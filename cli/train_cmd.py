@@ -164,14 +164,17 @@ def run_errors() -> tuple[type[BaseException], ...]:
 
 
 def _os_error_message(exc: OSError, cfg) -> Optional[str]:
-    """One line for a full disk / read-only folder met outside the atomic writers."""
+    """One line for a full disk / read-only or forbidden path met outside the atomic writers."""
     import errno
 
     from sar_core.checkpoint_io import write_error
 
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-        return None
-    return str(write_error(exc, Path(exc.filename or Path(cfg.out) / "?")))
+    where = Path(exc.filename) if exc.filename else Path(cfg.out)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return str(write_error(exc, where))
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where}: {exc.strerror}; fix its permissions, or choose another --out"
+    return None
 
 
 def run_training(cfg, console: Console) -> int:

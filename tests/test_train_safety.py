@@ -256,6 +256,23 @@ def _raise(exc):
     raise exc
 
 
+def test_a_full_disk_while_logging_metrics_is_one_line(tmp_path, monkeypatch):
+    reg = toy.use_registry(monkeypatch)
+    out = tmp_path / "run"
+    jsonl = reg.get("logger", "jsonl")
+    real = jsonl.log
+
+    def log(self, step, metrics):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "metrics.jsonl"))
+        return real(self, step, metrics)
+
+    monkeypatch.setattr(jsonl, "log", log)
+    r = toy.invoke(*_base(out, "--steps", "3", "--save-every", "1"))
+    _one_error_line(r, "no space left on the device", "metrics.jsonl", "--resume")
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [1]
+
+
 def test_a_read_only_out_is_one_line(tmp_path, monkeypatch):
     toy.use_registry(monkeypatch)
     ro = tmp_path / "ro"
