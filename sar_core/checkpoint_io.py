@@ -77,7 +77,7 @@ def _free_mb(folder: Path) -> float:
 
 def write_error(exc: BaseException, path: Path) -> WriteError:
     """A one-line WriteError for a failed write of ``path`` (OSError or torch's miniz error)."""
-    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    code = exc.errno if isinstance(exc, OSError) else None
     free = _free_mb(path.parent)
     if code in _DISK_FULL or (code is None and free < 1.0):
         return WriteError(errno.ENOSPC, f"no space left on the device writing {path} ({free:.0f} MB free): "
