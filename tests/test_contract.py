@@ -8,7 +8,11 @@ from sar_adapters.flexvar.sampler import guidance_scale as flexvar_guidance
 from sar_adapters.var import VARAdapter, VARConfig
 from sar_core.sampling import guide
 from sar_core.testing import AdapterContractTests
+from sar_core.data import Batch, Padded
+from sar_core.testing import random_images
 from toy_adapter import ToyAdapter, ToyConfig
+from toy_bits_adapter import PAYLOAD, ToyBitsAdapter, ToyBitsConfig
+import torch
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -51,3 +55,16 @@ class TestFlexVARContract(AdapterContractTests):
     def sampler_guided_logits(self, adapter, cond, uncond, step, num_steps, cfg):
         side = self.generate_schedule(adapter)[step][0]
         return guide(cond, uncond, flexvar_guidance(step, num_steps, side, cfg, 16))
+
+
+class TestToyBitsContract(AdapterContractTests):
+    """Non-square schedule, bitwise codes, variable-length text-feature conditions."""
+
+    def make_adapter(self):
+        return ToyBitsAdapter.from_config(ToyBitsConfig())
+
+    def make_batch(self, adapter, batch_size, generator):
+        lengths = torch.randint(1, 5, (batch_size,), generator=generator)
+        feats = [torch.randn(int(n), adapter.config.text_dim, generator=generator) for n in lengths]
+        return Batch(images=random_images(adapter, batch_size, generator),
+                     conditions={PAYLOAD: Padded.pad(feats)})

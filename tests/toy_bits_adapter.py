@@ -242,6 +242,8 @@ class ToyBitsAdapter(ScaleWiseAdapter):
     @torch.no_grad()
     def stagger_inputs(self, gt_codes, pred_codes, schedule, scales):
         keep = set(scales)
+        if any(not 0 <= k <= len(gt_codes) - 2 for k in keep):
+            raise ValueError(f"stagger scales must lie in 0..{len(gt_codes) - 2}, got {sorted(keep)}")
         mixed = [pred_codes[k] if k in keep else gt_codes[k] for k in range(len(gt_codes))]
         with self._fp32():
             return self.tokenizer.inputs(mixed, Schedule.parse(schedule).scales)
