@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sar_cli._shared import BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, user_errors
+from sar_cli._shared import BACKBONE, RANDOM_BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, user_errors
 
 
 def _fmt(v, signed: bool = False) -> str:
@@ -46,6 +46,7 @@ def diagnose(
     family: str = FAMILY,
     tokenizer: Path = TOKENIZER,
     backbone: Optional[Path] = BACKBONE,
+    random_backbone: bool = RANDOM_BACKBONE,
     data: str = typer.Option(..., "--data", help="Dataset name, image folder, or code cache folder."),
     split: str = typer.Option("val", "--split", help="Split of a dataset (ignored for a code cache)."),
     schedule: Optional[str] = SCHEDULE,
@@ -63,7 +64,7 @@ def diagnose(
 
     console = Console()
     try:
-        adapter = load_model(console, family, tokenizer, backbone, device)
+        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone)
         dataset, sched = _data(data, adapter, schedule, split)
         with console.status("teacher- and student-forced passes ..."):
             report = exposure_gap(adapter, dataset, sched, batches or None, batch_size=batch_size, mode=mode)

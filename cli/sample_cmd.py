@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from sar_cli._shared import BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, progress_bar, user_errors
+from sar_cli._shared import BACKBONE, RANDOM_BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, progress_bar, user_errors
 
 
 def _labels(adapter, labels: Optional[str], per_class: Optional[int]):
@@ -31,6 +31,7 @@ def sample(
     family: str = FAMILY,
     tokenizer: Path = TOKENIZER,
     backbone: Optional[Path] = BACKBONE,
+    random_backbone: bool = RANDOM_BACKBONE,
     labels: Optional[str] = typer.Option(None, "--labels", help="Class labels, e.g. 1,2,3 (one image each)."),
     per_class: Optional[int] = typer.Option(None, "--per-class", help="N images of every class."),
     text_features: Optional[Path] = typer.Option(None, "--text-features",
@@ -58,7 +59,7 @@ def sample(
             raise ValueError("pass exactly one of --labels, --per-class, --text-features")
         if grid is None and folder is None:
             raise ValueError("nothing to write: pass --grid FILE.png and/or --folder DIR")
-        adapter = load_model(console, family, tokenizer, backbone, device)
+        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone)
         sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
         opts = dict(schedule=sched, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
         if text_features is not None:

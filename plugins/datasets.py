@@ -9,7 +9,9 @@ Classes are the sorted sub-folder names, labels their indices. Transforms follow
 family's training pipeline: resize the shorter side to ``round(resize_ratio * S)``
 (Lanczos), random crop to S x S and random horizontal flip when augmenting (the default
 for the ``train`` split), centre crop otherwise, then values in [-1, 1]. Randomness comes
-from torch's global RNG, which the trainer seeds per item.
+from torch's global RNG, which the trainer seeds per item. Every PIL mode is read as 8-bit
+RGB correctly (:mod:`sar_core.image_io`: 16-bit scaled, not clipped; alpha on white);
+each kind of conversion, and upscaling of small images, is said once per dataset.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
+
+from sar_core.image_io import ConversionNotes, open_rgb8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -62,6 +66,7 @@ class ImageFolderDataset(Dataset):
         self.image_size = int(image_size)
         self.augment = (split == "train") if augment is None else bool(augment)
         self.transform = build_transform(self.image_size, self.augment, resize_ratio, hflip)
+        self.notes = ConversionNotes(f"image folder {self.root}")
 
     @property
     def num_classes(self) -> int:
@@ -71,12 +76,12 @@ class ImageFolderDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
-
         path, label = self.items[i]
-        with Image.open(path) as img:
-            image = self.transform(img.convert("RGB"))
-        return image, torch.tensor(label, dtype=torch.int64)
+        img, notes = open_rgb8(path)
+        if min(img.size) < self.image_size:
+            notes.append(f"images smaller than {self.image_size} px a side upscaled")
+        self.notes.add(notes)
+        return self.transform(img), torch.tensor(label, dtype=torch.int64)
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset(root={str(self.root)!r}, n={len(self)}, classes={len(self.classes)}, "

@@ -34,6 +34,12 @@ from sar_core.generation import to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ALL_METRICS = ("fid", "isc", "kid", "prc")
+#: ``progress(description, total) -> advance(n)``: one call per pass over an image set
+PassProgress = Callable[[str, int], Callable[[int], None]]
+
+
+def _pass(progress: Optional[PassProgress], description: str, total: int) -> Optional[Callable[[int], None]]:
+    return progress(description, total) if progress is not None else None
 
 
 class MissingWeightsError(RuntimeError):
@@ -49,6 +55,7 @@ class FeatureExtractorSpec:
     weights_path: Optional[str] = None          # passed as feature_extractor_weights_path
     layers: dict = field(default_factory=dict)  # metric -> feature layer (default: extractor's)
     classifier: Optional[Callable[[torch.device], torch.nn.Module]] = None  # images -> logits
+    grayscale_only: bool = False                # trained on grayscale images: RGB data gets a warning
 
 
 def get_feature_extractor(name: str, weights_path: str | Path | None = None) -> FeatureExtractorSpec:
@@ -96,25 +103,35 @@ class DatasetImages(Dataset):
 
 
 class FolderImages(Dataset):
-    """Every image file under a folder (recursively), as uint8 (3, H, W) RGB."""
+    """Every image file under a folder (recursively), as uint8 (3, S, S) RGB.
 
-    def __init__(self, folder: str | Path):
+    With ``image_size`` S, images are resized / centre-cropped as ADM's reference batches
+    were (:func:`sar_core.image_io.adm_center_crop`), so mixed sizes work; without it every
+    image must already have the same size."""
+
+    def __init__(self, folder: str | Path, image_size: Optional[int] = None):
+        from sar_core.image_io import ConversionNotes
+
         root = Path(folder)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
         self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+        self.root, self.image_size = root, image_size
+        self.notes = ConversionNotes(f"reference folder {root}")
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
+        from sar_core.image_io import adm_center_crop, open_rgb8
 
-        with Image.open(self.paths[i]) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        img, notes = open_rgb8(self.paths[i])
+        self.notes.add(notes)
+        if self.image_size is not None and img.size != (self.image_size, self.image_size):
+            img = adm_center_crop(img, self.image_size)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 def as_image_set(x: Any) -> Dataset:
@@ -185,16 +202,26 @@ def layer_for(spec: FeatureExtractorSpec, metric: str) -> str:
 
 
 def extract_features(images: Any, spec: FeatureExtractorSpec, layers: Sequence[str],
-                     device: torch.device | str = "cpu", batch_size: int = 64) -> dict:
-    """{layer: (N, D) float tensor} of an image set, computed by torch-fidelity."""
-    from torch_fidelity.utils import get_featuresdict_from_dataset
+                     device: torch.device | str = "cpu", batch_size: int = 64,
+                     progress: Optional[Callable[[int], None]] = None) -> dict:
+    """{layer: (N, D) float tensor} of an image set, by torch-fidelity's extractor, one
+    batch at a time (``progress(n)`` after each)."""
+    from torch.utils.data import DataLoader
 
     data = as_image_set(images)
     if len(data) == 0:
         raise ValueError("cannot compute features of an empty image set")
     device = torch.device(device)
     fe = _fidelity_extractor(spec, sorted(set(layers)), device)
-    return get_featuresdict_from_dataset(data, fe, batch_size, device.type == "cuda", True, False)
+    out: dict[str, list] = {}
+    with torch.no_grad():
+        for batch in DataLoader(data, batch_size=min(batch_size, len(data)), shuffle=False):
+            feats = fe.convert_features_tuple_to_dict(fe(batch.to(device)))
+            for k, v in feats.items():
+                out.setdefault(k, []).append(v.cpu())
+            if progress is not None:
+                progress(len(batch))
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------ statistics
@@ -270,11 +297,13 @@ def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
 def compute_metrics(generated: Any, reference: Any = None, *, extractor: FeatureExtractorSpec,
                     metrics: Sequence[str] = ALL_METRICS, reference_stats: dict | None = None,
                     device: torch.device | str = "cpu", batch_size: int = 64, seed: int = 2020,
-                    kid_subsets: int = 100) -> dict:
+                    kid_subsets: int = 100, progress: Optional[PassProgress] = None) -> dict:
     """Metrics of ``generated`` against ``reference`` (image sets, see :func:`as_image_set`).
 
     FID uses ``reference_stats`` ({'mu', 'sigma'}) when given, else the reference set.
     KID and precision / recall need the reference set itself. Returns a flat dict.
+    ``progress(description, total)`` is called once per feature pass and returns the
+    ``advance(n)`` callback of that pass.
     """
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
@@ -285,8 +314,14 @@ def compute_metrics(generated: Any, reference: Any = None, *, extractor: Feature
     if pair and reference is None:
         raise ValueError(f"metrics {pair} need a reference image set")
     layers = {m: layer_for(extractor, m) for m in metrics}
-    gen = extract_features(generated, extractor, list(layers.values()), device, batch_size)
-    ref = extract_features(reference, extractor, [layers[m] for m in pair], device, batch_size) if pair else {}
+    generated = as_image_set(generated)
+    gen = extract_features(generated, extractor, list(layers.values()), device, batch_size,
+                           _pass(progress, "features of the samples", len(generated)))
+    ref = {}
+    if pair:
+        reference = as_image_set(reference)
+        ref = extract_features(reference, extractor, [layers[m] for m in pair], device, batch_size,
+                               _pass(progress, "features of the reference", len(reference)))
     n_gen = len(next(iter(gen.values())))
     out: dict[str, Any] = {"num_generated": n_gen, "feature_extractor": extractor.name}
     if ref:
@@ -316,7 +351,8 @@ def compute_metrics(generated: Any, reference: Any = None, *, extractor: Feature
 
 @torch.no_grad()
 def class_accuracy(images: Any, labels: torch.Tensor, extractor: FeatureExtractorSpec,
-                   device: torch.device | str = "cpu", batch_size: int = 256) -> float:
+                   device: torch.device | str = "cpu", batch_size: int = 256,
+                   progress: Optional[Callable[[int], None]] = None) -> float:
     """Fraction of generated images the extractor's classifier assigns to their label."""
     if extractor.classifier is None:
         raise ValueError(f"feature extractor '{extractor.name}' has no classifier for class accuracy")
@@ -329,21 +365,72 @@ def class_accuracy(images: Any, labels: torch.Tensor, extractor: FeatureExtracto
     for i in range(0, len(data), batch_size):
         batch = torch.stack([data[j] for j in range(i, min(i + batch_size, len(data)))]).to(device)
         hits += int((net(batch).argmax(-1).cpu() == labels[i:i + batch_size].cpu()).sum())
+        if progress is not None:
+            progress(len(batch))
     return hits / len(data)
 
 
 # ------------------------------------------------------------------------ whole pipeline
-def reference_set(reference: str | Path, split: str, image_size: int) -> Dataset:
-    """A registered dataset name (its ``split`` at ``image_size``) or a folder of images
-    (used as they are) -> uint8 image set."""
+def resolve_reference(reference: str | Path, split: str) -> tuple[str, Optional[str]]:
+    """(what to read, the split actually used): a registered dataset name and its split, or
+    a folder, ``folder/<split>`` when that sub-folder exists (split None otherwise)."""
     from sar_core.plugins import get_registry
 
-    if str(reference) in get_registry().names("dataset"):
-        return DatasetImages(open_dataset(str(reference), split=split, image_size=image_size, deterministic=True))
-    if Path(reference).is_dir():
-        return FolderImages(reference)
-    known = ", ".join(get_registry().names("dataset")) or "none"
+    reg = get_registry()
+    if str(reference) in reg.names("dataset"):
+        return str(reference), split
+    base = Path(reference)
+    if base.is_dir():
+        return (str(base / split), split) if split and (base / split).is_dir() else (str(base), None)
+    known = ", ".join(reg.names("dataset")) or "none"
     raise ValueError(f"reference '{reference}' is neither a registered dataset ({known}) nor a folder")
+
+
+def reference_set(reference: str | Path, split: str, image_size: int) -> Dataset:
+    """A registered dataset name (its ``split`` at ``image_size``) or a folder of images
+    (``folder/<split>`` if present; resized / centre-cropped to ``image_size`` as ADM's
+    reference batches) -> uint8 image set. The first image is read at once, so a bad
+    reference fails before any sampling."""
+    from sar_core.plugins import get_registry
+
+    where, used = resolve_reference(reference, split)
+    if where in get_registry().names("dataset"):
+        data = DatasetImages(open_dataset(where, split=used, image_size=image_size, deterministic=True))
+    else:
+        data = FolderImages(where, image_size)
+    if len(data) == 0:
+        raise ValueError(f"reference '{reference}' (split {used}) holds no images")
+    first = data[0]
+    if tuple(first.shape) != (3, image_size, image_size):
+        raise ValueError(f"reference '{reference}' gives {tuple(first.shape)} images, expected "
+                         f"(3, {image_size}, {image_size})")
+    return data
+
+
+def sample_uint8(adapter, labels: torch.Tensor, *, schedule, batch_size: int,
+                 samples_folder: str | Path | None = None, progress: Optional[Callable[[int], None]] = None,
+                 **sampling) -> torch.Tensor:
+    """Samples streamed into one uint8 (N, 3, H, W) tensor (4x less memory than float32),
+    each batch written to ``samples_folder`` as it comes."""
+    from sar_core.generation import iter_images, save_folder
+
+    h, w = adapter.image_size(schedule)
+    out = torch.empty(len(labels), 3, h, w, dtype=torch.uint8)
+    row = 0
+    for images in iter_images(adapter, labels, schedule=schedule, batch_size=batch_size, **sampling):
+        out[row:row + len(images)] = to_uint8(images)
+        if samples_folder:
+            save_folder(images, samples_folder, labels[row:row + len(images)].tolist(), start=row)
+        row += len(images)
+        if progress is not None:
+            progress(len(images))
+    return out
+
+
+def looks_rgb(images: torch.Tensor, tolerance: int = 8) -> bool:
+    """Whether uint8 (N, 3, H, W) images have colour (channels differ by more than ``tolerance``)."""
+    x = images[: min(len(images), 256)].int()
+    return bool(((x[:, 0] - x[:, 1]).abs().max() > tolerance) or ((x[:, 1] - x[:, 2]).abs().max() > tolerance))
 
 
 def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSpec,
@@ -351,12 +438,15 @@ def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSp
                      reference_stats: str | Path | None = None, metrics: Sequence[str] = ALL_METRICS,
                      cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
                      batch_size: int = 32, schedule=None, samples_folder: str | Path | None = None,
-                     samples_npz: str | Path | None = None, progress=None) -> dict:
+                     samples_npz: str | Path | None = None, progress: Optional[PassProgress] = None) -> dict:
     """Sample ``num_samples`` class-balanced images and measure them (``sar eval``).
 
-    Metrics that need the reference *set* (KID, precision / recall) are skipped, with a
-    note, when only ``reference_stats`` are given."""
-    from sar_core.generation import balanced_labels, generate_images, num_classes_of, save_folder
+    The reference is opened (and its first image read) before sampling. Samples are held
+    as uint8. ``progress(description, total)`` is called once per pass (sampling, each
+    feature pass, class accuracy). Metrics that need the reference *set* (KID, precision /
+    recall) are skipped, with a note, when only ``reference_stats`` are given."""
+    from sar_core.generation import balanced_labels, num_classes_of
+    from sar_core.schedule import Schedule
 
     metrics = _check_metrics(metrics)
     stats = load_statistics(reference_stats) if reference_stats else None
@@ -371,25 +461,31 @@ def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSp
     n_classes = num_classes_of(adapter)
     if n_classes is None:
         raise ValueError(f"family '{adapter.name}' has no num_classes; sar eval samples class-conditionally")
-    from sar_core.schedule import Schedule
-
     schedule = Schedule.parse(schedule) if schedule is not None else adapter.default_schedule
+    size = adapter.image_size(schedule)
+    used_split = None
+    ref = None
+    if reference is not None:
+        ref = reference_set(reference, reference_split, size[-1])
+        used_split = resolve_reference(reference, reference_split)[1]
     labels = balanced_labels(num_samples, n_classes)
-    images = generate_images(adapter, labels, schedule=schedule, cfg=cfg, top_k=top_k, top_p=top_p,
-                             seed=seed, batch_size=batch_size, progress=progress)
-    if samples_folder:
-        save_folder(images, samples_folder, labels.tolist())
+    images = sample_uint8(adapter, labels, schedule=schedule, batch_size=batch_size, samples_folder=samples_folder,
+                          progress=_pass(progress, "sampling", len(labels)), cfg=cfg, top_k=top_k, top_p=top_p,
+                          seed=seed)
     if samples_npz:
         write_samples_npz(images, samples_npz)
-    ref = reference_set(reference, reference_split, images.shape[-1]) if reference is not None else None
+    if extractor.grayscale_only and (looks_rgb(images) or (ref is not None and looks_rgb(ref[0][None]))):
+        notes.append(f"feature extractor '{extractor.name}' was trained on grayscale images but the data is "
+                     "in colour: its FID is not meaningful (use --feature-extractor inception)")
     device = adapter.device
     report = compute_metrics(images, ref, extractor=extractor, metrics=metrics, reference_stats=stats,
-                             device=device, batch_size=batch_size, seed=seed)
+                             device=device, batch_size=batch_size, seed=seed, progress=progress)
     if extractor.classifier is not None:
-        report["class_accuracy"] = class_accuracy(images, labels, extractor, device)
-    report.update({"family": adapter.name, "schedule": schedule.to_list(), "cfg": cfg, "top_k": top_k, "top_p": top_p, "seed": seed,
-                   "num_classes": n_classes, "image_size": list(images.shape[-2:]),
+        report["class_accuracy"] = class_accuracy(images, labels, extractor, device,
+                                                  progress=_pass(progress, "class accuracy", len(labels)))
+    report.update({"family": adapter.name, "schedule": schedule.to_list(), "cfg": cfg, "top_k": top_k,
+                   "top_p": top_p, "seed": seed, "num_classes": n_classes, "image_size": list(images.shape[-2:]),
                    "reference": str(reference) if reference is not None else None,
-                   "reference_split": reference_split if reference is not None else None,
+                   "reference_split": used_split,
                    "reference_stats": str(reference_stats) if reference_stats else None, "notes": notes})
     return report

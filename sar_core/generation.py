@@ -9,7 +9,7 @@ after batch, so a (seed, batch size) pair reproduces the same image set.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -82,27 +82,38 @@ def check_labels(labels: torch.Tensor, num_classes: Optional[int]) -> None:
 
 
 @torch.no_grad()
-def generate_images(adapter: ScaleWiseAdapter, labels: torch.Tensor, *, schedule: Schedule | None = None,
-                    cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
-                    batch_size: int = 64, progress: Progress = None, **options: Any) -> torch.Tensor:
-    """Class-conditional samples, one per entry of ``labels`` -> float (N, 3, H, W) in [0, 1]."""
+def iter_images(adapter: ScaleWiseAdapter, labels: torch.Tensor, *, schedule: Schedule | None = None,
+                cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
+                batch_size: int = 64, **options: Any) -> Iterator[torch.Tensor]:
+    """Class-conditional samples batch by batch (float (b, 3, H, W) in [0, 1], CPU), so a
+    caller can stream them; one generator is seeded once and drawn from batch after batch."""
     schedule = schedule or adapter.default_schedule
     check_labels(labels, num_classes_of(adapter))
     device = adapter.device
     gen = torch.Generator(device=device).manual_seed(int(seed))
     was_training = adapter.backbone.training
     adapter.backbone.eval()
-    out = []
     try:
         for i in range(0, len(labels), batch_size):
             lab = labels[i:i + batch_size].to(device)
             cond = adapter.condition_to(adapter.condition_from_labels(lab), device)
             result = adapter.generate(cond, schedule, cfg=cfg, top_k=top_k, top_p=top_p, generator=gen, **options)
-            out.append(result.images.float().clamp(0, 1).cpu())
-            if progress is not None:
-                progress(len(lab))
+            yield result.images.float().clamp(0, 1).cpu()
     finally:
         adapter.backbone.train(was_training)
+
+
+def generate_images(adapter: ScaleWiseAdapter, labels: torch.Tensor, *, schedule: Schedule | None = None,
+                    cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
+                    batch_size: int = 64, progress: Progress = None, **options: Any) -> torch.Tensor:
+    """Class-conditional samples, one per entry of ``labels`` -> float (N, 3, H, W) in [0, 1]."""
+    schedule = schedule or adapter.default_schedule
+    out = []
+    for images in iter_images(adapter, labels, schedule=schedule, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed,
+                              batch_size=batch_size, **options):
+        out.append(images)
+        if progress is not None:
+            progress(len(images))
     return torch.cat(out) if out else torch.empty(0, 3, *adapter.image_size(schedule))
 
 

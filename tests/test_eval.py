@@ -191,7 +191,7 @@ def test_eval_cli_report_and_reusable_reference_statistics(tmp_path):
 
     tiny_var().save(tmp_path / "tok.pth", tmp_path / "bb.pth")
     model = ["eval", "-f", "var", "--tokenizer", str(tmp_path / "tok.pth"), "--backbone", str(tmp_path / "bb.pth"),
-             "--device", "cpu", "-n", "12", "--seed", "4"]
+             "--device", "cpu", "-n", "12", "--seed", "4", "--feature-extractor", "digit-classifier"]
     r = CliRunner().invoke(app, model + ["--reference", "digits", "--metrics", "fid,isc",
                                          "--save-reference-stats", str(tmp_path / "ref.npz"),
                                          "--out", str(tmp_path / "a.json")])
