@@ -24,8 +24,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def fail(console: Console, exc: BaseException) -> None:
     """One line on stderr (never wrapped), exit status 2."""
+    from rich.markup import escape
+
     err = Console(stderr=True, soft_wrap=True)
-    err.print(f"[bold red]error:[/] {' '.join(str(exc).split())}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", highlight=False)
     raise typer.Exit(2)
 
 

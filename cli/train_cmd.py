@@ -153,7 +153,9 @@ def run_training(cfg, console: Console) -> int:
         trainer.console = console
         result = trainer.run()
     except user_errors() as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         D.cleanup()
         return 2
     D.cleanup()

@@ -37,7 +37,7 @@ def files(tmp_path_factory):
     ["eval", "--reference", "digits", "--feature-extractor", "digit-classifier", "-n", "4"],
     ["diagnose", "--data", "digits", "--batches", "1"],
 ])
-def test_model_commands_refuse_a_random_backbone_unless_asked(files, tmp_path, command):
+def test_model_commands_refuse_a_random_backbone_unless_asked(files, tmp_path, command, monkeypatch):
     tok, _ = files
     cmd = [c.format(tmp=tmp_path) for c in command]
     args = [cmd[0], "-f", "var", "--tokenizer", str(tok), "--device", "cpu", *cmd[1:]]
@@ -46,9 +46,14 @@ def test_model_commands_refuse_a_random_backbone_unless_asked(files, tmp_path, c
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--backbone" in lines[0] and "--random-backbone" in lines[0]
     if cmd[0] == "sample":  # the explicit flag makes it run, and says so
+        import sar_core.generation as G
+
+        calls = []  # a tokenizer alone implies a 306M-parameter VAR-d16: load the tiny one instead
+        monkeypatch.setattr(G, "load_adapter", lambda *a, **k: calls.append(a) or tiny_var())
         r = CliRunner().invoke(app, args + ["--random-backbone"])
         assert r.exit_code == 0, r.output
         assert "freshly initialised" in r.output and (tmp_path / "g.png").is_file()
+        assert calls and calls[0][2] is None  # no backbone file was passed on
 
 
 def test_backbone_and_random_backbone_together_are_refused(files, tmp_path):
