@@ -16,7 +16,8 @@ from rich.console import Console
 #: flag (python parameter name) -> dotted run-config field
 FLAG_FIELDS = {
     "family": "model.family", "tokenizer": "model.tokenizer", "backbone": "model.backbone",
-    "schedule": "model.schedule", "cond_drop": "model.cond_drop",
+    "schedule": "model.schedule", "cond_drop": "model.cond_drop", "resize_classes": "model.resize_classes",
+    "class_map": "data.options.class_map",
     "data": "data.name", "split": "data.split", "image_size": "data.image_size", "workers": "data.workers",
     "rollout": "rollout.name", "ssr_scales": "rollout.scales", "rollout_sampling": "rollout.sampling",
     "rollout_top_k": "rollout.top_k", "rollout_top_p": "rollout.top_p", "rollout_cfg": "rollout.cfg",
@@ -107,6 +108,10 @@ def train(
     gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight (default 0.01)."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
     cond_drop: Optional[float] = typer.Option(None, "--cond-drop", help="Class-dropout probability."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="Class map file: one class folder a "
+                                             "line, optionally with its model label (a subset / mapping)."),
+    resize_classes: Optional[bool] = typer.Option(None, "--resize-classes/--no-resize-classes",
+                                                  help="Resize the class embedding to the data's class count."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),

@@ -5,7 +5,8 @@
     root/n01440764/xxx.JPEG
     root/n01443537/yyy.JPEG            (or root/<split>/<class>/... when root/<split> exists)
 
-Classes are the sorted sub-folder names, labels their indices. Transforms follow the VAR
+Classes are the sorted sub-folder names, labels their indices; a class map file
+(``class_map``, format in :mod:`sar_core.classes`) picks a subset and / or sets the labels. Transforms follow the VAR
 family's training pipeline: resize the shorter side to ``round(resize_ratio * S)``
 (Lanczos), random crop to S x S and random horizontal flip when augmenting (the default
 for the ``train`` split), centre crop otherwise, then values in [-1, 1]. Randomness comes
@@ -27,12 +28,22 @@ from sar_core.image_io import ConversionNotes, open_rgb8
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+def scan_folder(root: Path, class_map: Optional[dict[str, int]] = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(items (path, label), class folder names); with ``class_map`` only its folders,
+    labelled as it says."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class sub-folders (expected root/<class>/<image>, ImageNet layout)")
+    labels = {name: i for i, name in enumerate(classes)}
+    if class_map is not None:
+        missing = sorted(set(class_map) - set(classes))
+        if missing:
+            raise ValueError(f"class map names folders that {root} does not have: {', '.join(missing[:5])}"
+                             + (" ..." if len(missing) > 5 else ""))
+        classes, labels = [c for c in classes if c in class_map], dict(class_map)
     items = []
-    for label, name in enumerate(classes):
+    for name in classes:
+        label = labels[name]
         for p in sorted((root / name).rglob("*")):
             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
                 items.append((p, label))
@@ -57,12 +68,16 @@ class ImageFolderDataset(Dataset):
     """(image (3, S, S) float in [-1, 1], label int64) from class sub-folders."""
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 256,
-                 augment: Optional[bool] = None, hflip: bool = True, resize_ratio: float = 1.125):
+                 augment: Optional[bool] = None, hflip: bool = True, resize_ratio: float = 1.125,
+                 class_map: str | Path | None = None):
+        from sar_core.classes import read_class_map
+
         base = Path(root)
         if not base.is_dir():
             raise FileNotFoundError(f"image folder not found: {base}")
         self.root = base / split if (base / split).is_dir() else base
-        self.items, self.classes = scan_folder(self.root)
+        self.class_map = read_class_map(class_map) if class_map else None
+        self.items, self.classes = scan_folder(self.root, self.class_map)
         self.image_size = int(image_size)
         self.augment = (split == "train") if augment is None else bool(augment)
         self.transform = build_transform(self.image_size, self.augment, resize_ratio, hflip)
@@ -70,7 +85,8 @@ class ImageFolderDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes)
+        """Class folders, or with a class map the largest mapped label + 1."""
+        return max(self.class_map.values()) + 1 if self.class_map else len(self.classes)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -89,10 +105,12 @@ class ImageFolderDataset(Dataset):
 
 
 def imagefolder(root: str, split: str = "train", image_size: int = 256, augment: Optional[bool] = None,
-                hflip: bool = True, resize_ratio: float = 1.125, **_) -> ImageFolderDataset:
-    """Factory registered as dataset ``imagefolder``."""
+                hflip: bool = True, resize_ratio: float = 1.125, class_map: Optional[str] = None,
+                **_) -> ImageFolderDataset:
+    """Factory registered as dataset ``imagefolder`` (``class_map``: a file, see
+    :mod:`sar_core.classes`)."""
     return ImageFolderDataset(root, split=split, image_size=image_size, augment=augment, hflip=hflip,
-                              resize_ratio=resize_ratio)
+                              resize_ratio=resize_ratio, class_map=class_map)
 
 
 #: registered by the ``core`` plugin (name -> factory)

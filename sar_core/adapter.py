@@ -203,6 +203,14 @@ class ScaleWiseAdapter(ABC):
     def num_classes(self) -> Optional[int]:
         """Number of classes of a class-conditional family; None for text conditions."""
 
+    def resize_classes(self, num_classes: int) -> None:
+        """Grow (or shrink) the class embedding to ``num_classes`` classes in place, for
+        fine-tuning on another class set (``model.resize_classes``): kept rows unchanged,
+        new rows initialised as the family's upstream code initialises them, the null class
+        still last. Families that cannot resize keep this default, which refuses."""
+        raise ValueError(f"family '{self.name}' cannot resize its class embedding; use a class map "
+                         "(--class-map) that fits its classes")
+
     @property
     @abstractmethod
     def code_space(self) -> CodeSpace:

@@ -43,6 +43,8 @@ class ModelConfig(Section):
                                     "registered schedule sampler (e.g. flexvar-random); default: the adapter's")
     cond_drop: Optional[float] = Field(None, ge=0, le=1, description="class-dropout probability "
                                        "(default: the backbone's own)")
+    resize_classes: bool = Field(False, description="resize the class embedding to the data's class count "
+                                 "(new rows freshly initialised, null class kept last)")
 
 
 class DataConfig(Section):

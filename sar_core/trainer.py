@@ -33,6 +33,7 @@ from sar_core import checkpointing as ckpt
 from sar_core import distributed as D
 from sar_core.checkpoint_io import atomic_write_text
 from sar_core.config import RunConfig
+from sar_core.classes import check_classes, data_num_classes
 from sar_core.data import BatchStream, is_code_cache, open_training_data
 from sar_core.ema import EMA
 from sar_core.optim import build_optimizer, lr_at, set_lr
@@ -162,6 +163,8 @@ class Trainer:
         seed = cfg.train.seed
         seed_all(seed)  # identical initial weights on every rank
         self.adapter = build_adapter(cfg, self.registry)
+        if cfg.model.backbone is None:
+            self.log("note: no model.backbone given: training a freshly initialised backbone (pretraining)")
         self.rollout, self.csf_loss = build_rollout_and_loss(cfg, self.registry)
         self.sampler = build_schedule_sampler(self.adapter, cfg.model.schedule, seed, self.registry)
         self.adapter.to(env.device)
@@ -170,6 +173,8 @@ class Trainer:
         if cfg.model.cond_drop is not None:
             self.adapter.condition_dropout = cfg.model.cond_drop
         self.dataset = self._open_data()
+        check_classes(data_num_classes(self.dataset), self.adapter, cfg.model.resize_classes,
+                      f"--data {cfg.data.name}", self.log)
         self.stream = BatchStream(self.dataset, self.micro_batch, env.rank, env.world_size, seed,
                                   workers=cfg.data.workers, pin_memory=env.device.type == "cuda")
         self._setup_precision()

@@ -15,6 +15,7 @@ import torch
 from sar_core.adapter import CodeSpace, Generation, ScaleWiseAdapter, CheckpointError
 from sar_core.schedule import Schedule, ScheduleSampler
 
+from ..common.classes import resize_class_embedding
 from . import checkpoint as ckpt
 from .backbone import FlexVAR, init_weights
 from .config import BackboneConfig, FlexVARConfig, TokenizerConfig, check_sides
@@ -168,6 +169,14 @@ class FlexVARAdapter(ScaleWiseAdapter):
     @property
     def num_classes(self) -> int:
         return int(self.config.backbone.num_classes)
+
+    def resize_classes(self, num_classes: int) -> None:
+        bb = self.backbone
+        # upstream init: every embedding ~ trunc_normal(std = 0.02)
+        bb.class_emb = resize_class_embedding(bb.class_emb, num_classes, 0.02)
+        backbone_cfg = self.config.backbone.model_copy(update={"num_classes": int(num_classes)})
+        self.config = self.config.model_copy(update={"backbone": backbone_cfg})
+        bb.cfg, bb.num_classes = backbone_cfg, int(num_classes)
 
     @property
     def code_space(self) -> CodeSpace:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,6 +12,7 @@ from sar_core.adapter import CodeSpace, Codes, Generation, ScaleWiseAdapter
 from sar_core.schedule import Schedule
 from sar_core.tokens import cat_codes, mean_token_loss, token_ce
 
+from ..common.classes import resize_class_embedding
 from . import checkpoint as ckpt
 from .backbone import VAR
 from .config import VARConfig, infer_var_config, make_config
@@ -84,6 +86,13 @@ class VARAdapter(ScaleWiseAdapter):
     @property
     def num_classes(self) -> int:
         return int(self.config.num_classes)
+
+    def resize_classes(self, num_classes: int) -> None:
+        bb = self.backbone
+        # upstream init_weights: every embedding ~ trunc_normal(std = sqrt(1 / (3 C)))
+        bb.class_emb = resize_class_embedding(bb.class_emb, num_classes, math.sqrt(1 / bb.C / 3))
+        self.config = self.config.model_copy(update={"num_classes": int(num_classes)})
+        bb.cfg, bb.num_classes = self.config, int(num_classes)
 
     @property
     def code_space(self) -> CodeSpace:
