@@ -180,6 +180,11 @@ class ScaleWiseAdapter(ABC):
         """Per-step training schedules; the default always returns ``default_schedule``."""
         return ScheduleSampler(self.default_schedule, seed)
 
+    def check_schedule_sampler(self, sampler: ScheduleSampler) -> None:
+        """Refuse (ValueError naming the fix) a schedule sampler chosen by the user
+        (``--schedule``) that this model cannot train with, e.g. schedules larger than its
+        latent or position grid. Default: accept."""
+
     @abstractmethod
     def image_size(self, schedule: Schedule) -> tuple[int, int]:
         """Pixel (H, W) of images encoded with / decoded from ``schedule``."""

@@ -89,14 +89,17 @@ def build_schedule_sampler(adapter, spec: Optional[str], seed: int, registry) ->
     if spec is None:
         return adapter.schedule_sampler(seed)
     if spec in registry.names("schedule"):
-        return registry.get("schedule", spec)(adapter.default_schedule, seed)
-    try:
-        schedule = Schedule.parse(spec)
-    except ValueError:
-        known = ", ".join(registry.names("schedule")) or "none"
-        raise ValueError(f"model.schedule {spec!r} is neither a schedule like 1_2_3_4 nor a registered "
-                         f"schedule sampler ({known})") from None
-    return ScheduleSampler(schedule, seed)
+        sampler = registry.get("schedule", spec)(adapter.default_schedule, seed)
+    else:
+        try:
+            schedule = Schedule.parse(spec)
+        except ValueError:
+            known = ", ".join(registry.names("schedule")) or "none"
+            raise ValueError(f"model.schedule {spec!r} is neither a schedule like 1_2_3_4 nor a registered "
+                             f"schedule sampler ({known})") from None
+        sampler = ScheduleSampler(schedule, seed)
+    adapter.check_schedule_sampler(sampler)  # the model's own size rules (e.g. FlexVAR's latent)
+    return sampler
 
 
 def build_rollout_and_loss(cfg: RunConfig, registry) -> tuple[Any, Any]:

@@ -138,15 +138,27 @@ class FlexVARAdapter(ScaleWiseAdapter):
         return self.config.infer_schedule
 
     def schedule_sampler(self, seed: int = 0) -> ScheduleSampler:
-        if not self.config.random_schedule:
-            return ScheduleSampler(self.default_schedule, seed)
-        if self.config.latent_side < MAX_SIDE:
-            raise ValueError(
-                f"random_schedule draws FlexVAR's upstream schedules, which end at side {MAX_SIDE}, "
-                f"but image_size {self.config.image_size} gives a {self.config.latent_side}-token latent "
-                f"with this {self.config.tokenizer.downsample}x tokenizer; use image_size >= "
-                f"{MAX_SIDE * self.config.tokenizer.downsample} or a fixed schedule (train_patch_nums)")
-        return FlexVARRandomSchedule(self.default_schedule, seed)
+        sampler = (FlexVARRandomSchedule(self.default_schedule, seed) if self.config.random_schedule
+                   else ScheduleSampler(self.default_schedule, seed))
+        self.check_schedule_sampler(sampler)
+        return sampler
+
+    def check_schedule_sampler(self, sampler: ScheduleSampler) -> None:
+        latent = self.config.latent_side
+        if isinstance(sampler, FlexVARRandomSchedule):
+            if latent < MAX_SIDE:
+                raise ValueError(
+                    f"random_schedule draws FlexVAR's upstream schedules, which end at side {MAX_SIDE}, "
+                    f"but image_size {self.config.image_size} gives a {latent}-token latent "
+                    f"with this {self.config.tokenizer.downsample}x tokenizer; use image_size >= "
+                    f"{MAX_SIDE * self.config.tokenizer.downsample} or a fixed schedule (train_patch_nums)")
+            return
+        self._check(sampler.default)
+        side = max(h for h, _ in sampler.default)
+        if self.config.image_size is not None and side > latent:
+            raise ValueError(f"schedule {sampler.default} ends at side {side}, above the {latent}-token latent of "
+                             f"{self.config.image_size} px images with this {self.config.tokenizer.downsample}x "
+                             f"tokenizer; use image_size >= {side * self.config.tokenizer.downsample} or a smaller schedule")
 
     def image_size(self, schedule: Schedule) -> tuple[int, int]:
         h, w = Schedule.parse(schedule)[-1]
