@@ -84,6 +84,34 @@ def pass_progress(console: Console) -> Iterator:
         yield start
 
 
+def _read_defaults(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Path]:
+    """``--config FILE``: a YAML / JSON mapping of this command's option names to values,
+    used as defaults. Precedence: flag > SAR_* variable > config file > built-in default."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    import yaml
+
+    if not Path(value).is_file():
+        raise typer.BadParameter(f"config file not found: {value}")
+    try:
+        data = yaml.safe_load(Path(value).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise typer.BadParameter(f"cannot parse {value}: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{value} must hold a mapping of option names to values")
+    known = {p.name for p in ctx.command.params if p.name and p.name != "config"}
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise typer.BadParameter(f"{value}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+CONFIG = typer.Option(None, "--config", "-c", is_eager=True, callback=_read_defaults, envvar="SAR_CONFIG",
+                      rich_help_panel="Config", help="YAML file of option values (names as the flags, e.g. "
+                      "tokenizer: vae.pth); flags and SAR_* variables win over it.")
+
 FAMILY = typer.Option(..., "--family", "-f", envvar="SAR_FAMILY", rich_help_panel="Model",
                       help="Model family (see `sar plugins`), e.g. var, flexvar.")
 TOKENIZER = typer.Option(..., "--tokenizer", envvar="SAR_TOKENIZER", rich_help_panel="Model",

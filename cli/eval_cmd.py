@@ -10,7 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sar_cli._shared import BACKBONE, RANDOM_BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, pass_progress, user_errors
+from sar_cli._shared import (
+    BACKBONE, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY,
+    SCHEDULE, TOKENIZER, fail, load_model, pass_progress, user_errors,
+)
 
 ROWS = (("fid", "FID"), ("isc_mean", "IS"), ("isc_std", "IS std"), ("kid_mean", "KID"), ("kid_std", "KID std"),
         ("precision", "precision"), ("recall", "recall"), ("f_score", "F-score"),
@@ -31,6 +34,7 @@ def print_report(console: Console, report: dict, title: str = "sar eval") -> Non
 
 
 def evaluate(
+    config: Optional[Path] = CONFIG,
     family: str = FAMILY,
     tokenizer: Path = TOKENIZER,
     backbone: Optional[Path] = BACKBONE,

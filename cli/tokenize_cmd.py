@@ -9,7 +9,9 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from sar_cli._shared import BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, progress_bar, user_errors
+from sar_cli._shared import (
+    BACKBONE, CONFIG, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, progress_bar, user_errors,
+)
 
 
 def cache_schedule(adapter, spec: Optional[str]):
@@ -48,6 +50,7 @@ def smallest_source_side(data: str, split: str, probe: int = 64) -> Optional[int
 
 
 def tokenize(
+    config: Optional[Path] = CONFIG,
     family: str = FAMILY,
     tokenizer: Path = TOKENIZER,
     backbone: Optional[Path] = typer.Option(None, "--backbone", envvar="SAR_BACKBONE", rich_help_panel="Model",

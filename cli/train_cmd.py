@@ -84,13 +84,13 @@ def train(
     schedule: Optional[str] = typer.Option(None, "--schedule",
                                            help="Training schedule (1_2_3_4) or a schedule sampler (flexvar-random)."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset name, image folder, or code cache folder."),
-    split: Optional[str] = typer.Option(None, "--split", help="Dataset split (default train)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Dataset split."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Training image side in pixels."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers per rank."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps in total."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch per optimizer step."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-steps per optimizer step."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-4)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
     lr_end: Optional[float] = typer.Option(None, "--lr-end", help="Final lr of a linear / cosine decay."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant | linear | cosine."),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps"),
@@ -105,7 +105,7 @@ def train(
     rollout_cfg: Optional[float] = typer.Option(None, "--rollout-cfg", help="Guidance of a sampled rollout."),
     csfl: Optional[str] = typer.Option(None, "--csfl", help="hard | soft | naive (or a plugin's)."),
     csfl_temperature: Optional[float] = typer.Option(None, "--csfl-temperature", help="Soft CSFL temperature."),
-    gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight (default 0.01)."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
     cond_drop: Optional[float] = typer.Option(None, "--cond-drop", help="Class-dropout probability."),
     class_map: Optional[Path] = typer.Option(None, "--class-map", help="Class map file: one class folder a "
@@ -123,12 +123,18 @@ def train(
     log_every: Optional[int] = typer.Option(None, "--log-every"),
     max_nonfinite: Optional[int] = typer.Option(None, "--max-nonfinite",
                                                 help="Stop after this many consecutive non-finite steps."),
-    loggers: Optional[str] = typer.Option(None, "--loggers", help="e.g. console,jsonl,tensorboard."),
+    loggers: Optional[str] = typer.Option(None, "--loggers", help="Comma list: console, jsonl, tensorboard "
+                                          "(extra sar\\[tensorboard]), wandb (extra sar\\[wandb]), a plugin's."),
     dist: Optional[str] = typer.Option(None, "--dist", help="ddp | fsdp (under torchrun)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:1 ..."),
     sets: List[str] = typer.Option([], "--set", help="Override any field: --set optim.hold_fraction=0.05."),
 ) -> None:
-    """Post-train a scale-wise AR model with SAR (or plain teacher forcing: --rollout none)."""
+    """Post-train a scale-wise AR model with SAR (or plain teacher forcing: --rollout none).
+
+    Precedence: flag > SAR_* environment variable > --config file > default.
+
+    Example: [bold]sar train -f var --tokenizer vae.pth --backbone var_d16.pth --data /data/imagenet/train
+    --image-size 256 --steps 20000 --batch-size 256 --rollout ssr --csfl hard --out runs/sar-var-d16[/]"""
     from sar_core.config import ConfigError
 
     console = Console()
@@ -179,4 +185,6 @@ def run_training(cfg, console: Console) -> int:
 
 
 def add_to(app: typer.Typer) -> None:
-    app.command("train")(train)
+    from sar_cli.train_help import decorate
+
+    app.command("train")(decorate(train, FLAG_FIELDS))
