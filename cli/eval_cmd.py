@@ -96,19 +96,19 @@ def evaluate(
         # resolve the extractor first: a missing weights file fails before any sampling
         extractor = get_feature_extractor(feature_extractor, weights)
         adapter = load_model(console, family, tokenizer, backbone, device, random_backbone)
-        with pass_progress(console) as advance:
+        with pass_progress(console) as start:
             report = evaluate_adapter(
                 adapter, num_samples=num_samples, extractor=extractor, reference=reference,
                 reference_split=reference_split, reference_stats=reference_stats,
                 metrics=[m.strip() for m in metrics.split(",") if m.strip()], cfg=cfg, top_k=top_k,
                 top_p=top_p, seed=seed, batch_size=batch_size, schedule=schedule,
-                samples_folder=samples_folder, samples_npz=samples_npz, progress=advance)
-        if save_reference_stats is not None:
-            size = report["image_size"][-1]
-            stats = reference_statistics(reference_set(reference, reference_split, size), extractor,
-                                         adapter.device, batch_size)
-            save_statistics(stats, save_reference_stats)
-            console.print(f"wrote reference statistics to {save_reference_stats}")
+                samples_folder=samples_folder, samples_npz=samples_npz, progress=start)
+            if save_reference_stats is not None:
+                ref = reference_set(reference, reference_split, report["image_size"][-1])
+                stats = reference_statistics(ref, extractor, adapter.device, batch_size,
+                                             start("reference statistics", len(ref)))
+                save_statistics(stats, save_reference_stats)
+                console.print(f"wrote reference statistics to {save_reference_stats}")
     except user_errors() as exc:
         fail(console, exc)
     report.update({"tokenizer": str(tokenizer), "backbone": str(backbone) if backbone else None})

@@ -43,15 +43,16 @@ EXTRA_HELP = {
 
 def field_info(dotted: str):
     """The pydantic FieldInfo of a dotted run-config field (``optim.lr``), or None."""
+    from pydantic import BaseModel
+
     from sar_core.config import RunConfig
 
     model: Any = RunConfig
     info = None
     for part in dotted.split("."):
-        fields = getattr(model, "model_fields", None)  # pydantic models only (our own config classes)
-        if fields is None or part not in fields:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
             return None
-        info = fields[part]
+        info = model.model_fields[part]
         model = info.annotation
     return info
 

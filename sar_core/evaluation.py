@@ -248,11 +248,11 @@ def fid_from_statistics(stats_a: dict, stats_b: dict) -> float:
 
 
 def reference_statistics(reference: Any, extractor: FeatureExtractorSpec, device: torch.device | str = "cpu",
-                         batch_size: int = 64) -> dict:
+                         batch_size: int = 64, progress: Optional[Callable[[int], None]] = None) -> dict:
     """FID statistics {'mu', 'sigma'} of an image set in the extractor's FID feature space
     (save them with :func:`save_statistics` to skip the reference pass next time)."""
     layer = layer_for(extractor, "fid")
-    return fid_statistics(extract_features(reference, extractor, [layer], device, batch_size)[layer])
+    return fid_statistics(extract_features(reference, extractor, [layer], device, batch_size, progress)[layer])
 
 
 def load_statistics(path: str | Path) -> dict:

@@ -114,3 +114,16 @@ def test_family_without_resize_refuses_with_a_message():
     adapter = reg.get("adapter", "toy").from_config({})
     with pytest.raises(ValueError, match="cannot resize its class embedding"):
         check_classes(adapter.num_classes + 1, adapter, True, "data", log=lambda m: None)
+
+
+def test_code_cache_says_its_class_count(tmp_path):
+    from sar_core.classes import data_num_classes
+    from sar_core.code_cache import CodeCacheDataset, build_code_cache
+    from sar_plugins.datasets import ImageFolderDataset
+
+    adapter = tiny_var()
+    ds = ImageFolderDataset(_folder(tmp_path / "d", 12, per_class=1), image_size=16, augment=False)
+    build_code_cache(adapter, ds, adapter.default_schedule, tmp_path / "cache")
+    cache = CodeCacheDataset(tmp_path / "cache", adapter, adapter.default_schedule)
+    assert data_num_classes(cache) == 12 and data_num_classes(ds) == 12
+    assert data_num_classes(toy.ToyImages()) is None  # a dataset that does not say is not checked

@@ -205,3 +205,15 @@ def test_eval_defaults_to_inception(files, tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["eval", "-f", "var", "--tokenizer", str(tok), "--backbone", str(bb),
                                  "--reference", "digits", "--device", "cpu"])
     assert r.exit_code == 2 and "'inception' feature extractor needs local weights" in r.output
+
+
+def test_training_without_a_backbone_says_it_is_pretraining(tmp_path):
+    import toy_adapter as toy
+    from sar_core.config import build_config
+    from sar_core.trainer import Trainer
+
+    lines = []
+    cfg = build_config({"model": {"family": "toy"}, "data": {"name": "toy-images", "workers": 0},
+                        "train": {"batch_size": 4, "loggers": []}, "out": str(tmp_path / "run")})
+    Trainer(cfg, registry=toy.make_registry(), log=lines.append)
+    assert any("freshly initialised backbone (pretraining)" in ln for ln in lines), lines
