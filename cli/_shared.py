@@ -116,8 +116,8 @@ FAMILY = typer.Option(..., "--family", "-f", envvar="SAR_FAMILY", rich_help_pane
                       help="Model family (see `sar plugins`), e.g. var, flexvar.")
 TOKENIZER = typer.Option(..., "--tokenizer", envvar="SAR_TOKENIZER", rich_help_panel="Model",
                          help="Tokenizer checkpoint (upstream layout).")
-BACKBONE = typer.Option(None, "--backbone", envvar="SAR_BACKBONE", help="Backbone checkpoint (upstream layout); required "
-                        "unless --random-backbone.", rich_help_panel="Model")
+BACKBONE = typer.Option(None, "--backbone", envvar="SAR_BACKBONE", rich_help_panel="Model",
+                        help="Backbone checkpoint (upstream layout); required unless --random-backbone.")
 RANDOM_BACKBONE = typer.Option(False, "--random-backbone",
                                help="Use a freshly initialised backbone on purpose (smoke tests; outputs are noise).",
                                rich_help_panel="Model")

@@ -156,9 +156,10 @@ class FlexVARAdapter(ScaleWiseAdapter):
         self._check(sampler.default)
         side = max(h for h, _ in sampler.default)
         if self.config.image_size is not None and side > latent:
-            raise ValueError(f"schedule {sampler.default} ends at side {side}, above the {latent}-token latent of "
-                             f"{self.config.image_size} px images with this {self.config.tokenizer.downsample}x "
-                             f"tokenizer; use image_size >= {side * self.config.tokenizer.downsample} or a smaller schedule")
+            d = self.config.tokenizer.downsample
+            raise ValueError(f"schedule {sampler.default} ends at side {side}, above the {latent}-token latent "
+                             f"of {self.config.image_size} px images with this {d}x tokenizer; use image_size "
+                             f">= {side * d} or a smaller schedule")
 
     def image_size(self, schedule: Schedule) -> tuple[int, int]:
         h, w = Schedule.parse(schedule)[-1]
