@@ -50,6 +50,10 @@ def evaluate(
                                                    "(e.g. VIRTUAL_imagenet256_labeled.npz)."),
     num_samples: int = typer.Option(1000, "--num-samples", "-n", rich_help_panel="Sampling",
                                     help="Images to sample (class-balanced; 50000 for published FIDs)."),
+    text_features: Optional[Path] = typer.Option(
+        None, "--text-features", rich_help_panel="Sampling",
+        help="Condition the samples on these text features (families without classes): a .pt list of "
+        "(n_i, D) tensors or {features, lengths}; cycled to --num-samples."),
     cfg: float = typer.Option(1.5, "--cfg", rich_help_panel="Sampling", help="Classifier-free guidance scale."),
     top_k: int = typer.Option(0, "--top-k", rich_help_panel="Sampling", help="Top-k sampling (0: off)."),
     top_p: float = typer.Option(0.0, "--top-p", rich_help_panel="Sampling", help="Top-p sampling (0: off)."),
@@ -77,8 +81,9 @@ def evaluate(
                                        help="Write the report as JSON here."),
     device: str = DEVICE,
 ) -> None:
-    """Sample N images class-balanced from the model and compare them with a reference set
-    through torch-fidelity. Nothing is downloaded: Inception needs --feature-weights.
+    """Sample N images class-balanced (or conditioned on --text-features) from the model and
+    compare them with a reference set through torch-fidelity. Nothing is downloaded:
+    Inception needs --feature-weights.
 
     Example: [bold]sar eval -f var --tokenizer vae.pth --backbone var_d16.pth -n 50000 --cfg 1.5
     --reference-stats VIRTUAL_imagenet256_labeled.npz --metrics fid,isc --feature-weights pt_inception.pth[/]"""
@@ -96,15 +101,21 @@ def evaluate(
         # resolve the extractor first: a missing weights file fails before any sampling
         extractor = get_feature_extractor(feature_extractor, weights)
         adapter = load_model(console, family, tokenizer, backbone, device, random_backbone)
+        conditions = None
+        if text_features is not None:
+            from sar_core.checkpoint_io import load_file
+
+            conditions = {"text_features": load_file(text_features, what="text features")}
         with pass_progress(console) as start:
             report = evaluate_adapter(
                 adapter, num_samples=num_samples, extractor=extractor, reference=reference,
                 reference_split=reference_split, reference_stats=reference_stats,
                 metrics=[m.strip() for m in metrics.split(",") if m.strip()], cfg=cfg, top_k=top_k,
                 top_p=top_p, seed=seed, batch_size=batch_size, schedule=schedule,
-                samples_folder=samples_folder, samples_npz=samples_npz, progress=start)
+                samples_folder=samples_folder, samples_npz=samples_npz, progress=start,
+                conditions=conditions)
             if save_reference_stats is not None:
-                ref = reference_set(reference, reference_split, report["image_size"][-1])
+                ref = reference_set(reference, reference_split, tuple(report["image_size"]))
                 stats = reference_statistics(ref, extractor, adapter.device, batch_size,
                                              start("reference statistics", len(ref)))
                 save_statistics(stats, save_reference_stats)

@@ -17,13 +17,14 @@ from sar_cli._shared import (
 def _labels(adapter, labels: Optional[str], per_class: Optional[int]):
     import torch
 
-    from sar_core.generation import num_classes_of, parse_labels
+    from sar_core.generation import parse_labels
 
+    n_classes = adapter.num_classes
+    if n_classes is None:
+        raise ValueError(f"family '{adapter.name}' is not class-conditional; pass --text-features FILE "
+                         "instead of --labels / --per-class")
     if labels is not None:
         return torch.tensor(parse_labels(labels), dtype=torch.int64), None
-    n_classes = num_classes_of(adapter)
-    if n_classes is None:
-        raise ValueError(f"family '{adapter.name}' does not say how many classes it has; pass --labels")
     if per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {per_class}")
     # class-major: row c of the grid holds the samples of class c
@@ -41,7 +42,9 @@ def sample(
     per_class: Optional[int] = typer.Option(None, "--per-class", rich_help_panel="Conditions",
                                             help="N images of every class."),
     text_features: Optional[Path] = typer.Option(None, "--text-features", rich_help_panel="Conditions",
-                                                 help="Precomputed text features (.pt) for text-conditioned families."),
+                                                 help="Text features for text-conditioned families: a .pt "
+                                                 "file with a list of (n_i, D) tensors, or a dict "
+                                                 "{features: (N, N_max, D), lengths: (N,)}; one image each."),
     cfg: float = typer.Option(1.5, "--cfg", rich_help_panel="Sampling", help="Classifier-free guidance scale."),
     top_k: int = typer.Option(0, "--top-k", rich_help_panel="Sampling", help="Top-k sampling (0: off)."),
     top_p: float = typer.Option(0.0, "--top-p", rich_help_panel="Sampling", help="Top-p sampling (0: off)."),
@@ -60,7 +63,7 @@ def sample(
 
     Example: [bold]sar sample -f var --tokenizer vae.pth --backbone var_d16.pth --per-class 4 --grid s.png[/]"""
     from sar_core.checkpoint_io import load_file
-    from sar_core.generation import generate_from_text, generate_images, save_folder, save_grid
+    from sar_core.generation import condition_batch, generate_images, save_folder, save_grid
     from sar_core.schedule import Schedule
 
     console = Console()
@@ -74,14 +77,14 @@ def sample(
         sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
         opts = dict(schedule=sched, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
         if text_features is not None:
-            feats = load_file(text_features, what="text features")
-            with console.status("sampling from text features"):
-                images = generate_from_text(adapter, feats, **opts)
-            lab, row = None, nrow
+            batch = condition_batch({"text_features": load_file(text_features, what="text features")})
+            lab, row, n = None, nrow, len(batch)
+            opts["conditions"] = batch
         else:
             lab, row = _labels(adapter, labels, per_class)
-            with progress_bar(console, "sampling", len(lab)) as advance:
-                images = generate_images(adapter, lab, batch_size=batch_size, progress=advance, **opts)
+            n = len(lab)
+        with progress_bar(console, "sampling", n) as advance:
+            images = generate_images(adapter, lab, batch_size=batch_size, progress=advance, **opts)
     except user_errors() as exc:
         fail(console, exc)
     if grid is not None:

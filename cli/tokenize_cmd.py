@@ -59,8 +59,9 @@ def tokenize(
     data: str = typer.Option(..., "--data", rich_help_panel="Data",
                              help="A registered dataset name (e.g. digits) or an image folder."),
     split: str = typer.Option("train", "--split", rich_help_panel="Data", help="Dataset split to encode."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", rich_help_panel="Data",
-                                             help="Pixels a side; must match the schedule (default: the schedule's)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", rich_help_panel="Data",
+                                             help="S pixels a side or HxW; must match the schedule "
+                                             "(default: the schedule's)."),
     allow_upscale: bool = typer.Option(False, "--allow-upscale", rich_help_panel="Data",
                                        help="Accept image-folder images smaller than the schedule's size (upscaled)."),
     schedule: Optional[str] = SCHEDULE,
@@ -79,6 +80,7 @@ def tokenize(
     Example: [bold]sar tokenize -f var --tokenizer vae.pth --backbone var_d16.pth --data /data/imagenet
     --out codes/[/]"""
     from sar_core.code_cache import build_code_cache
+    from sar_core.data import image_hw, parse_image_size
     from sar_core.evaluation import open_dataset
 
     console = Console()
@@ -86,18 +88,18 @@ def tokenize(
         adapter = load_model(console, family, tokenizer, backbone, device)
         sched = cache_schedule(adapter, schedule)
         h, w = adapter.image_size(sched)
-        if image_size is not None and (image_size, image_size) != (h, w):
+        if image_size is not None and image_hw(parse_image_size(image_size)) != (h, w):
             raise ValueError(f"--image-size {image_size} does not match schedule {sched}, which encodes "
-                             f"{h}x{w} images; pass --image-size {h} or another --schedule")
+                             f"{h}x{w} images; pass --image-size {h if h == w else f'{h}x{w}'} or another --schedule")
         origin = ("--schedule" if schedule else "the backbone's" if backbone else
                   "the family's default for this tokenizer alone: pass --schedule or --backbone to match "
                   "the backbone you will train")
         console.print(f"schedule {sched} ({origin}); images {h}x{w}", highlight=False)
         side = smallest_source_side(data, split)
-        if side is not None and side < min(h, w) and not allow_upscale:
+        if side is not None and side < max(h, w) and not allow_upscale:
             raise ValueError(f"{data}: images as small as {side} px a side would be upscaled to {h}x{w} for "
                              f"schedule {sched}; pass a smaller --schedule, or --allow-upscale if intended")
-        dataset = open_dataset(data, split=split, image_size=h, deterministic=True)
+        dataset = open_dataset(data, split=split, image_size=(h, w), deterministic=True)
         n = len(dataset) * (2 if flips else 1)
         with progress_bar(console, f"encoding {data}/{split}", len(dataset)) as advance:
             path = build_code_cache(adapter, dataset, sched, out, flips=flips, batch_size=batch_size,

@@ -6,10 +6,12 @@
     root/n01443537/yyy.JPEG            (or root/<split>/<class>/... when root/<split> exists)
 
 Classes are the sorted sub-folder names, labels their indices; a class map file
-(``class_map``, format in :mod:`sar_core.classes`) picks a subset and / or sets the labels. Transforms follow the VAR
-family's training pipeline: resize the shorter side to ``round(resize_ratio * S)``
-(Lanczos), random crop to S x S and random horizontal flip when augmenting (the default
-for the ``train`` split), centre crop otherwise, then values in [-1, 1]. Randomness comes
+(``class_map``, format in :mod:`sar_core.classes`) picks a subset and / or sets the labels.
+Transforms follow the VAR family's training pipeline: resize the shorter side to
+``round(resize_ratio * S)`` (Lanczos), random crop to S x S (or H x W for an
+``image_size`` pair, the shorter side then going to ``round(resize_ratio * max(H, W))``)
+and random horizontal flip when augmenting (the default for the ``train`` split), centre
+crop otherwise, then values in [-1, 1]. Randomness comes
 from torch's global RNG, which the trainer seeds per item. Every PIL mode is read as 8-bit
 RGB correctly (:mod:`sar_core.image_io`: 16-bit scaled, not clipped; alpha on white);
 each kind of conversion, and upscaling of small images, is said once per dataset.
@@ -23,6 +25,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
+from sar_core.data import image_hw, size_option
 from sar_core.image_io import ConversionNotes, open_rgb8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -52,11 +55,15 @@ def scan_folder(root: Path, class_map: Optional[dict[str, int]] = None) -> tuple
     return items, classes
 
 
-def build_transform(image_size: int, augment: bool, resize_ratio: float = 1.125, hflip: bool = True):
+def build_transform(image_size: int | tuple[int, int], augment: bool, resize_ratio: float = 1.125,
+                    hflip: bool = True):
+    """``image_size`` S or (H, W): the shorter side goes to round(ratio * max(H, W)), then a
+    (H, W) crop."""
     from torchvision import transforms as T
 
-    resize = T.Resize(round(resize_ratio * image_size), interpolation=T.InterpolationMode.LANCZOS)
-    crop = T.RandomCrop(image_size) if augment else T.CenterCrop(image_size)
+    h, w = image_hw(image_size)
+    resize = T.Resize(round(resize_ratio * max(h, w)), interpolation=T.InterpolationMode.LANCZOS)
+    crop = T.RandomCrop((h, w)) if augment else T.CenterCrop((h, w))
     steps = [resize, crop]
     if augment and hflip:
         steps.append(T.RandomHorizontalFlip())
@@ -65,9 +72,9 @@ def build_transform(image_size: int, augment: bool, resize_ratio: float = 1.125,
 
 
 class ImageFolderDataset(Dataset):
-    """(image (3, S, S) float in [-1, 1], label int64) from class sub-folders."""
+    """(image (3, H, W) float in [-1, 1], label int64) from class sub-folders."""
 
-    def __init__(self, root: str | Path, split: str = "train", image_size: int = 256,
+    def __init__(self, root: str | Path, split: str = "train", image_size: int | tuple[int, int] = 256,
                  augment: Optional[bool] = None, hflip: bool = True, resize_ratio: float = 1.125,
                  class_map: str | Path | None = None):
         from sar_core.classes import read_class_map
@@ -78,7 +85,7 @@ class ImageFolderDataset(Dataset):
         self.root = base / split if (base / split).is_dir() else base
         self.class_map = read_class_map(class_map) if class_map else None
         self.items, self.classes = scan_folder(self.root, self.class_map)
-        self.image_size = int(image_size)
+        self.image_size = size_option(image_size)
         self.augment = (split == "train") if augment is None else bool(augment)
         self.transform = build_transform(self.image_size, self.augment, resize_ratio, hflip)
         self.notes = ConversionNotes(f"image folder {self.root}")
@@ -94,8 +101,9 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         path, label = self.items[i]
         img, notes = open_rgb8(path)
-        if min(img.size) < self.image_size:
-            notes.append(f"images smaller than {self.image_size} px a side upscaled")
+        side = max(image_hw(self.image_size))
+        if min(img.size) < side:
+            notes.append(f"images smaller than {side} px a side upscaled")
         self.notes.add(notes)
         return self.transform(img), torch.tensor(label, dtype=torch.int64)
 
@@ -104,9 +112,9 @@ class ImageFolderDataset(Dataset):
                 f"image_size={self.image_size}, augment={self.augment})")
 
 
-def imagefolder(root: str, split: str = "train", image_size: int = 256, augment: Optional[bool] = None,
-                hflip: bool = True, resize_ratio: float = 1.125, class_map: Optional[str] = None,
-                **_) -> ImageFolderDataset:
+def imagefolder(root: str, split: str = "train", image_size: int | tuple[int, int] = 256,
+                augment: Optional[bool] = None, hflip: bool = True, resize_ratio: float = 1.125,
+                class_map: Optional[str] = None, **_) -> ImageFolderDataset:
     """Factory registered as dataset ``imagefolder`` (``class_map``: a file, see
     :mod:`sar_core.classes`)."""
     return ImageFolderDataset(root, split=split, image_size=image_size, augment=augment, hflip=hflip,

@@ -88,7 +88,7 @@ class UInt8Images(Dataset):
 
 
 class DatasetImages(Dataset):
-    """A sar dataset of (image in [-1, 1], label) -> items uint8 (3, H, W)."""
+    """A sar dataset of (image in [-1, 1], target) -> items uint8 (3, H, W)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -105,11 +105,11 @@ class DatasetImages(Dataset):
 class FolderImages(Dataset):
     """Every image file under a folder (recursively), as uint8 (3, S, S) RGB.
 
-    With ``image_size`` S, images are resized / centre-cropped as ADM's reference batches
-    were (:func:`sar_core.image_io.adm_center_crop`), so mixed sizes work; without it every
+    With ``image_size`` (S or (H, W)), images are resized / centre-cropped as ADM's
+    reference batches were (:func:`sar_core.image_io.adm_center_crop`), so mixed sizes work; without it every
     image must already have the same size."""
 
-    def __init__(self, folder: str | Path, image_size: Optional[int] = None):
+    def __init__(self, folder: str | Path, image_size: int | tuple[int, int] | None = None):
         from sar_core.image_io import ConversionNotes
 
         root = Path(folder)
@@ -118,7 +118,9 @@ class FolderImages(Dataset):
         self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-        self.root, self.image_size = root, image_size
+        from sar_core.data import image_hw
+
+        self.root, self.image_size = root, (None if image_size is None else image_hw(image_size))
         self.notes = ConversionNotes(f"reference folder {root}")
 
     def __len__(self) -> int:
@@ -129,13 +131,13 @@ class FolderImages(Dataset):
 
         img, notes = open_rgb8(self.paths[i])
         self.notes.add(notes)
-        if self.image_size is not None and img.size != (self.image_size, self.image_size):
+        if self.image_size is not None and img.size[::-1] != self.image_size:
             img = adm_center_crop(img, self.image_size)
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 def as_image_set(x: Any) -> Dataset:
-    """An image tensor, a (image, label) dataset, or a folder path -> uint8 image dataset."""
+    """An image tensor, an (image, target) dataset, or a folder path -> uint8 image dataset."""
     if isinstance(x, (UInt8Images, DatasetImages, FolderImages)):
         return x
     if isinstance(x, torch.Tensor):
@@ -157,11 +159,13 @@ def _accepts(factory: Callable, name: str) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def open_dataset(spec: str | Path, split: str = "train", image_size: int | None = None,
+def open_dataset(spec: str | Path, split: str = "train", image_size: int | tuple[int, int] | None = None,
                  deterministic: bool = False, **options) -> Dataset:
     """A registered dataset name, or a folder (read by the registered ``imagefolder``
-    dataset) -> a dataset of (image (3, S, S) in [-1, 1], label).
+    dataset) -> a dataset of (image (3, H, W) in [-1, 1], target) items.
 
+    ``image_size`` is an int (square) or an (H, W) pair; factories get an int for square
+    sizes and the pair otherwise.
     ``deterministic`` asks the factory for ``augment=False`` (no random crops / flips:
     code caches and diagnostics must see every image the same way each time)."""
     from sar_core.plugins import get_registry
@@ -169,7 +173,9 @@ def open_dataset(spec: str | Path, split: str = "train", image_size: int | None 
     reg = get_registry()
     opts = {"split": split, **options}
     if image_size is not None:
-        opts["image_size"] = int(image_size)
+        from sar_core.data import size_option
+
+        opts["image_size"] = size_option(image_size)
     if str(spec) in reg.names("dataset"):
         factory = reg.get("dataset", str(spec))
     elif Path(spec).is_dir():
@@ -386,41 +392,45 @@ def resolve_reference(reference: str | Path, split: str) -> tuple[str, Optional[
     raise ValueError(f"reference '{reference}' is neither a registered dataset ({known}) nor a folder")
 
 
-def reference_set(reference: str | Path, split: str, image_size: int) -> Dataset:
-    """A registered dataset name (its ``split`` at ``image_size``) or a folder of images
-    (``folder/<split>`` if present; resized / centre-cropped to ``image_size`` as ADM's
-    reference batches) -> uint8 image set. The first image is read at once, so a bad
+def reference_set(reference: str | Path, split: str, image_size: int | tuple[int, int]) -> Dataset:
+    """A registered dataset name (its ``split`` at ``image_size``, S or (H, W)) or a folder
+    of images (``folder/<split>`` if present; resized / centre-cropped to ``image_size`` as
+    ADM's reference batches) -> uint8 image set. The first image is read at once, so a bad
     reference fails before any sampling."""
+    from sar_core.data import image_hw
     from sar_core.plugins import get_registry
 
+    hw = image_hw(image_size)
     where, used = resolve_reference(reference, split)
     if where in get_registry().names("dataset"):
-        data = DatasetImages(open_dataset(where, split=used, image_size=image_size, deterministic=True))
+        data = DatasetImages(open_dataset(where, split=used, image_size=hw, deterministic=True))
     else:
-        data = FolderImages(where, image_size)
+        data = FolderImages(where, hw)
     if len(data) == 0:
         raise ValueError(f"reference '{reference}' (split {used}) holds no images")
     first = data[0]
-    if tuple(first.shape) != (3, image_size, image_size):
-        raise ValueError(f"reference '{reference}' gives {tuple(first.shape)} images, expected "
-                         f"(3, {image_size}, {image_size})")
+    if tuple(first.shape) != (3, *hw):
+        raise ValueError(f"reference '{reference}' gives {tuple(first.shape)} images, expected (3, {hw[0]}, {hw[1]})")
     return data
 
 
-def sample_uint8(adapter, labels: torch.Tensor, *, schedule, batch_size: int,
-                 samples_folder: str | Path | None = None, progress: Optional[Callable[[int], None]] = None,
+def sample_uint8(adapter, num: int, *, schedule, batch_size: int, samples_folder: str | Path | None = None,
+                 names: Optional[torch.Tensor] = None, progress: Optional[Callable[[int], None]] = None,
                  **sampling) -> torch.Tensor:
-    """Samples streamed into one uint8 (N, 3, H, W) tensor (4x less memory than float32),
-    each batch written to ``samples_folder`` as it comes."""
+    """``num`` samples (``sampling``: labels= or conditions=, see
+    :func:`sar_core.generation.iter_images`) streamed into one uint8 (N, 3, H, W) tensor (4x
+    less memory than float32), each batch written to ``samples_folder`` as it comes
+    (``names``: the labels put into the file names)."""
     from sar_core.generation import iter_images, save_folder
 
     h, w = adapter.image_size(schedule)
-    out = torch.empty(len(labels), 3, h, w, dtype=torch.uint8)
+    out = torch.empty(num, 3, h, w, dtype=torch.uint8)
     row = 0
-    for images in iter_images(adapter, labels, schedule=schedule, batch_size=batch_size, **sampling):
+    for images in iter_images(adapter, schedule=schedule, batch_size=batch_size, **sampling):
         out[row:row + len(images)] = to_uint8(images)
         if samples_folder:
-            save_folder(images, samples_folder, labels[row:row + len(images)].tolist(), start=row)
+            part = None if names is None else names[row:row + len(images)].tolist()
+            save_folder(images, samples_folder, part, start=row)
         row += len(images)
         if progress is not None:
             progress(len(images))
@@ -438,14 +448,19 @@ def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSp
                      reference_stats: str | Path | None = None, metrics: Sequence[str] = ALL_METRICS,
                      cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
                      batch_size: int = 32, schedule=None, samples_folder: str | Path | None = None,
-                     samples_npz: str | Path | None = None, progress: Optional[PassProgress] = None) -> dict:
-    """Sample ``num_samples`` class-balanced images and measure them (``sar eval``).
+                     samples_npz: str | Path | None = None, progress: Optional[PassProgress] = None,
+                     conditions=None) -> dict:
+    """Sample ``num_samples`` images and measure them (``sar eval``).
 
+    Class-conditional families sample class-balanced. ``conditions`` (a
+    :class:`~sar_core.data.Batch` or a dict of payloads, e.g. text features, see
+    :func:`sar_core.generation.condition_batch`) conditions the samples instead, cycling
+    through its rows; a family without classes needs it. Class accuracy needs classes.
     The reference is opened (and its first image read) before sampling. Samples are held
     as uint8. ``progress(description, total)`` is called once per pass (sampling, each
     feature pass, class accuracy). Metrics that need the reference *set* (KID, precision /
     recall) are skipped, with a note, when only ``reference_stats`` are given."""
-    from sar_core.generation import balanced_labels, num_classes_of
+    from sar_core.generation import balanced_labels, condition_batch
     from sar_core.schedule import Schedule
 
     metrics = _check_metrics(metrics)
@@ -458,20 +473,28 @@ def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSp
         if skipped:
             notes.append(f"skipped {skipped}: they need the reference images, not only mu / sigma")
         metrics = tuple(m for m in metrics if m not in skipped)
-    n_classes = num_classes_of(adapter)
-    if n_classes is None:
-        raise ValueError(f"family '{adapter.name}' has no num_classes; sar eval samples class-conditionally")
+    n_classes = adapter.num_classes
+    if n_classes is None and conditions is None:
+        raise ValueError(f"family '{adapter.name}' has no classes to sample class-balanced; give condition "
+                         "payloads (e.g. --text-features FILE)")
     schedule = Schedule.parse(schedule) if schedule is not None else adapter.default_schedule
-    size = adapter.image_size(schedule)
+    size = tuple(adapter.image_size(schedule))
     used_split = None
     ref = None
     if reference is not None:
-        ref = reference_set(reference, reference_split, size[-1])
+        ref = reference_set(reference, reference_split, size)
         used_split = resolve_reference(reference, reference_split)[1]
-    labels = balanced_labels(num_samples, n_classes)
-    images = sample_uint8(adapter, labels, schedule=schedule, batch_size=batch_size, samples_folder=samples_folder,
-                          progress=_pass(progress, "sampling", len(labels)), cfg=cfg, top_k=top_k, top_p=top_p,
-                          seed=seed)
+    if conditions is not None:
+        batch = condition_batch(conditions)
+        batch = batch.rows(torch.arange(num_samples) % len(batch))
+        labels, source = batch.labels, dict(conditions=batch)
+    else:
+        labels = balanced_labels(num_samples, n_classes)
+        source = dict(labels=labels)
+    images = sample_uint8(adapter, num_samples, schedule=schedule, batch_size=batch_size,
+                          samples_folder=samples_folder, names=labels,
+                          progress=_pass(progress, "sampling", num_samples), cfg=cfg, top_k=top_k, top_p=top_p,
+                          seed=seed, **source)
     if samples_npz:
         write_samples_npz(images, samples_npz)
     if extractor.grayscale_only and (looks_rgb(images) or (ref is not None and looks_rgb(ref[0][None]))):
@@ -480,7 +503,7 @@ def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSp
     device = adapter.device
     report = compute_metrics(images, ref, extractor=extractor, metrics=metrics, reference_stats=stats,
                              device=device, batch_size=batch_size, seed=seed, progress=progress)
-    if extractor.classifier is not None:
+    if extractor.classifier is not None and labels is not None:
         report["class_accuracy"] = class_accuracy(images, labels, extractor, device,
                                                   progress=_pass(progress, "class accuracy", len(labels)))
     report.update({"family": adapter.name, "schedule": schedule.to_list(), "cfg": cfg, "top_k": top_k,

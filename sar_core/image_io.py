@@ -96,14 +96,15 @@ class ConversionNotes:
             print(f"warning: {self.where}: {note} (said once)", file=sys.stderr, flush=True)
 
 
-def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize / centre-crop to ``size`` x ``size`` the way ADM's reference batches were made:
-    halve with a box filter while the short side is >= 2 * size, resize bicubically so the
-    short side is ``size``, then crop the centre."""
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+def adm_center_crop(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """Resize / centre-crop to ``size`` (S, or (H, W)) the way ADM's reference batches were
+    made: halve with a box filter while the image is at least twice the target, resize
+    bicubically so it just covers the target, then crop the centre."""
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    while img.width >= 2 * w and img.height >= 2 * h:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
+    scale = max(w / img.width, h / img.height)
+    img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), resample=Image.BICUBIC)
     arr = np.asarray(img)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return Image.fromarray(arr[top:top + size, left:left + size])
+    top, left = (arr.shape[0] - h) // 2, (arr.shape[1] - w) // 2
+    return Image.fromarray(arr[top:top + h, left:left + w])

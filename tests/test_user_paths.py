@@ -191,7 +191,8 @@ def test_samples_are_streamed_as_uint8_equal_to_the_float_path(tmp_path):
 
     adapter = tiny_var()
     labels = torch.arange(7) % 3
-    u8 = sample_uint8(adapter, labels, schedule=adapter.default_schedule, batch_size=3, seed=5, cfg=1.5,
+    u8 = sample_uint8(adapter, 7, labels=labels, names=labels, schedule=adapter.default_schedule, batch_size=3,
+                      seed=5, cfg=1.5,
                       samples_folder=tmp_path / "s")
     assert u8.dtype == torch.uint8 and u8.shape == (7, 3, 16, 16)
     ref = to_uint8(generate_images(adapter, labels, seed=5, cfg=1.5, batch_size=3))
