@@ -22,6 +22,7 @@ def cache_schedule(adapter, spec: Optional[str]):
     from sar_core.trainer import build_schedule_sampler
 
     sampler = build_schedule_sampler(adapter, spec, 0, get_registry())
+    adapter.check_schedule_sampler(sampler)
     if type(sampler) is not ScheduleSampler:
         raise ValueError(f"--schedule {spec} draws a new schedule every step, but a code cache holds one "
                          "schedule: pass sides like 1_2_3_4, or train from images")

@@ -33,7 +33,6 @@ from sar_core import checkpointing as ckpt
 from sar_core import distributed as D
 from sar_core.checkpoint_io import atomic_write_text
 from sar_core.config import RunConfig
-from sar_core.classes import check_classes, data_num_classes
 from sar_core.data import BatchStream, image_hw, is_code_cache, open_training_data
 from sar_core.ema import EMA
 from sar_core.optim import build_optimizer, lr_at, set_lr
@@ -88,17 +87,14 @@ def build_schedule_sampler(adapter, spec: Optional[str], seed: int, registry) ->
     if spec is None:
         return adapter.schedule_sampler(seed)
     if spec in registry.names("schedule"):
-        sampler = registry.get("schedule", spec)(adapter.default_schedule, seed)
-    else:
-        try:
-            schedule = Schedule.parse(spec)
-        except ValueError:
-            known = ", ".join(registry.names("schedule")) or "none"
-            raise ValueError(f"model.schedule {spec!r} is neither a schedule like 1_2_3_4 nor a registered "
-                             f"schedule sampler ({known})") from None
-        sampler = ScheduleSampler(schedule, seed)
-    adapter.check_schedule_sampler(sampler)  # the model's own size rules (e.g. FlexVAR's latent)
-    return sampler
+        return registry.get("schedule", spec)(adapter.default_schedule, seed)
+    try:
+        schedule = Schedule.parse(spec)
+    except ValueError:
+        known = ", ".join(registry.names("schedule")) or "none"
+        raise ValueError(f"model.schedule {spec!r} is neither a schedule like 1_2_3_4 nor a registered "
+                         f"schedule sampler ({known})") from None
+    return ScheduleSampler(schedule, seed)
 
 
 def build_rollout_and_loss(cfg: RunConfig, registry) -> tuple[Any, Any]:
@@ -170,12 +166,15 @@ class Trainer:
             self.log("note: no model.backbone given: training a freshly initialised backbone (pretraining)")
         self.rollout, self.csf_loss = build_rollout_and_loss(cfg, self.registry)
         self.sampler = build_schedule_sampler(self.adapter, cfg.model.schedule, seed, self.registry)
+        self.adapter.check_schedule_sampler(self.sampler)  # the model's size rules (e.g. FlexVAR's latent)
         self.adapter.to(env.device)
         self.backbone = self.adapter.backbone
         self.backbone.train()
         if cfg.model.cond_drop is not None:
             self.adapter.condition_dropout = cfg.model.cond_drop
         self.dataset = self._open_data()
+        from sar_core.classes import check_classes, data_num_classes
+
         check_classes(data_num_classes(self.dataset), self.adapter, cfg.model.resize_classes,
                       f"--data {cfg.data.name}", self.log)
         self.stream = BatchStream(self.dataset, self.micro_batch, env.rank, env.world_size, seed,
@@ -492,6 +491,8 @@ class Trainer:
             ema = self.ema.state_dict()["shadow"] if self.ema is not None else None
             if main:
                 plain = build_adapter(self.config, self.registry)
+                if plain.num_classes != self.adapter.num_classes:  # model.resize_classes
+                    plain.resize_classes(self.adapter.num_classes)
                 plain.backbone.load_state_dict(full)
                 plain.save(None, self.out_dir / "backbone.pth")
                 if ema is not None:

@@ -73,13 +73,22 @@ def test_schedule_names_go_through_the_adapter_size_check(tmp_path):
 
     small = FlexVARAdapter.load(FIX / "flexvar" / "FlexVAE_tiny.pth", FIX / "flexvar" / "FlexVARd2-tiny.pth",
                                 overrides={"image_size": 32})  # an 8-token latent: too small for side 16
-    with pytest.raises(ValueError, match="end at side 16"):
-        build_schedule_sampler(small, "flexvar-random", 0, get_registry())
-    with pytest.raises(ValueError, match="above the 8-token latent"):
-        build_schedule_sampler(small, "1_2_4_16", 0, get_registry())
+    for spec, message in (("flexvar-random", "end at side 16"), ("1_2_4_16", "above the 8-token latent")):
+        with pytest.raises(ValueError, match=message):
+            small.check_schedule_sampler(build_schedule_sampler(small, spec, 0, get_registry()))
+        with pytest.raises(ValueError, match=message):  # what sar tokenize does
+            cache_schedule(small, spec)
     big = FlexVARAdapter.load(FIX / "flexvar" / "FlexVAE_tiny.pth", FIX / "flexvar" / "FlexVARd2-tiny.pth",
                               overrides={"image_size": 64})  # a 16-token latent: random schedules fit
-    build_schedule_sampler(big, "flexvar-random", 0, get_registry())
+    big.check_schedule_sampler(build_schedule_sampler(big, "flexvar-random", 0, get_registry()))
     with pytest.raises(ValueError, match="a code cache holds one schedule"):
         cache_schedule(big, "flexvar-random")
     assert str(cache_schedule(small, "1_2_4")) == "1_2_4"
+
+
+def test_train_sends_a_schedule_name_through_the_adapter_size_check(tmp_path):
+    r = toy.invoke("train", "-f", "flexvar", "--tokenizer", FIX / "flexvar" / "FlexVAE_tiny.pth",
+                   "--backbone", FIX / "flexvar" / "FlexVARd2-tiny.pth", "--data", "digits", "--image-size", "32",
+                   "--schedule", "flexvar-random", "--steps", "1", "--batch-size", "2", "--workers", "0",
+                   "--loggers", "jsonl", "--out", tmp_path / "run")
+    assert r.exit_code == 2 and "end at side 16" in " ".join(r.output.split()), r.output
