@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sar_core.eval_inputs import looks_rgb, reference_set, resolve_reference, sample_uint8  # noqa: F401
 from sar_core.generation import to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -103,11 +104,11 @@ class DatasetImages(Dataset):
 
 
 class FolderImages(Dataset):
-    """Every image file under a folder (recursively), as uint8 (3, S, S) RGB.
+    """Every image file under a folder (recursively), as uint8 (3, H, W) RGB.
 
     With ``image_size`` (S or (H, W)), images are resized / centre-cropped as ADM's
-    reference batches were (:func:`sar_core.image_io.adm_center_crop`), so mixed sizes work; without it every
-    image must already have the same size."""
+    reference batches were (:func:`sar_core.image_io.adm_center_crop`), so mixed sizes
+    work; without it every image must already have the same size."""
 
     def __init__(self, folder: str | Path, image_size: int | tuple[int, int] | None = None):
         from sar_core.image_io import ConversionNotes
@@ -377,72 +378,6 @@ def class_accuracy(images: Any, labels: torch.Tensor, extractor: FeatureExtracto
 
 
 # ------------------------------------------------------------------------ whole pipeline
-def resolve_reference(reference: str | Path, split: str) -> tuple[str, Optional[str]]:
-    """(what to read, the split actually used): a registered dataset name and its split, or
-    a folder, ``folder/<split>`` when that sub-folder exists (split None otherwise)."""
-    from sar_core.plugins import get_registry
-
-    reg = get_registry()
-    if str(reference) in reg.names("dataset"):
-        return str(reference), split
-    base = Path(reference)
-    if base.is_dir():
-        return (str(base / split), split) if split and (base / split).is_dir() else (str(base), None)
-    known = ", ".join(reg.names("dataset")) or "none"
-    raise ValueError(f"reference '{reference}' is neither a registered dataset ({known}) nor a folder")
-
-
-def reference_set(reference: str | Path, split: str, image_size: int | tuple[int, int]) -> Dataset:
-    """A registered dataset name (its ``split`` at ``image_size``, S or (H, W)) or a folder
-    of images (``folder/<split>`` if present; resized / centre-cropped to ``image_size`` as
-    ADM's reference batches) -> uint8 image set. The first image is read at once, so a bad
-    reference fails before any sampling."""
-    from sar_core.data import image_hw
-    from sar_core.plugins import get_registry
-
-    hw = image_hw(image_size)
-    where, used = resolve_reference(reference, split)
-    if where in get_registry().names("dataset"):
-        data = DatasetImages(open_dataset(where, split=used, image_size=hw, deterministic=True))
-    else:
-        data = FolderImages(where, hw)
-    if len(data) == 0:
-        raise ValueError(f"reference '{reference}' (split {used}) holds no images")
-    first = data[0]
-    if tuple(first.shape) != (3, *hw):
-        raise ValueError(f"reference '{reference}' gives {tuple(first.shape)} images, expected (3, {hw[0]}, {hw[1]})")
-    return data
-
-
-def sample_uint8(adapter, num: int, *, schedule, batch_size: int, samples_folder: str | Path | None = None,
-                 names: Optional[torch.Tensor] = None, progress: Optional[Callable[[int], None]] = None,
-                 **sampling) -> torch.Tensor:
-    """``num`` samples (``sampling``: labels= or conditions=, see
-    :func:`sar_core.generation.iter_images`) streamed into one uint8 (N, 3, H, W) tensor (4x
-    less memory than float32), each batch written to ``samples_folder`` as it comes
-    (``names``: the labels put into the file names)."""
-    from sar_core.generation import iter_images, save_folder
-
-    h, w = adapter.image_size(schedule)
-    out = torch.empty(num, 3, h, w, dtype=torch.uint8)
-    row = 0
-    for images in iter_images(adapter, schedule=schedule, batch_size=batch_size, **sampling):
-        out[row:row + len(images)] = to_uint8(images)
-        if samples_folder:
-            part = None if names is None else names[row:row + len(images)].tolist()
-            save_folder(images, samples_folder, part, start=row)
-        row += len(images)
-        if progress is not None:
-            progress(len(images))
-    return out
-
-
-def looks_rgb(images: torch.Tensor, tolerance: int = 8) -> bool:
-    """Whether uint8 (N, 3, H, W) images have colour (channels differ by more than ``tolerance``)."""
-    x = images[: min(len(images), 256)].int()
-    return bool(((x[:, 0] - x[:, 1]).abs().max() > tolerance) or ((x[:, 1] - x[:, 2]).abs().max() > tolerance))
-
-
 def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSpec,
                      reference: str | Path | None = None, reference_split: str = "val",
                      reference_stats: str | Path | None = None, metrics: Sequence[str] = ALL_METRICS,

@@ -186,7 +186,7 @@ def test_reference_is_checked_before_sampling(tmp_path, monkeypatch):
 
 
 def test_samples_are_streamed_as_uint8_equal_to_the_float_path(tmp_path):
-    from sar_core.evaluation import sample_uint8
+    from sar_core.eval_inputs import sample_uint8
     from sar_core.generation import generate_images, to_uint8
 
     adapter = tiny_var()
