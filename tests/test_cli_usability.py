@@ -84,7 +84,12 @@ def test_plugins_lists_versions_and_hooks():
     assert "register_loggers" in rows["wandb"]["hooks"]
 
 
-@pytest.mark.parametrize("command", ["sample", "eval", "diagnose", "tokenize", "plugins"])
+@pytest.mark.parametrize("command", ["sample", "eval", "diagnose", "tokenize", "plugins", "pretrain", "demo"])
 def test_every_flag_of_the_model_commands_has_help(command):
     params = [p for p in _command(command).params if p.name != "help"]
     assert all(p.help for p in params), [p.name for p in params if not p.help]
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "diagnose", "tokenize", "pretrain", "demo"])
+def test_config_everywhere(command):
+    assert "--config" in {o for p in _command(command).params for o in p.opts}
