@@ -69,6 +69,7 @@ def apply_overrides(cfg: dict, overrides: Optional[dict]) -> dict:
 
 class FlexVARAdapter(ScaleWiseAdapter):
     name: ClassVar[str] = "flexvar"
+    reuses_prefix = True  # backbone forward takes prefix= (sar_core.prefix_cache)
     config_cls = FlexVARConfig
     no_decay_keywords = NO_DECAY
 
@@ -224,6 +225,9 @@ class FlexVARAdapter(ScaleWiseAdapter):
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
+    def transformer_blocks(self):
+        return list(self.backbone.blocks)
+
     def generate(self, cond: torch.Tensor, schedule: Schedule, *, cfg: float, top_k: int = 0,
                  top_p: float = 0.0, generator: torch.Generator | None = None,
                  max_pn: int = 16, used_llamagen_cfg: bool = False,

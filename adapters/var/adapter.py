@@ -23,6 +23,7 @@ _CASE_SECTIONS = ("tokenizer", "backbone")
 
 class VARAdapter(ScaleWiseAdapter):
     name = "var"
+    reuses_prefix = True  # backbone forward takes prefix= (sar_core.prefix_cache)
     config_cls = VARConfig
     no_decay_keywords = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC",
                          "pos_start", "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias",
@@ -112,6 +113,9 @@ class VARAdapter(ScaleWiseAdapter):
         return self.tokenizer.training_loss(images, self._sides(schedule))
 
     # ---------------------------------------------------------------- backbone side
+    def transformer_blocks(self):
+        return list(self.backbone.blocks)
+
     def generate(self, cond: Any, schedule: Schedule, *, cfg: float, top_k: int = 0,
                  top_p: float = 0.0, generator: torch.Generator | None = None,
                  **options: Any) -> Generation:
