@@ -109,6 +109,9 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, gt=0)
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype (CUDA only)")
     compile: bool = False
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="recompute transformer blocks in backward to save activation memory: "
+        "'full' keeps only block inputs, 'selective' keeps matmul / attention outputs")
     ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of the backbone weights (0: off)")
     seed: int = 0
     device: str = "auto"

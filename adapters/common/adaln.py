@@ -127,7 +127,8 @@ class AdaLNSelfAttn(nn.Module):
             ada = self.ada_lin(cond_BD).view(-1, 1, 6, self.dim)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
         h = self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1)
-        x = x + self.drop_path(self.attn(h, attn_bias, kv).mul_(gamma1))
+        x = x + self.drop_path(self.attn(h, attn_bias, kv).mul(gamma1))  # not in place: selective
+        # activation checkpointing keeps the projection's output
         h = self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)
         x = x + self.drop_path(self.ffn(h).mul(gamma2))
         return x
