@@ -18,9 +18,11 @@ runs the student-forced pass through the adapter contract only:
 Guided sampling asks the adapter (``adapter.guide_logits``) how to guide at scale i of n;
 the default is the official trainer's ramp t_i = cfg * 0.5 * (1 + i / (n - 1)) and
 logits = (1 + t) * cond - t * uncond. The null-condition rows only steer the detached
-rollout, so by default (``cfg_rows='split'``) they run as a separate forward without
-gradients; ``cfg_rows='joint'`` runs one teacher pass on 2B rows (condition, then null
-condition) with gradients, exactly as upstream (same batching, same dropout draws).
+rollout, so by default they run as a separate forward without gradients, and a rollout
+samples only the scales its student pass reads (``needed_scales``). With
+``upstream_exact=True`` the teacher pass runs on 2B rows (condition, then null
+condition) with gradients and every scale is sampled, exactly as the official trainer
+(same batching, same dropout and sampling draws): the conformance kit's path.
 
 Cost notes: the student pass keeps its logits whole (``StudentPass.full``) so CSF losses
 run over one contiguous tensor (no copy of the logits, no zero-filled gradient); ``ssr``
@@ -107,11 +109,8 @@ class Rollout:
     skips_parameters: ClassVar[bool] = False
 
     def __init__(self, sampling: str = "argmax", top_k: int = 0, top_p: float = 0.0,
-                 cfg: float = 1.0, scales: str = "all", cfg_rows: str = "split"):
-        if cfg_rows not in ("split", "joint"):
-            raise ValueError(f"rollout cfg_rows must be 'split' (null rows without gradients) or "
-                             f"'joint' (one 2B-row pass, upstream-exact), got {cfg_rows!r}")
-        self.cfg_rows = cfg_rows
+                 cfg: float = 1.0, scales: str = "all", upstream_exact: bool = False):
+        self.upstream_exact = bool(upstream_exact)
         if sampling not in ("argmax", "sample"):
             raise ValueError(f"rollout sampling must be 'argmax' or 'sample', got {sampling!r}")
         if scales not in ("all", "last", "random"):
@@ -124,21 +123,37 @@ class Rollout:
         """True when the teacher pass must run on cond + null rows (guided sampling)."""
         return self.active and self.sampling == "sample" and self.cfg > 1
 
+    @property
+    def joint_cfg(self) -> bool:
+        """True when the guided teacher pass runs on 2B rows with gradients (upstream)."""
+        return self.uses_cfg and self.upstream_exact
+
+    def needed_scales(self, schedule: Schedule) -> Optional[list[int]]:
+        """Scales whose predictions the student pass reads (None: every scale)."""
+        return None
+
     def prefix_length(self, adapter, schedule: Schedule) -> Optional[int]:
         """Tokens whose pass-1 keys / values pass 2 reuses (None: pass 2 runs in full)."""
         return None
 
     def predict(self, adapter, logits_cond: torch.Tensor, logits_uncond: Optional[torch.Tensor],
-                schedule: Schedule, generator: Optional[torch.Generator]) -> list:
-        """Predicted codes per scale from detached teacher logits (B, L, V), scale order.
+                schedule: Schedule, generator: Optional[torch.Generator],
+                scales: Optional[Sequence[int]] = None) -> list:
+        """Predicted codes per scale from detached teacher logits (B, L, V), scale order;
+        ``None`` at scales not in ``scales`` (default: every scale).
 
-        Sampling makes exactly one multinomial call per scale (rows batch-major), so a
-        seeded generator reproduces the official trainer's draws.
+        Sampling makes exactly one multinomial call per predicted scale (rows
+        batch-major), so with every scale a seeded generator reproduces the official
+        trainer's draws.
         """
         bits = adapter.bits_per_token
         n = len(schedule)
+        wanted = set(range(n)) if scales is None else set(scales)
         preds = []
         for i in range(n):
+            if i not in wanted:
+                preds.append(None)
+                continue
             sl = schedule.slice(i)
             lg = logits_cond[:, sl].float()
             if self.sampling == "argmax":
@@ -195,14 +210,19 @@ class StaggerScaleRollout(Rollout):
     name = "ssr"
 
     def __init__(self, sampling: str = "argmax", top_k: int = 0, top_p: float = 0.0,
-                 cfg: float = 1.0, scales: str = "all", cfg_rows: str = "split",
+                 cfg: float = 1.0, scales: str = "all", upstream_exact: bool = False,
                  reuse_prefix: bool = True):
-        super().__init__(sampling, top_k, top_p, cfg, scales, cfg_rows)
+        super().__init__(sampling, top_k, top_p, cfg, scales, upstream_exact)
         self.reuse_prefix = bool(reuse_prefix)
+
+    def needed_scales(self, schedule):
+        if self.scales == "last" and len(schedule) >= 2 and not self.upstream_exact:
+            return [len(schedule) - 2, len(schedule) - 1]
+        return None
 
     def prefix_length(self, adapter, schedule):
         if (self.reuse_prefix and self.scales == "last" and adapter.reuses_prefix and len(schedule) >= 2
-                and not (self.uses_cfg and self.cfg_rows == "joint")):
+                and not self.joint_cfg):
             return schedule.offsets[-2]
         return None
 
@@ -241,11 +261,15 @@ class OfficialRollout(Rollout):
     # since the command-line sampling flags never reach it): guided sampling, cfg 1.2,
     # top-k 900, top-p 0.96.
     def __init__(self, sampling: str = "sample", top_k: int = 900, top_p: float = 0.96,
-                 cfg: float = 1.2, scales: str = "last", cfg_rows: str = "split"):
+                 cfg: float = 1.2, scales: str = "last", upstream_exact: bool = False):
         if scales != "last":
             raise ValueError("the official rollout student-forces the last transition only "
                              f"(scales='last'); got scales={scales!r}")
-        super().__init__(sampling, top_k, top_p, cfg, scales, cfg_rows)
+        super().__init__(sampling, top_k, top_p, cfg, scales, upstream_exact)
+
+    def needed_scales(self, schedule):
+        n = len(schedule)
+        return None if self.upstream_exact or n < 2 else [n - 2, n - 1]
 
     def student(self, adapter, model, cond, gt_codes, pred_codes, schedule, teacher_logits, rng):
         n = len(schedule)

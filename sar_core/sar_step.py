@@ -11,8 +11,8 @@ student pass only reads detached tensors of pass 1. With ``backward=None`` nothi
 back-propagated and ``StepResult.total`` keeps its graph (single-backward form).
 
 Guided rollouts run the null-condition rows as a separate forward without gradients
-(they only steer the detached rollout); ``cfg_rows='joint'`` keeps upstream's single
-2B-row pass. ``ssr`` with ``scales='last'`` on a family that reuses prefixes records pass
+(they only steer the detached rollout) and only the scales the student pass reads are
+predicted; ``upstream_exact=True`` keeps upstream's single 2B-row pass and its draws. ``ssr`` with ``scales='last'`` on a family that reuses prefixes records pass
 1's prefix keys / values and runs pass 2 over the last scale only; the step then does ONE
 backward of ``L_TF + gamma * L_CSF`` (the CSF gradient flows through the prefix into pass
 1), so pass 1's activations stay alive during the (short) pass 2.
@@ -75,7 +75,9 @@ def sar_step(adapter, model, cond: Any, gt_codes: list, schedule: Schedule, roll
     pred = None
     if rollout.active:
         with torch.no_grad():
-            pred = rollout.predict(adapter, teacher, uncond, schedule, generator)
+            needed = rollout.needed_scales(schedule)
+            extra = {} if needed is None else {"scales": needed}
+            pred = rollout.predict(adapter, teacher, uncond, schedule, generator, **extra)
     del logits_tf, uncond
     if backward is not None and cache is None:  # frees pass 1 before pass 2 is built
         backward(loss_tf)
@@ -103,12 +105,12 @@ def sar_step(adapter, model, cond: Any, gt_codes: list, schedule: Schedule, roll
 
 def _teacher_pass(adapter, model, cond, inputs, schedule, rollout, cache):
     """Pass 1: conditional logits with gradients, and the null-condition logits a guided
-    rollout needs (detached): a separate no-grad forward (``cfg_rows='split'``) or the
-    upstream 2B-row pass (``'joint'``)."""
+    rollout needs (detached): a separate no-grad forward, or upstream's 2B-row pass
+    (``rollout.joint_cfg``)."""
     kw = {"prefix": cache.record()} if cache is not None else {}
     if not rollout.uses_cfg:
         return model(cond, inputs, schedule, **kw), None
-    if rollout.cfg_rows == "joint":
+    if rollout.joint_cfg:
         logits_all = model(adapter.cfg_condition(cond), torch.cat([inputs, inputs], dim=0), schedule)
         B = inputs.shape[0]
         return logits_all[:B], logits_all[B:].detach()
