@@ -1,7 +1,8 @@
 """One SAR step, family-agnostic: teacher-forced pass, rollout, student-forced pass.
 
     gt codes -> teacher inputs -> model (pass 1) -> L_TF  [backward now: frees pass 1]
-             -> rollout predictions (detached) -> stagger inputs -> model (pass 2)
+             -> rollout predictions (detached, sampled after pass 1 is freed)
+             -> stagger inputs -> model (pass 2)
              -> L_CSF against detached teacher targets -> backward(gamma * L_CSF)
 
 ``L = L_TF + gamma * L_CSF``. With ``backward`` given, the TF loss is back-propagated
@@ -72,16 +73,17 @@ def sar_step(adapter, model, cond: Any, gt_codes: list, schedule: Schedule, roll
     logits_tf, uncond = _teacher_pass(adapter, model, cond, inputs, schedule, rollout, cache)
     loss_tf = teacher_forcing_loss(logits_tf, cat_codes(gt_codes), bits, label_smoothing)
     teacher = logits_tf.detach()
+    del logits_tf
+    if backward is not None and cache is None:  # frees pass 1 before the rollout and pass 2
+        backward(loss_tf)
+        loss_tf = loss_tf.detach()
     pred = None
     if rollout.active:
         with torch.no_grad():
             needed = rollout.needed_scales(schedule)
             extra = {} if needed is None else {"scales": needed}
             pred = rollout.predict(adapter, teacher, uncond, schedule, generator, **extra)
-    del logits_tf, uncond
-    if backward is not None and cache is None:  # frees pass 1 before pass 2 is built
-        backward(loss_tf)
-        loss_tf = loss_tf.detach()
+    del uncond
 
     sp = None
     loss_csf = torch.zeros((), device=teacher.device)
