@@ -65,10 +65,13 @@ VARIANTS = {
     "ssr-all+full": Variant("ssr", (("scales", "all"),), ckpt="full"),
     "official-guided+selective": Variant("official", ckpt="selective"),
 }
-DEFAULT = {"tiny": ["tf", "ssr-all", "ssr-last", "ssr-last-fullpass", "official-argmax", "official-guided",
-                    "official-guided-exact"],
+DEFAULT = {"tiny": ["tf", "ssr-all", "ssr-last", "official-argmax", "official-guided"],
            "large": ["tf", "ssr-all", "ssr-last", "official-argmax", "official-guided", "tf+selective",
-                     "ssr-all+selective", "ssr-all+full"]}
+                     "ssr-all+selective"]}
+#: measured for memory only (no timed rounds): the reference paths and full checkpointing
+MEMORY_ONLY = {"tiny": ["ssr-last-fullpass", "official-guided-exact"],
+               "large": ["ssr-last-fullpass", "official-guided-exact", "ssr-all+full",
+                         "official-guided+selective"]}
 
 
 def build(size: str, device: torch.device, seed: int = 0, model: dict | None = None):
@@ -108,17 +111,17 @@ def make_step(adapter, codes, labels, schedule, opt, variant: Variant, autocast=
 
 
 def bench_size(size: str, names: list[str], rounds: int, budget: float, threads: int,
-               device: torch.device, log=print, model: dict | None = None) -> dict:
+               device: torch.device, log=print, model: dict | None = None,
+               memory_only: list[str] = ()) -> dict:
     adapter, codes, labels, schedule, opt = build(size, device, model=model)
-    steps = {n: make_step(adapter, codes, labels, schedule, opt, VARIANTS[n]) for n in names}
-    for s in steps.values():
-        s()  # warm-up: gradients and optimizer state exist from here on
+    steps = {n: make_step(adapter, codes, labels, schedule, opt, VARIANTS[n])
+             for n in list(names) + [m for m in memory_only if m not in names]}
     mem = {}
     for n, s in steps.items():
-        s()
+        s()  # warm-up: gradients and optimizer state exist from here on
         mem[n] = measure_step(s, training_state(adapter.backbone, opt, [codes, labels]), device)
     t0 = time.perf_counter()
-    res = run_rounds(steps, "tf", rounds=rounds, budget_s=budget, threads=threads,
+    res = run_rounds({n: steps[n] for n in names}, "tf", rounds=rounds, budget_s=budget, threads=threads,
                      log=lambda m: log("  " + m))
     apply_activation_checkpointing(adapter.transformer_blocks(), "none")
     spec = SIZES[size]
@@ -137,12 +140,15 @@ def report(r: dict, device: torch.device, threads: int) -> str:
              f"{res.rejected} busy rounds seen{flag}",
              f"{'variant':<26}{'wall ms':>8}{'x TF':>6}{'95% CI':>14}{'cpu x TF':>9}{'95% CI':>14}"
              f"{'step MiB':>9}{'x TF':>6}{'proc MiB':>9}{'x TF':>6}"]
-    for n in res.times:
-        t, q, c = res.time_summary(n), res.summary(n), res.cpu_summary(n)
+    for n in mem:
         m = mem[n]
-        lines.append(f"{n:<26}{1e3 * t.median:>8.0f}{q.median:>6.2f}{f'[{q.lo:.2f}, {q.hi:.2f}]':>14}"
-                     f"{c.median:>9.2f}{f'[{c.lo:.2f}, {c.hi:.2f}]':>14}"
-                     f"{m.step_peak / 2 ** 20:>9.1f}{m.step_peak / tf.step_peak:>6.2f}"
+        if n in res.times:
+            t, q, c = res.time_summary(n), res.summary(n), res.cpu_summary(n)
+            timing = (f"{1e3 * t.median:>8.0f}{q.median:>6.2f}{f'[{q.lo:.2f}, {q.hi:.2f}]':>14}"
+                      f"{c.median:>9.2f}{f'[{c.lo:.2f}, {c.hi:.2f}]':>14}")
+        else:
+            timing = f"{'(memory only)':>51}"
+        lines.append(f"{n:<26}{timing}{m.step_peak / 2 ** 20:>9.1f}{m.step_peak / tf.step_peak:>6.2f}"
                      f"{m.process_peak / 2 ** 20:>9.1f}{m.process_peak / tf.process_peak:>6.2f}")
     lines.append(f"  resident training state (weights + grads + AdamW + inputs): {tf.resident / 2 ** 20:.1f} MiB")
     return "\n".join(lines)
@@ -153,7 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", action="append", choices=list(SIZES), help="tiny and/or large (default both)")
     ap.add_argument("--variants", default=None, help=f"comma list from: {', '.join(VARIANTS)}")
     ap.add_argument("--rounds", type=int, default=7, help="clean rounds wanted per size")
-    ap.add_argument("--budget", type=float, default=110.0, help="seconds of rounds per size at most")
+    ap.add_argument("--budget", type=float, default=140.0, help="seconds of timed rounds per size at most")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least sensitive to a busy box)")
     ap.add_argument("--quiet", action="store_true", help="no per-round lines")
     args = ap.parse_args(argv)
@@ -170,7 +176,8 @@ def main(argv=None) -> int:
     for size in args.size or ["tiny", "large"]:
         print(f"== {size}", flush=True)
         r = bench_size(size, names or DEFAULT[size], args.rounds, args.budget, args.threads, device,
-                       log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
+                       log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)),
+                       memory_only=[] if names else MEMORY_ONLY[size])
         print(report(r, device, args.threads), flush=True)
     return 0
 
