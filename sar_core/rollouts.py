@@ -19,7 +19,8 @@ Guided sampling asks the adapter (``adapter.guide_logits``) how to guide at scal
 the default is the official trainer's ramp t_i = cfg * 0.5 * (1 + i / (n - 1)) and
 logits = (1 + t) * cond - t * uncond. The null-condition rows only steer the detached
 rollout, so by default they run as a separate forward without gradients, and a rollout
-samples only the scales its student pass reads (``needed_scales``). With
+samples only the scales its student pass reads (``needed_scales``), among the top-k
+candidates only (``sampling.sample_candidates``: the same distribution). With
 ``upstream_exact=True`` the teacher pass runs on 2B rows (condition, then null
 condition) with gradients and every scale is sampled, exactly as the official trainer
 (same batching, same dropout and sampling draws): the conformance kit's path.
@@ -39,7 +40,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
-from sar_core.sampling import sample_logits
+from sar_core.sampling import sample_candidates, sample_logits
 from sar_core.schedule import Schedule
 from sar_core.tokens import group_logits, token_argmax, ungroup_codes
 
@@ -161,11 +162,12 @@ class Rollout:
                 continue
             if logits_uncond is not None:
                 lg = adapter.guide_logits(lg, logits_uncond[:, sl].float(), i, n, self.cfg)
+            draw = sample_logits if self.upstream_exact else sample_candidates
             if bits is None:
-                preds.append(sample_logits(lg, self.top_k, self.top_p, generator))
+                preds.append(draw(lg, self.top_k, self.top_p, generator))
             else:
                 grouped = group_logits(lg, bits)
-                preds.append(ungroup_codes(sample_logits(grouped, self.top_k, self.top_p, generator), bits))
+                preds.append(ungroup_codes(draw(grouped, self.top_k, self.top_p, generator), bits))
         return preds
 
     def transitions(self, schedule: Schedule, rng: random.Random) -> list[int]:

@@ -356,7 +356,9 @@ class AdapterContractTests:
         for name in ("loss_tf", "loss_csf", "total"):
             assert torch.isfinite(getattr(res, name)), name
         if rollout.active:
-            assert res.student is not None and float(res.loss_csf.detach()) > 0
+            # soft: a KL of nearly equal distributions (untrained model) is 0 up to rounding
+            floor = -1e-6 if loss_name == "soft" else 0.0
+            assert res.student is not None and float(res.loss_csf.detach()) > floor
         grads = [p.grad for p in adapter.backbone.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
         assert any(g.abs().sum() > 0 for g in grads)

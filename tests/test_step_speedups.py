@@ -138,7 +138,7 @@ def test_ssr_last_prefix_reuse_with_guided_sampling(flexvar):
 @pytest.mark.parametrize("rollout_cls,options,needed", [
     (OfficialRollout, dict(top_k=1), {4, 5}),
     (OfficialRollout, dict(sampling="argmax"), {4, 5}),
-    (StaggerScaleRollout, dict(scales="all", sampling="sample", top_k=8, cfg=2.0), set(range(6))),
+    (StaggerScaleRollout, dict(scales="all", sampling="sample", top_k=1, cfg=2.0), set(range(6))),
 ])
 def test_split_null_rows_equal_upstream_joint_pass(flexvar, rollout_cls, options, needed):
     split = step_grads(flexvar, rollout_cls(**options), HardCSFL())
@@ -166,3 +166,18 @@ def test_null_rows_carry_no_graph(flexvar):
     B = labels.shape[0]
     assert calls == [(B, True), (B, False), (B, True)]
 
+
+
+@pytest.mark.parametrize("top_k,top_p", [(50, 0.0), (50, 0.9), (400, 0.96), (1, 0.5), (499, 0.3)])
+def test_candidate_sampling_has_the_full_filters_distribution(top_k, top_p):
+    from sar_core.sampling import candidate_probs, filter_top_k_top_p, sample_candidates
+
+    logits = torch.randn(3, 7, 500, generator=torch.Generator().manual_seed(top_k)) * 3
+    want = filter_top_k_top_p(logits, top_k, top_p).float().softmax(-1)
+    probs, idx = candidate_probs(logits, top_k, top_p)
+    got = torch.zeros_like(want).scatter_(-1, idx, probs)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    draws = sample_candidates(logits, top_k, top_p, torch.Generator().manual_seed(0))
+    assert draws.shape == (3, 7) and bool((want.gather(-1, draws[..., None]) > 0).all())
+    tied = torch.zeros(2, 10)
+    assert candidate_probs(tied, 3) is None  # ties at the k-th value: the full filter decides
