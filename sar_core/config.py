@@ -61,6 +61,10 @@ class RolloutConfig(Section):
     top_k: Optional[int] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, ge=0, le=1)
     cfg: Optional[float] = Field(None, ge=0)
+    upstream_exact: Optional[bool] = Field(None, description="guided rollouts: the official trainer's 2B-row "
+                                           "teacher pass and its sampling draws (slower; default: false)")
+    reuse_prefix: Optional[bool] = Field(None, description="ssr scales=last: run pass 2 on the last scale with "
+                                         "pass 1's prefix keys / values (default: true; false = less memory)")
 
     def options(self) -> dict:
         return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
