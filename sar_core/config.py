@@ -11,7 +11,7 @@ reproduced from its folder alone.
     loss:    registry name (hard | soft | naive), options, gamma, label smoothing
     optim:   AdamW and the learning-rate schedule
     train:   steps, batch, AMP, EMA, seeds, checkpoints, guards, loggers
-    dist:    DDP (default) or FSDP2 under torchrun
+    dist:    DDP (default) or FSDP2 under torchrun, collective timeout
 
 ``None`` in the rollout / loss options means "the registered class's own default" (the
 ``official`` rollout defaults to the official trainer's sampled, guided rollout).
@@ -20,6 +20,7 @@ reproduced from its folder alone.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -133,6 +134,8 @@ class DistConfig(Section):
     backend: Optional[Literal["nccl", "gloo"]] = Field(None, description="default: nccl on CUDA, gloo on CPU")
     find_unused_parameters: Optional[bool] = Field(
         None, description="DDP option; default: on for rollouts whose second pass skips parameters")
+    timeout_s: float = Field(600.0, gt=0, description="seconds a rank waits for the others in a collective "
+                             "before the run stops with an error (a frozen or dead peer rank)")
 
 
 class RunConfig(Section):
@@ -151,6 +154,26 @@ class RunConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_absolute_paths(self, dataset_names: tuple[str, ...] = ()) -> "RunConfig":
+        """A copy whose file paths (checkpoints, data folder, run folder) are absolute, so
+        ``config.yaml`` means the same from any working directory. ``data.name`` stays as
+        it is when it names a registered dataset (``dataset_names``) or no existing path."""
+        cfg = self.model_copy(deep=True)
+        if cfg.model.tokenizer is not None:
+            cfg.model.tokenizer = absolute(cfg.model.tokenizer)
+        if cfg.model.backbone is not None:
+            cfg.model.backbone = absolute(cfg.model.backbone)
+        name = cfg.data.name
+        if name not in dataset_names and Path(os.path.expanduser(name)).exists():
+            cfg.data.name = os.path.abspath(os.path.expanduser(name))
+        cfg.out = absolute(cfg.out)
+        return cfg
+
+
+def absolute(path: str | Path) -> Path:
+    """``~`` expanded, made absolute and normalised (symlinks kept, unlike resolve())."""
+    return Path(os.path.abspath(os.path.expanduser(str(path))))
 
 
 # ----------------------------------------------------------------------------- loading
