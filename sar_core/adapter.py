@@ -140,6 +140,10 @@ class ScaleWiseAdapter(ABC):
     #: golden-case support (``sar conformance``): a :class:`sar_core.conformance.CaseRunner`
     #: subclass, or None for a family without golden cases. Not part of training.
     case_runner: ClassVar[Optional[type]] = None
+    #: True when the backbone's ``forward`` accepts ``prefix=`` (a
+    #: :mod:`sar_core.prefix_cache` record / replay handle), so a student pass that only
+    #: changes the last scale runs over that scale's tokens alone. Default: a full pass.
+    reuses_prefix: ClassVar[bool] = False
 
     def __init__(self, config: AdapterConfig, tokenizer: nn.Module, backbone: nn.Module):
         self.config = config
@@ -339,6 +343,13 @@ class ScaleWiseAdapter(ABC):
         (whose short-pass start logits equal the full pass's: attention is block-causal).
         Checked by :class:`sar_core.testing.AdapterContractTests`."""
         return self.backbone(cond, inputs, schedule, student_forcing=student_forcing)
+
+    def transformer_blocks(self) -> Sequence[nn.Module]:
+        """The backbone's repeated transformer blocks, in order: the units that
+        activation checkpointing (``train.activation_checkpointing``) recomputes. Each is
+        called as a module (``block(*args)``); its inputs and outputs are tensors or
+        objects the block only reads. Default: none (checkpointing is refused)."""
+        return ()
 
     @abstractmethod
     def generate(self, cond: Any, schedule: Schedule, *, cfg: float, top_k: int = 0,

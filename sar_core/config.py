@@ -64,6 +64,10 @@ class RolloutConfig(Section):
     top_k: Optional[int] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, ge=0, le=1)
     cfg: Optional[float] = Field(None, ge=0)
+    upstream_exact: Optional[bool] = Field(None, description="guided rollouts: the official trainer's 2B-row "
+                                           "teacher pass and its sampling draws (slower; default: false)")
+    reuse_prefix: Optional[bool] = Field(None, description="ssr scales=last: run pass 2 on the last scale with "
+                                         "pass 1's prefix keys / values (default: true; false = less memory)")
 
     def options(self) -> dict:
         return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
@@ -113,6 +117,9 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, gt=0)
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype (CUDA only)")
     compile: bool = False
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="recompute transformer blocks in backward to save activation memory: "
+        "'full' keeps only block inputs, 'selective' keeps matmul / attention outputs")
     ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of the backbone weights (0: off)")
     seed: int = 0
     device: str = "auto"

@@ -266,6 +266,8 @@ class _SyncedModel:
         self.sync, self.last_micro, self.expected, self.calls = sync, last_micro, expected, 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():  # e.g. the null-condition rows of a guided rollout
+            return self.sync.model(*args, **kwargs)
         self.calls += 1
         ddp = self.sync.ddp
         if ddp is not None:

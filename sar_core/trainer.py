@@ -51,6 +51,7 @@ from sar_core.runlock import held_run_folder
 from sar_core.signals import StopRequest
 from sar_core.ema import EMA
 from sar_core.optim import build_optimizer, lr_at, set_lr
+from sar_core.activation_ckpt import apply_activation_checkpointing
 from sar_core.sar_step import sar_step
 from sar_core.schedule import Schedule, ScheduleSampler
 
@@ -146,6 +147,7 @@ class Trainer:
         find_unused = cfg.dist.find_unused_parameters
         if find_unused is None:
             find_unused = bool(self.rollout.active and self.rollout.skips_parameters)
+        apply_activation_checkpointing(self.adapter.transformer_blocks(), cfg.train.activation_checkpointing)
         self.model = D.wrap_model(self.backbone, env, cfg.dist.strategy, find_unused, cfg.train.compile)
         self.sync = D.GradSync(self.model, self.backbone, env)
         self.optimizer = build_optimizer(self.backbone, cfg.optim, self.adapter.no_decay_keywords, env.device)

@@ -46,6 +46,7 @@ class FlexVARGeneration(Generation):
 
 class FlexVARAdapter(ScaleWiseAdapter):
     name: ClassVar[str] = "flexvar"
+    reuses_prefix = True  # backbone forward takes prefix= (sar_core.prefix_cache)
     config_cls = FlexVARConfig
     no_decay_keywords = NO_DECAY_KEYWORDS
     case_runner = FlexVARCaseRunner
@@ -209,6 +210,9 @@ class FlexVARAdapter(ScaleWiseAdapter):
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
+    def transformer_blocks(self):
+        return list(self.backbone.blocks)
+
     def generate(self, cond: torch.Tensor, schedule: Schedule, *, cfg: float, top_k: int = 0,
                  top_p: float = 0.0, generator: torch.Generator | None = None,
                  max_pn: int = 16, used_llamagen_cfg: bool = False,

@@ -23,6 +23,7 @@ from .tokenizer import VQVAE
 
 class VARAdapter(ScaleWiseAdapter):
     name = "var"
+    reuses_prefix = True  # backbone forward takes prefix= (sar_core.prefix_cache)
     config_cls = VARConfig
     no_decay_keywords = NO_DECAY_KEYWORDS
     case_runner = VARCaseRunner
@@ -123,6 +124,9 @@ class VARAdapter(ScaleWiseAdapter):
         return self.tokenizer.training_loss(images, self._sides(schedule))
 
     # ---------------------------------------------------------------- backbone side
+    def transformer_blocks(self):
+        return list(self.backbone.blocks)
+
     def generate(self, cond: Any, schedule: Schedule, *, cfg: float, top_k: int = 0,
                  top_p: float = 0.0, generator: torch.Generator | None = None,
                  **options: Any) -> Generation:
