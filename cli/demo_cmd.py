@@ -8,10 +8,11 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from sar_cli._shared import fail, user_errors
+from sar_cli._shared import CONFIG, fail, user_errors
 
 
 def demo(
+    config: Optional[Path] = CONFIG,
     out: Path = typer.Option(Path("sar-demo-report"), "--out", help="Report (study) folder; an interrupted "
                              "demo resumes from what is there."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per arm and seed (preset: 150)."),
