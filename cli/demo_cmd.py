@@ -55,6 +55,10 @@ def demo(
                                advance=lambda n: progress.advance(task, n), jobs=max(1, jobs))
     except user_errors() as exc:
         fail(console, exc)
+    except RuntimeError as exc:
+        from sar_cli.study_cmd import job_failed
+
+        job_failed(exc)
     _summary(console, results)
     console.print(f"report: {out / 'report.md'}  (also report.html, report.json, plots/, grids and maps)")
 

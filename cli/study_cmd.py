@@ -80,11 +80,19 @@ def study(
         results = _run(console, cfg, dest, family, arm, seed, device, jobs)
     except user_errors() as exc:
         fail(console, exc)
+    except RuntimeError as exc:  # a run stopped (non-finite) or a local job failed: see its log
+        job_failed(exc)
     if results is not None:
         _summary(console, results)
         console.print(f"report: {dest / 'report.md'} (also report.html, report.json, plots/)")
     else:
         console.print(f"done; aggregate with: sar study report {dest}")
+
+
+def job_failed(exc: BaseException) -> None:
+    """One line on stderr, exit status 1 (the run's own log holds the details)."""
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {' '.join(str(exc).split())}", highlight=False)
+    raise typer.Exit(1)
 
 
 def _run(console: Console, cfg, dest: Path, family, arm, seed, device, jobs: int = 1):
