@@ -21,7 +21,8 @@ from rich.markup import escape
 #: flag (python parameter name) -> dotted run-config field
 FLAG_FIELDS = {
     "family": "model.family", "tokenizer": "model.tokenizer", "backbone": "model.backbone",
-    "schedule": "model.schedule", "cond_drop": "model.cond_drop",
+    "schedule": "model.schedule", "cond_drop": "model.cond_drop", "resize_classes": "model.resize_classes",
+    "class_map": "data.options.class_map",
     "data": "data.name", "split": "data.split", "image_size": "data.image_size", "workers": "data.workers",
     "rollout": "rollout.name", "ssr_scales": "rollout.scales", "rollout_sampling": "rollout.sampling",
     "rollout_top_k": "rollout.top_k", "rollout_top_p": "rollout.top_p", "rollout_cfg": "rollout.cfg",
@@ -105,14 +106,14 @@ def train(
     schedule: Optional[str] = typer.Option(None, "--schedule",
                                            help="Training schedule (1_2_3_4) or a schedule sampler (flexvar-random)."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset name, image folder, or code cache folder."),
-    split: Optional[str] = typer.Option(None, "--split", help="Dataset split (default train)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Dataset split."),
     image_size: Optional[str] = typer.Option(None, "--image-size",
                                              help="Training image size: S pixels a side, or HxW (e.g. 256x512)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers per rank."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps in total."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch per optimizer step."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-steps per optimizer step."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-4)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
     lr_end: Optional[float] = typer.Option(None, "--lr-end", help="Final lr of a linear / cosine decay."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant | linear | cosine."),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps"),
@@ -127,9 +128,13 @@ def train(
     rollout_cfg: Optional[float] = typer.Option(None, "--rollout-cfg", help="Guidance of a sampled rollout."),
     csfl: Optional[str] = typer.Option(None, "--csfl", help="hard | soft | naive (or a plugin's)."),
     csfl_temperature: Optional[float] = typer.Option(None, "--csfl-temperature", help="Soft CSFL temperature."),
-    gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight (default 0.01)."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
     cond_drop: Optional[float] = typer.Option(None, "--cond-drop", help="Class-dropout probability."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="Class map file: one class folder a "
+                                             "line, optionally with its model label (a subset / mapping)."),
+    resize_classes: Optional[bool] = typer.Option(None, "--resize-classes/--no-resize-classes",
+                                                  help="Resize the class embedding to the data's class count."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
@@ -141,16 +146,19 @@ def train(
     log_every: Optional[int] = typer.Option(None, "--log-every"),
     max_nonfinite: Optional[int] = typer.Option(None, "--max-nonfinite",
                                                 help="Stop after this many consecutive non-finite steps."),
-    loggers: Optional[str] = typer.Option(None, "--loggers", help="e.g. console,jsonl,tensorboard."),
+    loggers: Optional[str] = typer.Option(None, "--loggers", help="Comma list: console, jsonl, tensorboard "
+                                          "(extra sar\\[tensorboard]), wandb (extra sar\\[wandb]), a plugin's."),
     dist: Optional[str] = typer.Option(None, "--dist", help="ddp | fsdp (under torchrun)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:1 ..."),
     sets: List[str] = typer.Option([], "--set", help="Override any field: --set optim.hold_fraction=0.05."),
 ) -> None:
     """Post-train a scale-wise AR model with SAR (or plain teacher forcing: --rollout none).
 
-    Exit status: 0 trained; 1 non-finite stop, frozen peer rank or crash; 2 bad input (one
-    line on stderr); 130 Ctrl-C; 143 SIGTERM / SIGUSR1 (checkpoint written: --resume).
-    """
+    Precedence: flag > SAR_* environment variable > --config file > default.
+
+    Exit status: 0 trained; 1 non-finite stop, frozen peer rank or crash; 2 bad input (one line on stderr); 130 Ctrl-C; 143 SIGTERM / SIGUSR1 (checkpoint written: --resume).
+
+    Example: [bold]sar train -f var --tokenizer vae.pth --backbone var_d16.pth --data /data/imagenet/train --image-size 256 --steps 20000 --batch-size 256 --rollout ssr --csfl hard --out runs/sar-var-d16[/]"""
     from sar_core.config import ConfigError
 
     console = Console(soft_wrap=True)  # a warning or error stays one line in logs
@@ -239,4 +247,6 @@ def run_training(cfg, console: Console) -> int:
 
 
 def add_to(app: typer.Typer) -> None:
-    app.command("train")(train)
+    from sar_cli.train_help import decorate
+
+    app.command("train")(decorate(train, FLAG_FIELDS))

@@ -184,6 +184,11 @@ class ScaleWiseAdapter(ABC):
         """Per-step training schedules; the default always returns ``default_schedule``."""
         return ScheduleSampler(self.default_schedule, seed)
 
+    def check_schedule_sampler(self, sampler: ScheduleSampler) -> None:
+        """Refuse (ValueError naming the fix) a schedule sampler chosen by the user
+        (``--schedule``) that this model cannot train with, e.g. schedules larger than its
+        latent or position grid. Default: accept."""
+
     @abstractmethod
     def image_size(self, schedule: Schedule) -> tuple[int, int]:
         """Pixel (H, W) of images encoded with / decoded from ``schedule``."""
@@ -206,6 +211,14 @@ class ScaleWiseAdapter(ABC):
     @abstractmethod
     def num_classes(self) -> Optional[int]:
         """Number of classes of a class-conditional family; None for text conditions."""
+
+    def resize_classes(self, num_classes: int) -> None:
+        """Grow (or shrink) the class embedding to ``num_classes`` classes in place, for
+        fine-tuning on another class set (``model.resize_classes``): kept rows unchanged,
+        new rows initialised as the family's upstream code initialises them, the null class
+        still last. Families that cannot resize keep this default, which refuses."""
+        raise ValueError(f"family '{self.name}' cannot resize its class embedding; use a class map "
+                         "(--class-map) that fits its classes")
 
     @property
     @abstractmethod

@@ -44,6 +44,8 @@ class ModelConfig(Section):
                                     "registered schedule sampler (e.g. flexvar-random); default: the adapter's")
     cond_drop: Optional[float] = Field(None, ge=0, le=1, description="class-dropout probability "
                                        "(default: the backbone's own)")
+    resize_classes: bool = Field(False, description="resize the class embedding to the data's class count "
+                                 "(new rows freshly initialised, null class kept last)")
 
 
 class DataConfig(Section):
@@ -126,7 +128,9 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0, description="console line every N steps (metrics.jsonl: every step)")
     max_nonfinite: int = Field(5, gt=0, description="stop after this many consecutive non-finite steps")
     max_nonfinite_total: Optional[int] = Field(None, gt=0, description="... or this many in total")
-    loggers: list[str] = Field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
+    loggers: list[str] = Field(default_factory=lambda: ["console", "jsonl"],
+                               description="console, jsonl, tensorboard (sar[tensorboard]), wandb (sar[wandb]), "
+                               "or a plugin's")
 
 
 class DistConfig(Section):

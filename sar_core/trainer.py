@@ -126,14 +126,21 @@ class Trainer:
         seed = cfg.train.seed
         seed_all(seed)  # identical initial weights on every rank
         self.adapter = build_adapter(cfg, self.registry)
+        if cfg.model.backbone is None:
+            self.log("note: no model.backbone given: training a freshly initialised backbone (pretraining)")
         self.rollout, self.csf_loss = build_rollout_and_loss(cfg, self.registry)
         self.sampler = build_schedule_sampler(self.adapter, cfg.model.schedule, seed, self.registry)
+        self.adapter.check_schedule_sampler(self.sampler)  # the model's size rules (e.g. FlexVAR's latent)
         self.adapter.to(env.device)
         self.backbone = self.adapter.backbone
         self.backbone.train()
         if cfg.model.cond_drop is not None:
             self.adapter.condition_dropout = cfg.model.cond_drop
         self.dataset = self._open_data()
+        from sar_core.classes import check_classes, data_num_classes
+
+        check_classes(data_num_classes(self.dataset), self.adapter, cfg.model.resize_classes,
+                      f"--data {cfg.data.name}", self.log)
         self.stream = BatchStream(self.dataset, self.micro_batch, env.rank, env.world_size, seed,
                                   workers=cfg.data.workers, pin_memory=env.device.type == "cuda")
         self._setup_precision()
@@ -496,6 +503,8 @@ class Trainer:
             ema = self.ema.state_dict()["shadow"] if self.ema is not None else None
             if main:
                 plain = build_adapter(self.config, self.registry)
+                if plain.num_classes != self.adapter.num_classes:  # model.resize_classes
+                    plain.resize_classes(self.adapter.num_classes)
                 plain.backbone.load_state_dict(full)
                 plain.save(None, self.out_dir / "backbone.pth")
                 if ema is not None:

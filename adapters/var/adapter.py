@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,6 +13,7 @@ from sar_core.schedule import Schedule
 
 from sar_adapters.common.init import NO_DECAY_KEYWORDS
 
+from sar_adapters.common.classes import resize_class_embedding
 from . import checkpoint as ckpt
 from .backbone import VAR
 from .case import VARCaseRunner
@@ -87,6 +89,13 @@ class VARAdapter(ScaleWiseAdapter):
     @property
     def num_classes(self) -> int:
         return int(self.config.num_classes)
+
+    def resize_classes(self, num_classes: int) -> None:
+        bb = self.backbone
+        # upstream init_weights: every embedding ~ trunc_normal(std = sqrt(1 / (3 C)))
+        bb.class_emb = resize_class_embedding(bb.class_emb, num_classes, math.sqrt(1 / bb.C / 3))
+        self.config = self.config.model_copy(update={"num_classes": int(num_classes)})
+        bb.cfg, bb.num_classes = self.config, int(num_classes)
 
     @property
     def code_space(self) -> CodeSpace:
