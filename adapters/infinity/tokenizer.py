@@ -180,7 +180,10 @@ class BSQVAE(nn.Module):
 
     def decode_map(self, summed_BdHW: torch.Tensor) -> torch.Tensor:
         """Accumulated codes (B, d, H, W) -> images clamped to [-1, 1]."""
-        return self.decoder(summed_BdHW).clamp(-1, 1)
+        # upstream feeds the decoder a channels-last map (its codes come from (B, h, w, d) bits);
+        # the same layout picks the same conv kernels, so decoded pixels match to the last ulp
+        z = summed_BdHW.contiguous(memory_format=torch.channels_last)
+        return self.decoder(z).clamp(-1, 1).contiguous()
 
 
 def init_tokenizer(model: BSQVAE) -> None:
