@@ -99,6 +99,7 @@ class InfinityConfig(AdapterConfig):
     bsc_strength: float = 0.3
     bsc_requant: bool = True
     cfg_insertion_layer: int = 0       # 0: guidance on logits (shipped); -n: hidden state after block depth-n
+    tau: float = 1.0                   # sampling temperature; divides guided logits (upstream scripts: 0.5 for 2B)
 
     @model_validator(mode="after")
     def _check(self) -> "InfinityConfig":
@@ -107,6 +108,8 @@ class InfinityConfig(AdapterConfig):
             raise ValueError(f"h_div_w must be > 0, got {self.h_div_w}")
         if self.schedule is not None:
             schedule_template(Schedule(self.schedule), self.h_div_w)
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.bsc_layers < 0 or not 0 <= self.bsc_strength <= 1:
             raise ValueError("bsc_layers must be >= 0 and bsc_strength in [0, 1]")
         if self.cfg_insertion_layer > 1 or -self.cfg_insertion_layer > self.backbone.depth:
