@@ -16,3 +16,10 @@ __all__ = ["InfinityAdapter", "InfinityConfig"]
 @hookimpl
 def register_adapters(register):
     register("infinity", InfinityAdapter)
+
+
+@hookimpl
+def register_datasets(register):
+    from .data import textimages
+
+    register("textimages", textimages)

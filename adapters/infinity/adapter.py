@@ -207,9 +207,15 @@ class InfinityAdapter(ScaleWiseAdapter):
         layers = c.bsc_layers if (self.bsc_active or flip_masks is not None) else 0
         return bsq.multiscale(features, schedule, flip_masks, layers, c.bsc_strength, c.bsc_requant)
 
+    def _history(self, codes: list) -> list:
+        if self.bsc_active and not (isinstance(codes, bsq.BitCodes) and codes.history is not None):
+            raise ValueError("Bitwise Self-Correction re-quantises tokenizer features, so it trains on images, "
+                             "not on a code cache: pass an image dataset or set model.overrides.bsc_layers=0")
+        return bsq.history_of(codes)
+
     @tokenizer_side
     def teacher_inputs(self, codes: list, schedule: Schedule) -> torch.Tensor:
-        return bsq.next_inputs(bsq.history_of(codes), Schedule.parse(schedule))
+        return bsq.next_inputs(self._history(codes), Schedule.parse(schedule))
 
     @tokenizer_side
     def stagger_inputs(self, gt_codes: list, pred_codes: list, schedule: Schedule,
@@ -219,7 +225,7 @@ class InfinityAdapter(ScaleWiseAdapter):
         bad = [k for k in chosen if not 0 <= k <= len(schedule) - 2]
         if bad:
             raise ValueError(f"stagger scales {bad} out of range for a {len(schedule)}-scale schedule")
-        return bsq.next_inputs(bsq.history_of(gt_codes), schedule, {k: pred_codes[k] for k in chosen})
+        return bsq.next_inputs(self._history(gt_codes), schedule, {k: pred_codes[k] for k in chosen})
 
     @tokenizer_side
     def decode(self, codes: list, schedule: Schedule) -> torch.Tensor:
