@@ -53,7 +53,8 @@ class SelfAttention(nn.Module):
                 k = torch.cat([self.cached_k, k], dim=2)
                 v = torch.cat([self.cached_v, v], dim=2)
             self.cached_k, self.cached_v = k, v
-        o = F.scaled_dot_product_attention(q, k, v.to(q.dtype), attn_mask=bias, scale=1.0)
+        mask = None if bias is None else bias.to(q.dtype)
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=1.0)
         return self.proj(rearrange(o, "b h l c -> b l (h c)"))
 
 
