@@ -25,7 +25,7 @@ from sar_core.schedule import Schedule
 from .blocks import Chunk, CrossAttnBlock
 from .config import BackboneConfig
 from .rope import rope_table
-from .templates import TEMPLATES, nearest_ratio, schedule_template
+from .templates import TEMPLATES, scale_levels
 from .text import RMSNorm, TextPool
 
 NUM_LEVELS = 15
@@ -101,21 +101,13 @@ class Infinity(nn.Module):
         table = self.shared_ada_lin(cond_BD).view(-1, 1, 6, self.cfg.embed_dim)
         return cond_BD, (ca_kv, lens), table
 
-    def rope(self, schedule: Schedule, student_forcing: bool = False) -> tuple:
-        ratio = self.template_of(schedule, student_forcing)
+    def rope(self, schedule: Schedule) -> tuple:
+        ratio, _ = scale_levels(schedule, self.h_div_w)
         return rope_table(schedule, TEMPLATES[ratio][-1], self.cfg.embed_dim // self.cfg.num_heads)
 
-    def template_of(self, schedule: Schedule, student_forcing: bool = False) -> float:
-        if student_forcing:  # a [start, scale k] pair: the configured template
-            return nearest_ratio(self.h_div_w)
-        return schedule_template(schedule, self.h_div_w)
-
-    def levels(self, schedule: Schedule, student_forcing: bool = False) -> list[int]:
+    def levels(self, schedule: Schedule) -> list[int]:
         """Level index of every scale: its position in the template (k for a prefix)."""
-        if not student_forcing:
-            return list(range(len(schedule)))
-        grids = TEMPLATES[self.template_of(schedule, True)]
-        return [0] + [grids.index(tuple(hw)) for hw in list(schedule)[1:]]
+        return scale_levels(schedule, self.h_div_w)[1]
 
     def logits(self, x_BLC, cond_BD):
         return self.head(self.head_nm(x_BLC, cond_BD)).float()
@@ -131,11 +123,11 @@ class Infinity(nn.Module):
         cond_BD, ca_kv, table = self.encode_text(cond)
         sos = cond_BD.unsqueeze(1) + (0 if student_forcing else self.pos_start)
         x = torch.cat([sos, self.word_embed(inputs.float())], dim=1)
-        lv = torch.tensor(self.levels(schedule, student_forcing), device=x.device)
+        lv = torch.tensor(self.levels(schedule), device=x.device)
         ids = torch.repeat_interleave(lv, torch.tensor(schedule.token_counts, device=x.device))
         x = x + self.lvl_embed(ids)
         bias = schedule.attention_bias(x.device, x.dtype)
-        rope = self.rope(schedule, student_forcing)
+        rope = self.rope(schedule)
         for block in self.all_blocks():
             x = block(x, table, ca_kv, bias, rope)
         return self.logits(x, cond_BD)

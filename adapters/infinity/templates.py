@@ -74,6 +74,24 @@ def schedule_template(schedule: Schedule, prefer: float | None = None) -> float:
                      "use a template schedule (e.g. --pn 0.06M with an aspect ratio), see docs/infinity.md")
 
 
+def scale_levels(schedule: Schedule, prefer: float | None = None) -> tuple[float, list[int]]:
+    """(template, index of every scale in it). A template prefix gives 0..K-1; an ordered
+    subset of the preferred template (the official rollout's [scale 0, scale k] pass) gives
+    the scales' own indices, so level embeddings and RoPE positions stay those of scale k."""
+    try:
+        ratio = schedule_template(schedule, prefer)
+        return ratio, list(range(len(Schedule.parse(schedule))))
+    except ValueError:
+        if prefer is None:
+            raise
+        ratio, grids = nearest_ratio(prefer), TEMPLATES[nearest_ratio(prefer)]
+        scales = list(Schedule.parse(schedule).scales)
+        idx = [grids.index(hw) if hw in grids else -1 for hw in scales]
+        if min(idx) < 0 or idx != sorted(set(idx)):
+            raise
+        return ratio, idx
+
+
 def rope_grid(schedule: Schedule, prefer: float | None = None) -> tuple[int, int]:
     """(Hn, Wn): the last grid of the 1M schedule of ``schedule``'s template."""
     return TEMPLATES[schedule_template(schedule, prefer)][-1]
