@@ -109,6 +109,19 @@ class Infinity(nn.Module):
         """Level index of every scale: its position in the template (k for a prefix)."""
         return scale_levels(schedule, self.h_div_w)[1]
 
+    def run_blocks(self, x, table, ca_kv, bias, rope, after=None):
+        """Every block in order, through the chunk modules (FSDP2's wrapping units);
+        ``after(i, x) -> x`` runs after block i (the sampler's hidden-state guidance)."""
+        if self.cfg.block_chunks == 1:
+            for i, block in enumerate(self.blocks):
+                x = block(x, table, ca_kv, bias, rope)
+                x = x if after is None else after(i, x)
+            return x
+        per = self.cfg.depth // self.cfg.block_chunks
+        for c, chunk in enumerate(self.block_chunks):
+            x = chunk(x, table, ca_kv, bias, rope, after, c * per)
+        return x
+
     def logits(self, x_BLC, cond_BD):
         return self.head(self.head_nm(x_BLC, cond_BD)).float()
 
@@ -128,8 +141,7 @@ class Infinity(nn.Module):
         x = x + self.lvl_embed(ids)
         bias = schedule.attention_bias(x.device, x.dtype)
         rope = self.rope(schedule)
-        for block in self.all_blocks():
-            x = block(x, table, ca_kv, bias, rope)
+        x = self.run_blocks(x, table, ca_kv, bias, rope)
         return self.logits(x, cond_BD)
 
 

@@ -81,8 +81,18 @@ class CrossAttnBlock(nn.Module):
 
 
 class Chunk(nn.Module):
-    """One FSDP wrapping unit of upstream (``block_chunks.{c}.module.{j}``)."""
+    """One FSDP wrapping unit of upstream (``block_chunks.{c}.module.{j}``). The blocks sit
+    in a Sequential (iterated, never called), not a ModuleList, so FSDP2 shards whole chunks
+    as upstream does instead of nesting a block inside an already sharded chunk."""
 
     def __init__(self, blocks: list):
         super().__init__()
-        self.module = nn.ModuleList(blocks)
+        self.module = nn.Sequential(*blocks)
+
+    def forward(self, x, table, ca_kv, bias, rope, after=None, first: int = 0):
+        """Run the chunk's blocks; ``after(i, x) -> x`` is called after block ``first + i``."""
+        for i, block in enumerate(self.module):
+            x = block(x, table, ca_kv, bias, rope)
+            if after is not None:
+                x = after(first + i, x)
+        return x

@@ -48,6 +48,16 @@ def sample_bits(lg_BLV: torch.Tensor, bits: int, top_k: int, top_p: float,
     return sample_logits(group_logits(lg_BLV, bits), top_k, top_p, generator)
 
 
+def _hidden_guidance(B: int, cfg: float, at: int):
+    """Mix the hidden state after block ``at`` and write it into both halves."""
+    def after(i: int, x: torch.Tensor) -> torch.Tensor:
+        if i != at:
+            return x
+        mixed = cfg * x[:B] + (1 - cfg) * x[B:]
+        return torch.cat([mixed, mixed], 0)
+    return after
+
+
 @torch.no_grad()
 def generate(model, cond: dict, null: dict, schedule: Schedule, cfg, tau, top_k: int, top_p: float,
              generator: Optional[torch.Generator], insertion: int = 0,
@@ -71,11 +81,8 @@ def generate(model, cond: dict, null: dict, schedule: Schedule, cfg, tau, top_k:
             sl = schedule.slice(k)
             x = x + model.lvl_embed.weight[k]
             rope = (cos[sl], sin[sl])
-            for i, block in enumerate(blocks):
-                x = block(x, table, ca_kv, None, rope)
-                if guided and insertion < 0 and i == len(blocks) + insertion - 1:
-                    mixed = cfgs[k] * x[:B] + (1 - cfgs[k]) * x[B:]
-                    x = torch.cat([mixed, mixed], 0)
+            mix = _hidden_guidance(B, cfgs[k], len(blocks) + insertion - 1) if guided and insertion < 0 else None
+            x = model.run_blocks(x, table, ca_kv, None, rope, mix)
             if guided and insertion == 0:
                 lg = model.logits(x, cond_BD) / taus[k]
                 lg = cfgs[k] * lg[:B] + (1 - cfgs[k]) * lg[B:]
