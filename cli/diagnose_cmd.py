@@ -39,7 +39,7 @@ def _data(data: str, adapter, schedule: Optional[str], split: str):
         sched = Schedule.parse(schedule or read_meta(data)["schedule"])
         return CodeCacheDataset(data, adapter, sched, flips="none"), sched
     sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
-    return open_dataset(data, split=split, image_size=adapter.image_size(sched)[0], deterministic=True), sched
+    return open_dataset(data, split=split, image_size=adapter.image_size(sched), deterministic=True), sched
 
 
 def diagnose(

@@ -40,6 +40,9 @@ def evaluate(
     reference_stats: Optional[Path] = typer.Option(None, "--reference-stats",
                                                    help="ADM-style .npz with mu / sigma for FID."),
     num_samples: int = typer.Option(1000, "--num-samples", "-n", help="Images to sample (class-balanced)."),
+    text_features: Optional[Path] = typer.Option(
+        None, "--text-features", help="Condition the samples on these text features (families without "
+        "classes): a .pt list of (n_i, D) tensors or {features, lengths}; cycled to --num-samples."),
     cfg: float = typer.Option(1.5, "--cfg"),
     top_k: int = typer.Option(0, "--top-k"),
     top_p: float = typer.Option(0.0, "--top-p"),
@@ -59,8 +62,9 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the report as JSON here."),
     device: str = DEVICE,
 ) -> None:
-    """Sample N images class-balanced from the model and compare them with a reference set
-    through torch-fidelity. Nothing is downloaded: Inception needs --inception-weights."""
+    """Sample N images class-balanced (or conditioned on --text-features) from the model and
+    compare them with a reference set through torch-fidelity. Nothing is downloaded:
+    Inception needs --inception-weights."""
     from sar_core.checkpoint_io import atomic_write_text
     from sar_core.evaluation import (
         evaluate_adapter, get_feature_extractor, reference_set, reference_statistics, save_statistics,
@@ -74,17 +78,23 @@ def evaluate(
         fe_weights = inception_weights if feature_extractor == "inception" else weights
         extractor = get_feature_extractor(feature_extractor, fe_weights)
         adapter = load_model(console, family, tokenizer, backbone, device)
+        conditions = None
+        if text_features is not None:
+            from sar_core.checkpoint_io import load_file
+
+            conditions = {"text_features": load_file(text_features, what="text features")}
         with progress_bar(console, "sampling", num_samples) as advance:
             report = evaluate_adapter(
                 adapter, num_samples=num_samples, extractor=extractor, reference=reference,
                 reference_split=reference_split, reference_stats=reference_stats,
                 metrics=[m.strip() for m in metrics.split(",") if m.strip()], cfg=cfg, top_k=top_k,
                 top_p=top_p, seed=seed, batch_size=batch_size, schedule=schedule,
-                samples_folder=samples_folder, samples_npz=samples_npz, progress=advance)
+                samples_folder=samples_folder, samples_npz=samples_npz, progress=advance,
+                conditions=conditions)
         if save_reference_stats is not None:
             if reference is None:
                 raise ValueError("--save-reference-stats needs --reference")
-            size = report["image_size"][-1]
+            size = tuple(report["image_size"])
             stats = reference_statistics(reference_set(reference, reference_split, size), extractor,
                                          adapter.device, batch_size)
             save_statistics(stats, save_reference_stats)

@@ -14,13 +14,14 @@ from sar_cli._shared import BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail,
 def _labels(adapter, labels: Optional[str], per_class: Optional[int]):
     import torch
 
-    from sar_core.generation import num_classes_of, parse_labels
+    from sar_core.generation import parse_labels
 
+    n_classes = adapter.num_classes
+    if n_classes is None:
+        raise ValueError(f"family '{adapter.name}' is not class-conditional; pass --text-features FILE "
+                         "instead of --labels / --per-class")
     if labels is not None:
         return torch.tensor(parse_labels(labels), dtype=torch.int64), None
-    n_classes = num_classes_of(adapter)
-    if n_classes is None:
-        raise ValueError(f"family '{adapter.name}' does not say how many classes it has; pass --labels")
     if per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {per_class}")
     # class-major: row c of the grid holds the samples of class c
@@ -34,7 +35,9 @@ def sample(
     labels: Optional[str] = typer.Option(None, "--labels", help="Class labels, e.g. 1,2,3 (one image each)."),
     per_class: Optional[int] = typer.Option(None, "--per-class", help="N images of every class."),
     text_features: Optional[Path] = typer.Option(None, "--text-features",
-                                                 help="Precomputed text features (.pt) for text-conditioned families."),
+                                                 help="Text features for text-conditioned families: a .pt "
+                                                 "file with a list of (n_i, D) tensors, or a dict "
+                                                 "{features: (N, N_max, D), lengths: (N,)}; one image each."),
     cfg: float = typer.Option(1.5, "--cfg", help="Classifier-free guidance scale."),
     top_k: int = typer.Option(0, "--top-k", help="Top-k sampling (0: off)."),
     top_p: float = typer.Option(0.0, "--top-p", help="Top-p sampling (0: off)."),
@@ -48,7 +51,7 @@ def sample(
 ) -> None:
     """Sample class-conditional (or text-conditional) images from a model."""
     from sar_core.checkpoint_io import load_file
-    from sar_core.generation import generate_from_text, generate_images, save_folder, save_grid
+    from sar_core.generation import condition_batch, generate_images, save_folder, save_grid
     from sar_core.schedule import Schedule
 
     console = Console()
@@ -62,14 +65,14 @@ def sample(
         sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
         opts = dict(schedule=sched, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
         if text_features is not None:
-            feats = load_file(text_features, what="text features")
-            with console.status("sampling from text features"):
-                images = generate_from_text(adapter, feats, **opts)
-            lab, row = None, nrow
+            batch = condition_batch({"text_features": load_file(text_features, what="text features")})
+            lab, row, n = None, nrow, len(batch)
+            opts["conditions"] = batch
         else:
             lab, row = _labels(adapter, labels, per_class)
-            with progress_bar(console, "sampling", len(lab)) as advance:
-                images = generate_images(adapter, lab, batch_size=batch_size, progress=advance, **opts)
+            n = len(lab)
+        with progress_bar(console, "sampling", n) as advance:
+            images = generate_images(adapter, lab, batch_size=batch_size, progress=advance, **opts)
     except user_errors() as exc:
         fail(console, exc)
     if grid is not None:

@@ -17,8 +17,9 @@ def tokenize(
     backbone: Optional[Path] = BACKBONE,
     data: str = typer.Option(..., "--data", help="A registered dataset name (e.g. digits) or an image folder."),
     split: str = typer.Option("train", "--split", help="Dataset split to encode."),
-    image_size: Optional[int] = typer.Option(None, "--image-size",
-                                             help="Pixels a side; must match the schedule (default: the schedule's)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size",
+                                             help="S pixels a side or HxW; must match the schedule "
+                                             "(default: the schedule's)."),
     schedule: Optional[str] = SCHEDULE,
     out: Path = typer.Option(..., "--out", help="Cache folder to create."),
     flips: bool = typer.Option(False, "--flips", help="Also cache every image's horizontal mirror."),
@@ -30,6 +31,7 @@ def tokenize(
     """Encode every image of a dataset split with the model's tokenizer into a memory-mapped
     code cache that training and `sar diagnose` can read instead of images."""
     from sar_core.code_cache import build_code_cache
+    from sar_core.data import image_hw, parse_image_size
     from sar_core.evaluation import open_dataset
     from sar_core.schedule import Schedule
 
@@ -38,10 +40,10 @@ def tokenize(
         adapter = load_model(console, family, tokenizer, backbone, device)
         sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
         h, w = adapter.image_size(sched)
-        if image_size is not None and (image_size, image_size) != (h, w):
+        if image_size is not None and image_hw(parse_image_size(image_size)) != (h, w):
             raise ValueError(f"--image-size {image_size} does not match schedule {sched}, which encodes "
-                             f"{h}x{w} images; pass --image-size {h} or another --schedule")
-        dataset = open_dataset(data, split=split, image_size=h, deterministic=True)
+                             f"{h}x{w} images; pass --image-size {h if h == w else f'{h}x{w}'} or another --schedule")
+        dataset = open_dataset(data, split=split, image_size=(h, w), deterministic=True)
         n = len(dataset) * (2 if flips else 1)
         with progress_bar(console, f"encoding {data}/{split}", len(dataset)) as advance:
             path = build_code_cache(adapter, dataset, sched, out, flips=flips, batch_size=batch_size,

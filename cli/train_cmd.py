@@ -37,6 +37,17 @@ def _split_list(text: str, cast=str) -> list:
     return [cast(t) for t in text.replace(",", " ").split() if t]
 
 
+def _image_size(text: str) -> Any:
+    from sar_core.config import ConfigError
+    from sar_core.data import parse_image_size
+
+    try:
+        size = parse_image_size(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return list(size) if isinstance(size, tuple) else size
+
+
 def collect_overrides(flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     from sar_core.config import parse_set
 
@@ -50,6 +61,8 @@ def collect_overrides(flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
             value = _split_list(value, float)
         elif name == "loggers":
             value = _split_list(value)
+        elif name == "image_size":
+            value = _image_size(value)
         out[FLAG_FIELDS[name]] = value
     out.update(parse_set(sets))
     return out
@@ -84,7 +97,8 @@ def train(
                                            help="Training schedule (1_2_3_4) or a schedule sampler (flexvar-random)."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset name, image folder, or code cache folder."),
     split: Optional[str] = typer.Option(None, "--split", help="Dataset split (default train)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Training image side in pixels."),
+    image_size: Optional[str] = typer.Option(None, "--image-size",
+                                             help="Training image size: S pixels a side, or HxW (e.g. 256x512)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers per rank."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps in total."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch per optimizer step."),

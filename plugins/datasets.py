@@ -7,7 +7,8 @@
 
 Classes are the sorted sub-folder names, labels their indices. Transforms follow the VAR
 family's training pipeline: resize the shorter side to ``round(resize_ratio * S)``
-(Lanczos), random crop to S x S and random horizontal flip when augmenting (the default
+(Lanczos), random crop to S x S (or H x W for an ``image_size`` pair, the shorter side
+then going to ``round(resize_ratio * max(H, W))``) and random horizontal flip when augmenting (the default
 for the ``train`` split), centre crop otherwise, then values in [-1, 1]. Randomness comes
 from torch's global RNG, which the trainer seeds per item.
 """
@@ -19,6 +20,8 @@ from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
+
+from sar_core.data import image_hw, size_option
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -37,11 +40,15 @@ def scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return items, classes
 
 
-def build_transform(image_size: int, augment: bool, resize_ratio: float = 1.125, hflip: bool = True):
+def build_transform(image_size: int | tuple[int, int], augment: bool, resize_ratio: float = 1.125,
+                    hflip: bool = True):
+    """``image_size`` S or (H, W): the shorter side goes to round(ratio * max(H, W)), then a
+    (H, W) crop."""
     from torchvision import transforms as T
 
-    resize = T.Resize(round(resize_ratio * image_size), interpolation=T.InterpolationMode.LANCZOS)
-    crop = T.RandomCrop(image_size) if augment else T.CenterCrop(image_size)
+    h, w = image_hw(image_size)
+    resize = T.Resize(round(resize_ratio * max(h, w)), interpolation=T.InterpolationMode.LANCZOS)
+    crop = T.RandomCrop((h, w)) if augment else T.CenterCrop((h, w))
     steps = [resize, crop]
     if augment and hflip:
         steps.append(T.RandomHorizontalFlip())
@@ -50,16 +57,16 @@ def build_transform(image_size: int, augment: bool, resize_ratio: float = 1.125,
 
 
 class ImageFolderDataset(Dataset):
-    """(image (3, S, S) float in [-1, 1], label int64) from class sub-folders."""
+    """(image (3, H, W) float in [-1, 1], label int64) from class sub-folders."""
 
-    def __init__(self, root: str | Path, split: str = "train", image_size: int = 256,
+    def __init__(self, root: str | Path, split: str = "train", image_size: int | tuple[int, int] = 256,
                  augment: Optional[bool] = None, hflip: bool = True, resize_ratio: float = 1.125):
         base = Path(root)
         if not base.is_dir():
             raise FileNotFoundError(f"image folder not found: {base}")
         self.root = base / split if (base / split).is_dir() else base
         self.items, self.classes = scan_folder(self.root)
-        self.image_size = int(image_size)
+        self.image_size = size_option(image_size)
         self.augment = (split == "train") if augment is None else bool(augment)
         self.transform = build_transform(self.image_size, self.augment, resize_ratio, hflip)
 
@@ -83,7 +90,8 @@ class ImageFolderDataset(Dataset):
                 f"image_size={self.image_size}, augment={self.augment})")
 
 
-def imagefolder(root: str, split: str = "train", image_size: int = 256, augment: Optional[bool] = None,
+def imagefolder(root: str, split: str = "train", image_size: int | tuple[int, int] = 256,
+                augment: Optional[bool] = None,
                 hflip: bool = True, resize_ratio: float = 1.125, **_) -> ImageFolderDataset:
     """Factory registered as dataset ``imagefolder``."""
     return ImageFolderDataset(root, split=split, image_size=image_size, augment=augment, hflip=hflip,

@@ -124,11 +124,10 @@ def _val_loss(adapter, codes, labels) -> float:
     from sar_core.losses import teacher_forcing_loss
     from sar_core.tokens import cat_codes
 
-    bb, sched = adapter.backbone, adapter.default_schedule
-    bb.eval()
-    drop, bb.cond_drop_rate = bb.cond_drop_rate, 0.0
-    logits = bb(labels, adapter.teacher_inputs(codes, sched), sched)
-    bb.cond_drop_rate = drop
+    sched = adapter.default_schedule
+    with adapter.inference():
+        cond = adapter.condition_from_labels(labels)
+        logits = adapter.forward(cond, adapter.teacher_inputs(codes, sched), sched)
     return teacher_forcing_loss(logits, cat_codes(codes), adapter.bits_per_token).item()
 
 
@@ -152,7 +151,7 @@ def run_demo(s: DemoSettings, progress=None, log: Callable[[str], None] = print)
     s.out.mkdir(parents=True, exist_ok=True)
     start = load_adapter(FAMILY, tok, bb, device=s.device, overrides=overrides)
     schedule = start.default_schedule
-    size = start.image_size(schedule)[0]
+    size = start.image_size(schedule)
     train_set, val_set = open_dataset(DATA, "train", size), open_dataset(DATA, "val", size)
     cache = s.out / "code-cache"
     if not (cache / "meta.json").is_file():

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from sar_core.data import image_hw, size_option
 from sar_core.hookspecs import hookimpl
 
 NUM_CLASSES = 10
@@ -61,30 +62,31 @@ def split_indices(labels: np.ndarray, split: str, val_fraction: float = VAL_FRAC
     return np.setdiff1d(np.arange(len(labels)), val_idx)
 
 
-def render(grid_8x8: torch.Tensor, image_size: int) -> torch.Tensor:
-    """(..., 8, 8) in [0, 1] -> (..., 3, S, S) in [-1, 1]."""
+def render(grid_8x8: torch.Tensor, image_size: int | tuple[int, int]) -> torch.Tensor:
+    """(..., 8, 8) in [0, 1] -> (..., 3, H, W) in [-1, 1] (``image_size``: S or (H, W)).
+
+    Shrinking on both axes averages areas; any enlarging is bicubic."""
+    h, w = image_hw(image_size)
     x = grid_8x8.reshape(-1, 1, *grid_8x8.shape[-2:]).float()
-    if image_size < x.shape[-1]:
-        x = F.interpolate(x, size=(image_size, image_size), mode="area")
-    elif image_size > x.shape[-1]:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False)
+    if (h, w) != tuple(x.shape[-2:]):
+        shrink = h <= x.shape[-2] and w <= x.shape[-1]
+        x = (F.interpolate(x, size=(h, w), mode="area") if shrink else
+             F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False))
     x = x.clamp(0.0, 1.0).mul(2).sub(1).expand(-1, 3, -1, -1)
-    return x.reshape(*grid_8x8.shape[:-2], 3, image_size, image_size).contiguous()
+    return x.reshape(*grid_8x8.shape[:-2], 3, h, w).contiguous()
 
 
 class DigitsDataset(Dataset):
-    """(image (3, S, S) in [-1, 1], label int64) of one split of scikit-learn's digits."""
+    """(image (3, H, W) in [-1, 1], label int64) of one split of scikit-learn's digits."""
 
     num_classes = NUM_CLASSES
 
-    def __init__(self, split: str = "train", image_size: int = 16, hflip: bool = False):
-        if int(image_size) < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
+    def __init__(self, split: str = "train", image_size: int | tuple[int, int] = 16, hflip: bool = False):
         images, labels = _load_arrays()
         self.indices = split_indices(labels, split)
         self.grids = torch.from_numpy(images[self.indices])
         self.labels = torch.from_numpy(labels[self.indices])
-        self.split, self.image_size, self.hflip = split, int(image_size), bool(hflip)
+        self.split, self.image_size, self.hflip = split, size_option(image_size), bool(hflip)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -99,7 +101,8 @@ class DigitsDataset(Dataset):
         return f"DigitsDataset(split={self.split!r}, n={len(self)}, image_size={self.image_size})"
 
 
-def digits(split: str = "train", image_size: int = 16, hflip: bool = False, **_) -> DigitsDataset:
+def digits(split: str = "train", image_size: int | tuple[int, int] = 16, hflip: bool = False,
+           **_) -> DigitsDataset:
     """Factory registered as dataset ``digits`` (extra options are ignored)."""
     return DigitsDataset(split=split, image_size=image_size, hflip=hflip)
 

@@ -73,7 +73,7 @@ class ConsoleLogger:
     """Progress bar (terminal) or periodic lines (logs, CI)."""
 
     def __init__(self, run: Any, console: Console | None = None):
-        self.console = console or getattr(run, "console", None) or Console()
+        self.console = console or run.console or Console()
         self.every = int(run.config.train.log_every)
         self.total = int(run.total_steps)
         self.live = self.console.is_terminal

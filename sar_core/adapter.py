@@ -221,8 +221,8 @@ class ScaleWiseAdapter(ABC):
         families read ``batch.conditions[name]`` (padded payloads with lengths)."""
         if batch.labels is None:
             names = ", ".join(sorted(batch.conditions)) or "none"
-            raise ValueError(f"family '{self.name}' is class-conditional but the batch has no class "
-                             f"labels (condition payloads: {names})")
+            raise ValueError(f"family '{self.name}' is class-conditional, not text-conditioned: it needs "
+                             f"class labels (e.g. --labels), the batch has only condition payloads: {names}")
         return batch.labels
 
     def condition_from_labels(self, labels: torch.Tensor) -> Any:
@@ -317,7 +317,14 @@ class ScaleWiseAdapter(ABC):
     # ---------------------------------------------------------------- backbone side
     def forward(self, cond: Any, inputs: torch.Tensor, schedule: Schedule,
                 student_forcing: bool = False) -> torch.Tensor:
-        """Teacher-forcing logits; see the module docstring for the layout."""
+        """Teacher-forcing logits; see the module docstring for the layout.
+
+        ``student_forcing=True`` marks the official short student pass (the ``official``
+        rollout): ``schedule`` is a two-scale sub-schedule [scale 0, scale k] of the
+        training schedule and ``inputs`` are scale k's inputs; the start token(s) are then
+        built without their start position, everything else exactly as with the flag off
+        (whose short-pass start logits equal the full pass's: attention is block-causal).
+        Checked by :class:`sar_core.testing.AdapterContractTests`."""
         return self.backbone(cond, inputs, schedule, student_forcing=student_forcing)
 
     @abstractmethod

@@ -5,12 +5,19 @@ fixed: :func:`build_code_cache` encodes a dataset once (optionally with its hori
 flipped copies) into a folder that :class:`CodeCacheDataset` memory-maps::
 
     out_dir/
-      meta.json          family, schedule, image size, tokenizer fingerprint, counts, dtype
-      labels.npy         int64 (N_items,)
+      meta.json          family, schedule, image size, tokenizer fingerprint, counts, dtype,
+                         condition payloads (name -> trailing shape, total rows)
+      labels.npy         int64 (N_items,), only when the dataset has class labels
       codes_00.npy ...   one per scale: (N_items, h*w) index codes, or (N_items, h*w, d) bits
+      cond_<name>.bin    per-sample condition payloads (e.g. text features) of varying
+                         length, float32 rows of every source item concatenated
+      cond_<name>_offsets.npy  int64 (N_source + 1,): item i is rows offsets[i]:offsets[i+1]
 
 Items ``0..N-1`` are the dataset's images in order; with ``flips`` items ``N..2N-1`` are
-their mirror images. The cache belongs to one tokenizer and one schedule: opening it with
+their mirror images (with the payloads of their originals). Dataset items are ``(image,
+target)`` with ``target`` a class id or a dict ``{"label": int (optional), "<name>":
+tensor (n_i, D), ...}`` (see :mod:`sar_core.data`); cache items come back the same way.
+The cache belongs to one tokenizer and one schedule: opening it with
 an adapter whose tokenizer weights differ (sha256 over the tokenizer state dict) or with
 another schedule raises :class:`StaleCacheError`. A random-schedule family (FlexVAR's
 random training schedules) can only train from the one cached schedule.
@@ -35,7 +42,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from sar_core.schedule import Schedule
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: labels.npy always, no payloads
 META = "meta.json"
 
 
@@ -62,25 +70,59 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def _code_dtype(adapter) -> np.dtype:
-    if adapter.bits_per_token is not None:
+    space = adapter.code_space
+    if space.bitwise:
         return np.dtype(np.uint8)
-    from sar_core.generation import config_value
-
-    vocab = config_value(adapter.config, "vocab_size", "codebook_size")
-    return np.dtype(np.uint16) if vocab is not None and vocab <= 65536 else np.dtype(np.int32)
+    return np.dtype(np.uint16) if space.vocab_size <= 65536 else np.dtype(np.int32)
 
 
 def _image_of(item: Any) -> torch.Tensor:
     return item[0] if isinstance(item, (tuple, list)) else item
 
 
-def _label_of(item: Any) -> int:
-    return int(item[1]) if isinstance(item, (tuple, list)) and len(item) > 1 else -1
+def _collate(items: list) -> tuple[torch.Tensor, list]:
+    from sar_core.data import split_target
+
+    targets = [split_target(it[1]) if isinstance(it, (tuple, list)) and len(it) > 1 else (None, {})
+               for it in items]
+    return torch.stack([_image_of(it) for it in items]), targets
 
 
-def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.stack([_image_of(it) for it in items]),
-            torch.tensor([_label_of(it) for it in items], dtype=torch.int64))
+class _PayloadWriter:
+    """Streams one payload name's rows into ``cond_<name>.bin`` (float32) + offsets."""
+
+    def __init__(self, folder: Path, name: str, n_src: int):
+        self.name, self.fh = name, open(folder / f"cond_{name}.bin", "wb")
+        self.offsets = np.zeros(n_src + 1, dtype=np.int64)
+        self.folder, self.tail, self.row = folder, None, 0
+
+    def add(self, item: int, value: torch.Tensor) -> None:
+        v = value.detach().float().cpu().numpy()
+        if self.tail is None:
+            self.tail = list(v.shape[1:])
+        elif list(v.shape[1:]) != self.tail:
+            raise ValueError(f"condition payload '{self.name}' of item {item} has shape {tuple(v.shape)}; "
+                             f"earlier items have (n, {', '.join(map(str, self.tail))})")
+        self.fh.write(np.ascontiguousarray(v, dtype=np.float32).tobytes())
+        self.row += len(v)
+        self.offsets[item + 1] = self.row
+
+    def close(self) -> dict:
+        self.fh.close()
+        np.save(self.folder / f"cond_{self.name}_offsets.npy", self.offsets)
+        return {"tail": self.tail or [], "rows": int(self.row)}
+
+
+def _record_targets(targets: list, row: int, labels: list, writers: dict, tmp: Path, n_src: int) -> None:
+    for j, (label, payloads) in enumerate(targets):
+        labels.append(label)
+        if row + j == 0:
+            writers.update({k: _PayloadWriter(tmp, k, n_src) for k in sorted(payloads)})
+        if set(payloads) != set(writers):
+            raise ValueError(f"item {row + j} has condition payloads {sorted(payloads)}, "
+                             f"the first item has {sorted(writers)}")
+        for k, v in payloads.items():
+            writers[k].add(row + j, v)
 
 
 def _check_image_size(dataset: Dataset, expected: tuple[int, int]) -> None:
@@ -96,7 +138,8 @@ def build_code_cache(adapter, dataset: Dataset, schedule: Schedule | str | None,
                      flips: bool = False, batch_size: int = 64, *, tokenizer_file: str | Path | None = None,
                      overwrite: bool = False, num_workers: int = 0,
                      progress: Optional[Callable[[int], None]] = None) -> Path:
-    """Encode ``dataset`` (items ``(image in [-1, 1], label)``) into a cache folder."""
+    """Encode ``dataset`` (items ``(image in [-1, 1], target)``, see :mod:`sar_core.data`)
+    into a cache folder."""
     schedule = Schedule.parse(schedule) if schedule is not None else adapter.default_schedule
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -110,17 +153,17 @@ def build_code_cache(adapter, dataset: Dataset, schedule: Schedule | str | None,
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    writers: dict = {}
     try:
         bits = adapter.bits_per_token
         arrays = [np.lib.format.open_memmap(tmp / f"codes_{k:02d}.npy", mode="w+", dtype=dtype,
                                             shape=(n_items, h * w) + ((bits,) if bits else ()))
                   for k, (h, w) in enumerate(schedule)]
-        labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.int64, shape=(n_items,))
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             collate_fn=_collate)
-        device, row = adapter.device, 0
+        device, row, labels = adapter.device, 0, []
         with torch.no_grad():
-            for images, lab in loader:
+            for images, targets in loader:
                 images = images.to(device)
                 variants = [(0, images)] + ([(n_src, images.flip(-1))] if flips else [])
                 for base, imgs in variants:
@@ -129,17 +172,20 @@ def build_code_cache(adapter, dataset: Dataset, schedule: Schedule | str | None,
                         if c.min() < 0 or c.max() > limit:
                             raise ValueError(f"scale {k} codes outside 0..{limit} (dtype {dtype})")
                         arrays[k][base + row: base + row + len(c)] = c.numpy().astype(dtype)
-                    labels[base + row: base + row + len(lab)] = lab.numpy()
-                row += len(lab)
+                _record_targets(targets, row, labels, writers, tmp, n_src)
+                row += len(targets)
                 if progress is not None:
-                    progress(len(lab))
-        for a in arrays + [labels]:
+                    progress(len(targets))
+        for a in arrays:
             a.flush()
-        del arrays, labels
+        del arrays
+        conditions = {k: w.close() for k, w in writers.items()}
+        has_labels = _save_labels(tmp, labels, flips)
         meta = {
             "version": CACHE_VERSION, "family": adapter.name, "schedule": schedule.to_list(),
             "image_size": list(image_hw), "bits_per_token": adapter.bits_per_token, "dtype": dtype.name,
             "num_items": n_items, "num_source_items": n_src, "flips": bool(flips),
+            "labels": has_labels, "conditions": conditions,
             "tokenizer_sha256": tokenizer_fingerprint(adapter.tokenizer),
             "tokenizer_file": str(tokenizer_file) if tokenizer_file else None,
             "tokenizer_file_sha256": file_sha256(tokenizer_file) if tokenizer_file else None,
@@ -150,9 +196,23 @@ def build_code_cache(adapter, dataset: Dataset, schedule: Schedule | str | None,
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
+        for w in writers.values():
+            w.fh.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _save_labels(folder: Path, labels: list, flips: bool) -> bool:
+    """labels.npy when every item has a class label; none when no item has one."""
+    present = {lab is not None for lab in labels}
+    if present == {False}:
+        return False
+    if len(present) > 1:
+        raise ValueError("some dataset items have a class label and some do not")
+    arr = np.asarray(labels, dtype=np.int64)
+    np.save(folder / "labels.npy", np.concatenate([arr, arr]) if flips else arr)
+    return True
 
 
 def read_meta(cache_dir: str | Path) -> dict:
@@ -161,8 +221,10 @@ def read_meta(cache_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{d} is not a code cache (no {META}); build one with `sar tokenize`")
     meta = json.loads(path.read_text())
-    if meta.get("version") != CACHE_VERSION:
+    if meta.get("version") not in READABLE_VERSIONS:
         raise StaleCacheError(f"{d}: cache format version {meta.get('version')} != {CACHE_VERSION}; rebuild it")
+    meta.setdefault("labels", True)
+    meta.setdefault("conditions", {})
     return meta
 
 
@@ -185,8 +247,10 @@ def check_cache(meta: dict, adapter=None, schedule: Schedule | str | None = None
 
 
 class CodeCacheDataset(Dataset):
-    """Items ``(codes per scale (list of int64 tensors), label int64)`` of a code cache.
+    """Items ``(codes per scale (list of int64 tensors), target)`` of a code cache.
 
+    ``target`` is the class id (int64) for a cache of class labels only, else a dict
+    ``{"label": id (when cached), "<name>": float32 (n_i, ...) payload, ...}``.
     ``flips``: 'random' (default; with a flipped cache each item is its original or its
     mirror image with p = 0.5, like random-flip augmentation), 'all' (2N items) or 'none'
     (originals only). Pass ``adapter`` / ``schedule`` to check the cache is not stale.
@@ -202,8 +266,10 @@ class CodeCacheDataset(Dataset):
         self.schedule = Schedule.parse(self.meta["schedule"])
         self.flips = flips if self.meta["flips"] else "none"
         self.n_src = int(self.meta["num_source_items"])
+        self.condition_names = sorted(self.meta["conditions"])
         self._arrays: Optional[list] = None
         self._labels: Optional[np.ndarray] = None
+        self._payloads: Optional[dict] = None
         self._check_files()
 
     def _check_files(self) -> None:
@@ -215,23 +281,56 @@ class CodeCacheDataset(Dataset):
             shape = np.load(p, mmap_mode="r").shape
             if shape[:2] != (n, h * w):
                 raise StaleCacheError(f"{p}: shape {shape} does not match meta ({n}, {h * w})")
+        if self.meta["labels"] and not (self.dir / "labels.npy").is_file():
+            raise StaleCacheError(f"{self.dir}: labels.npy is missing; rebuild the cache")
+        for name, info in self.meta["conditions"].items():
+            self._check_payload(name, info)
+
+    def _check_payload(self, name: str, info: dict) -> None:
+        values, offsets = self.dir / f"cond_{name}.bin", self.dir / f"cond_{name}_offsets.npy"
+        if not values.is_file() or not offsets.is_file():
+            raise StaleCacheError(f"{self.dir}: the files of condition payload '{name}' are missing; "
+                                  "rebuild the cache")
+        off = np.load(offsets, mmap_mode="r")
+        row_bytes = 4 * int(np.prod(info["tail"], dtype=np.int64))
+        if (off.shape != (self.n_src + 1,) or int(off[-1]) != int(info["rows"])
+                or values.stat().st_size != int(info["rows"]) * row_bytes):
+            raise StaleCacheError(f"{self.dir}: condition payload '{name}' does not match meta "
+                                  f"({info['rows']} rows of {info['tail']}); rebuild the cache")
 
     def _open(self) -> None:
         # opened lazily so that DataLoader workers each map the files themselves
         self._arrays = [np.load(self.dir / f"codes_{k:02d}.npy", mmap_mode="r") for k in range(len(self.schedule))]
-        self._labels = np.load(self.dir / "labels.npy", mmap_mode="r")
+        if self.meta["labels"]:
+            self._labels = np.load(self.dir / "labels.npy", mmap_mode="r")
+        self._payloads = {}
+        for name, info in self.meta["conditions"].items():
+            rows = int(info["rows"])
+            values = (np.memmap(self.dir / f"cond_{name}.bin", dtype=np.float32, mode="r",
+                                shape=(rows, *info["tail"])) if rows else np.zeros((0, *info["tail"]), np.float32))
+            self._payloads[name] = (values, np.load(self.dir / f"cond_{name}_offsets.npy"))
 
     @property
-    def labels(self) -> torch.Tensor:
-        if self._labels is None:
+    def labels(self) -> Optional[torch.Tensor]:
+        """Class ids of the items (None for a cache without labels)."""
+        if self._arrays is None:
             self._open()
-        n = len(self)
-        return torch.from_numpy(np.array(self._labels[:n], dtype=np.int64))
+        if self._labels is None:
+            return None
+        return torch.from_numpy(np.array(self._labels[: len(self)], dtype=np.int64))
+
+    def payload(self, name: str, i: int) -> torch.Tensor:
+        """Condition payload ``name`` of item ``i`` (a mirror image has its original's)."""
+        if self._arrays is None:
+            self._open()
+        values, offsets = self._payloads[name]
+        j = i % self.n_src
+        return torch.from_numpy(np.array(values[offsets[j]: offsets[j + 1]], dtype=np.float32))
 
     def __len__(self) -> int:
         return int(self.meta["num_items"]) if self.flips == "all" else self.n_src
 
-    def __getitem__(self, i: int) -> tuple[list, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[list, Any]:
         if self._arrays is None:
             self._open()
         if not 0 <= i < len(self):
@@ -239,9 +338,15 @@ class CodeCacheDataset(Dataset):
         if self.flips == "random" and bool(torch.rand(()) < 0.5):
             i += self.n_src
         codes = [torch.from_numpy(np.array(a[i], dtype=np.int64)) for a in self._arrays]
-        return codes, torch.tensor(int(self._labels[i]), dtype=torch.int64)
+        label = None if self._labels is None else torch.tensor(int(self._labels[i]), dtype=torch.int64)
+        if not self.condition_names:
+            return codes, label
+        target = {name: self.payload(name, i) for name in self.condition_names}
+        if label is not None:
+            target["label"] = label
+        return codes, target
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_arrays"] = state["_labels"] = None
+        state["_arrays"] = state["_labels"] = state["_payloads"] = None
         return state

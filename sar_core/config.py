@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 
 class Section(BaseModel):
@@ -48,7 +48,8 @@ class ModelConfig(Section):
 class DataConfig(Section):
     name: str = Field(description="registered dataset, image folder (class sub-folders) or code cache folder")
     split: str = "train"
-    image_size: Optional[int] = Field(None, gt=0, description="pixels a side (default: the model's)")
+    image_size: Optional[Union[PositiveInt, tuple[PositiveInt, PositiveInt]]] = Field(
+        None, description="training image size: pixels a side, or [H, W] (default: the model's)")
     options: dict[str, Any] = Field(default_factory=dict, description="extra dataset factory options")
     workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
 

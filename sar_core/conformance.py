@@ -3,15 +3,20 @@
 A golden case is a folder (format: docs/conformance.md) with ``config.json`` naming the
 ``family`` and the checkpoint files, and ``case.pt`` holding inputs and, usually, the
 upstream outputs. The kit loads the family's adapter from the registry, asks it to
-compute every output (``ScaleWiseAdapter.run_case``), and compares each key present in
-both with tolerances chosen by the value's kind:
+compute every output (the family's :class:`CaseRunner`, ``adapter_cls.case_runner``), and
+compares each key present in both with tolerances chosen by the value's kind:
 
 * integer / bool tensors and int lists (indices, bits, schedules): exactly equal;
 * 0-d floats (losses): ``atol 1e-5``; keys containing ``grad_norm``: ``rtol 1e-4``;
 * float tensors (latents, logits, images): ``|a - b| <= 1e-4 + 1e-4 * |b|``.
 
-An adapter may override tolerances per key with ``case_tolerances = {key: (atol, rtol)}``.
-A case that holds inputs only is computed and (with ``dump``) saved, nothing compared.
+A runner may override tolerances per key with ``tolerances = {key: (atol, rtol)}``. A case
+that holds inputs only is computed and (with ``dump``) saved, nothing compared.
+
+Golden cases live beside the training contract: a family without them sets nothing
+(``case_runner = None``). The kit itself runs the runner in eval mode with condition
+dropout 0 (``adapter.inference()``), in float32 (autocast off), with the global RNG seeded
+0 and restored afterwards.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -54,6 +59,54 @@ class ConformanceReport:
     @property
     def compared(self) -> int:
         return sum(r.status in ("pass", "fail") for r in self.results)
+
+
+class CaseRunner:
+    """A family's golden-case support: how to load a case's model and compute its outputs.
+
+    Subclass, then declare it on the adapter: ``case_runner = MyCaseRunner``.
+    """
+
+    #: per-key tolerance overrides, {key: (atol, rtol)}
+    tolerances: ClassVar[dict] = {}
+
+    def overrides(self, config: dict) -> dict:
+        """Config overrides for ``adapter_cls.load`` from a case's config.json (hyper-
+        parameters that the checkpoint's tensor shapes do not hold). Default: none."""
+        return {}
+
+    def run(self, adapter, case: dict, config: dict) -> dict:
+        """Every output computable from the case's inputs, {key: tensor | list | number}.
+        Called through :func:`run_case` (eval mode, dropout 0, float32, seeded RNG)."""
+        raise NotImplementedError
+
+
+def case_runner_for(adapter_cls) -> CaseRunner:
+    runner = adapter_cls.case_runner
+    if runner is None:
+        raise ValueError(f"family '{adapter_cls.name}' has no golden-case support: its adapter "
+                         "declares no case_runner (see docs/conformance.md)")
+    return runner()
+
+
+def run_case(adapter, case: dict, config: dict, runner: Optional[CaseRunner] = None) -> dict:
+    """Run a family's case runner with the kit's pins: eval mode and condition dropout 0
+    (restored afterwards, even on error), autocast off, global RNG seeded 0 (restored)."""
+    runner = runner or case_runner_for(type(adapter))
+    with adapter.inference(), torch.autocast(adapter.device.type, enabled=False), \
+            torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        computed = runner.run(adapter, case, config)
+    return {k: _detach(v) for k, v in computed.items()}
+
+
+def load_case_adapter(adapter_cls, config: dict, case_dir: Path, runner: Optional[CaseRunner] = None):
+    """The adapter a case's config.json names, loaded with the runner's overrides."""
+    runner = runner or case_runner_for(adapter_cls)
+    files = config["files"]
+    tok = case_dir / files["tokenizer"] if files.get("tokenizer") else None
+    bb = case_dir / files["backbone"] if files.get("backbone") else None
+    return adapter_cls.load(tok, bb, overrides=runner.overrides(config))
 
 
 def read_case(case_dir: str | Path) -> tuple[dict, dict, Path]:
@@ -139,22 +192,18 @@ def run_conformance(case_dir: str | Path, registry=None, dump: str | Path | None
     config, case, d = read_case(case_dir)
     registry = registry or get_registry()
     adapter_cls = registry.get("adapter", config["family"])
-    files = config["files"]
-    tok = d / files["tokenizer"] if files.get("tokenizer") else None
-    bb = d / files["backbone"] if files.get("backbone") else None
-    adapter = adapter_cls.load(tok, bb, overrides=adapter_cls.case_overrides(config))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        computed = adapter.run_case(case, config)
+    runner = case_runner_for(adapter_cls)
+    adapter = load_case_adapter(adapter_cls, config, d, runner)
+    computed = run_case(adapter, case, config, runner)
     report = ConformanceReport(d, config["family"], computed=computed)
-    overrides = getattr(adapter_cls, "case_tolerances", {}) or {}
+    overrides = dict(runner.tolerances)
     for key in sorted(computed):
         if key in case:
             report.results.append(compare_key(key, computed[key], case[key], overrides))
         else:
             report.results.append(KeyResult(key, "computed", "-", note="not recorded in case.pt"))
     if dump is not None:
-        atomic_save({k: _detach(v) for k, v in computed.items()}, dump)
+        atomic_save(computed, dump)
     return report
 
 

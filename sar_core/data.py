@@ -1,9 +1,11 @@
 """Training data: datasets, a resumable sampler, per-item seeding, collate.
 
-A dataset item is ``(image, label)`` (image float (3, H, W) in [-1, 1]) or
-``(codes, label)`` with ``codes`` a list of per-scale int64 tensors (a pre-tokenised code
-cache: the frozen tokenizer is then skipped). A batch is a :class:`Batch` carrying either
-``images`` or ``codes``.
+A dataset item is ``(x, target)``: ``x`` is an image float (3, H, W) in [-1, 1] or a list
+of per-scale int64 code tensors (a pre-tokenised code cache: the frozen tokenizer is then
+skipped); ``target`` is a class id, or a dict ``{"label": int (optional), "<name>": tensor
+(n_i, D), ...}`` of per-sample condition payloads of varying length (e.g. text features).
+A batch is a :class:`Batch` carrying ``images`` or ``codes``, the labels (or None) and the
+payloads padded into :class:`Padded` with their lengths.
 
 Determinism: the order of an epoch is a function of (seed, epoch) (a
 ``DistributedSampler``), and every item's random augmentations are drawn from RNGs seeded
@@ -77,6 +79,13 @@ class Batch:
             return int(self.codes[0].shape[0])
         return int(next(iter(self.conditions.values())).lengths.shape[0])
 
+    def rows(self, rows) -> "Batch":
+        """The batch's rows ``rows`` (a slice or an index tensor)."""
+        return Batch(None if self.labels is None else self.labels[rows],
+                     None if self.images is None else self.images[rows],
+                     None if self.codes is None else [c[rows] for c in self.codes],
+                     {k: v[rows] for k, v in self.conditions.items()})
+
     def to(self, device: torch.device) -> "Batch":
         nb = device.type == "cuda"
         return Batch(None if self.labels is None else self.labels.to(device, non_blocking=nb),
@@ -85,20 +94,45 @@ class Batch:
                      {k: v.to(device, non_blocking=nb) for k, v in self.conditions.items()})
 
 
+def split_target(target: Any) -> tuple[Optional[int], dict]:
+    """A dataset item's target -> (class id or None, {payload name: (n_i, ...) tensor}).
+
+    A target is a class id (int / 0-d tensor) or a dict ``{"label": int (optional),
+    "<name>": tensor (n_i, ...), ...}``."""
+    if isinstance(target, dict):
+        label = target.get("label")
+        payloads = {k: torch.as_tensor(v) for k, v in target.items() if k != "label"}
+        for k, v in payloads.items():
+            if v.dim() < 1:
+                raise TypeError(f"condition payload '{k}' must have a length dimension (n_i, ...), got a scalar")
+        return (None if label is None else int(label)), payloads
+    if target is None:
+        return None, {}
+    return int(target), {}
+
+
 def collate(items: list) -> Batch:
-    """[(image | codes, label), ...] -> Batch."""
+    """[(image | codes, target), ...] -> Batch (dict payloads padded with their lengths)."""
     if not items:
         raise ValueError("empty batch")
     first = items[0]
     if not isinstance(first, (tuple, list)) or len(first) < 2:
-        raise TypeError("dataset items must be (image, label) or (codes per scale, label) pairs, "
+        raise TypeError("dataset items must be (image, target) or (codes per scale, target) pairs, "
                         f"got {type(first).__name__}")
-    labels = torch.as_tensor([int(it[1]) for it in items], dtype=torch.int64)
+    targets = [split_target(it[1]) for it in items]
+    has_label = {lab is not None for lab, _ in targets}
+    if len(has_label) > 1:
+        raise ValueError("some items of the batch have a class label and some do not")
+    labels = torch.as_tensor([lab for lab, _ in targets], dtype=torch.int64) if True in has_label else None
+    names = set(targets[0][1])
+    if any(set(p) != names for _, p in targets):
+        raise ValueError("every item of a batch must carry the same condition payloads")
+    conditions = {k: Padded.pad([p[k] for _, p in targets]) for k in sorted(names)}
     x = first[0]
     if isinstance(x, (list, tuple)):
         codes = [torch.stack([torch.as_tensor(it[0][k]) for it in items]).long() for k in range(len(x))]
-        return Batch(labels, codes=codes)
-    return Batch(labels, images=torch.stack([it[0] for it in items]).float())
+        return Batch(labels, codes=codes, conditions=conditions)
+    return Batch(labels, images=torch.stack([it[0] for it in items]).float(), conditions=conditions)
 
 
 # ----------------------------------------------------------------------------- seeding
@@ -201,6 +235,37 @@ def is_code_cache(spec: str | Path) -> bool:
     return Path(spec).is_dir() and (Path(spec) / META).is_file()
 
 
+def image_hw(image_size: int | tuple[int, int] | list) -> tuple[int, int]:
+    """An image size given as an int (square) or an (H, W) pair -> (H, W), both positive."""
+    if isinstance(image_size, (int, np.integer)):
+        h = w = int(image_size)
+    else:
+        try:
+            h, w = (int(v) for v in image_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"an image size is an int or an (H, W) pair, got {image_size!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"image size must be positive, got {h}x{w}")
+    return h, w
+
+
+def parse_image_size(text: str | int) -> int | tuple[int, int]:
+    """``"16"`` -> 16, ``"4x8"`` -> (4, 8) (the ``--image-size`` flags), with a clear error."""
+    if isinstance(text, int):
+        return size_option(text)
+    parts = str(text).lower().replace(",", "x").split("x")
+    try:
+        return size_option(int(parts[0]) if len(parts) == 1 else tuple(int(p) for p in parts))
+    except ValueError:
+        raise ValueError(f"--image-size takes S (pixels a side) or HxW, e.g. 256 or 256x512; got {text!r}") from None
+
+
+def size_option(image_size: int | tuple[int, int] | list) -> int | tuple[int, int]:
+    """What a dataset factory's ``image_size`` gets: an int for a square size, else (H, W)."""
+    h, w = image_hw(image_size)
+    return h if h == w else (h, w)
+
+
 def open_training_data(spec: str, split: str, image_size: Optional[tuple[int, int]], options: dict, registry,
                        adapter=None, schedule=None) -> Dataset:
     """A code cache folder, a registered dataset name, or an image folder (read by the
@@ -212,8 +277,7 @@ def open_training_data(spec: str, split: str, image_size: Optional[tuple[int, in
         return CodeCacheDataset(spec, adapter=adapter, schedule=schedule, **options)
     opts = {"split": split, **options}
     if image_size is not None:
-        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        opts["image_size"] = int(h) if h == w else (int(h), int(w))
+        opts["image_size"] = size_option(image_size)
     if str(spec) in registry.names("dataset"):
         return registry.get("dataset", str(spec))(**opts)
     if Path(spec).is_dir():

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from sar_core.data import Batch, collate
 from sar_core.schedule import Schedule
 from sar_core.tokens import cat_codes, group_codes, group_logits, token_argmax, token_ce
 
@@ -29,7 +30,7 @@ Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits at k, 
 
 def _batches(data: Dataset | Iterable, batch_size: int) -> Iterable:
     if isinstance(data, Dataset):
-        return DataLoader(data, batch_size=batch_size, shuffle=False)
+        return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
     return data
 
 
@@ -52,11 +53,10 @@ class _Sums:
 
 
 @torch.no_grad()
-def _one_batch(adapter, codes: list, labels: torch.Tensor, schedule: Schedule, mode: str,
+def _one_batch(adapter, codes: list, cond: Any, schedule: Schedule, mode: str,
                predict: Optional[Predict], sums: _Sums) -> None:
     bits, K, dev = adapter.bits_per_token, len(schedule), adapter.device
     codes = [c.to(dev) for c in codes]
-    cond = adapter.condition_to(adapter.condition_from_labels(labels.to(dev)), dev)
     target = cat_codes(codes)
     logits_tf = adapter.forward(cond, adapter.teacher_inputs(codes, schedule), schedule).float()
     preds = []
@@ -76,14 +76,22 @@ def _one_batch(adapter, codes: list, labels: torch.Tensor, schedule: Schedule, m
             sums.add("sf_acc", k + 1, _token_acc(logits_sf[:, sl], target[:, sl], bits))
 
 
-def _split_batch(adapter, batch: Any, schedule: Schedule) -> tuple[list, torch.Tensor]:
-    """(images, labels) or (codes per scale, labels) -> (codes, labels)."""
-    x, labels = batch[0], batch[1]
-    if isinstance(x, (list, tuple)):
-        if len(x) != len(schedule):
-            raise ValueError(f"batch has codes for {len(x)} scales, schedule {schedule} has {len(schedule)}")
-        return list(x), labels
-    return adapter.encode(x.to(adapter.device), schedule), labels
+def _split_batch(adapter, batch: Any, schedule: Schedule) -> tuple[list, Any, int]:
+    """A :class:`~sar_core.data.Batch` (or an (images | codes, labels) pair) -> (codes,
+    condition on the model's device, batch size)."""
+    dev = adapter.device
+    if not isinstance(batch, Batch):
+        x, labels = batch[0], batch[1]
+        batch = Batch(labels, codes=list(x)) if isinstance(x, (list, tuple)) else Batch(labels, images=x)
+    batch = batch.to(dev)
+    if batch.codes is not None:
+        if len(batch.codes) != len(schedule):
+            raise ValueError(f"batch has codes for {len(batch.codes)} scales, schedule {schedule} "
+                             f"has {len(schedule)}")
+        codes = list(batch.codes)
+    else:
+        codes = adapter.encode(batch.images, schedule)
+    return codes, adapter.condition_to(adapter.condition(batch), dev), len(batch)
 
 
 def exposure_gap(adapter, data: Dataset | Iterable, schedule: Schedule | str | None = None,
@@ -91,8 +99,11 @@ def exposure_gap(adapter, data: Dataset | Iterable, schedule: Schedule | str | N
                  predict: Optional[Predict] = None) -> dict:
     """Per-scale teacher-forced vs one-step student-forced CE / accuracy and their gap.
 
-    ``data`` is a dataset or loader of ``(images, labels)`` or ``(codes, labels)`` (a
-    :class:`~sar_core.code_cache.CodeCacheDataset`); ``batches`` caps how many batches are
+    ``data`` is a dataset of ``(images | codes, target)`` items (see :mod:`sar_core.data`;
+    e.g. a :class:`~sar_core.code_cache.CodeCacheDataset`) or an iterable of
+    :class:`~sar_core.data.Batch` / ``(images | codes, labels)`` batches; the condition
+    comes from ``adapter.condition(batch)``, so class labels and payloads both work;
+    ``batches`` caps how many batches are
     used. ``predict`` replaces the argmax prediction (tests use an oracle).
     """
     if mode not in ("per_scale", "joint"):
@@ -100,21 +111,14 @@ def exposure_gap(adapter, data: Dataset | Iterable, schedule: Schedule | str | N
     schedule = Schedule.parse(schedule) if schedule is not None else adapter.default_schedule
     if len(schedule) < 2:
         raise ValueError("the exposure gap needs a schedule of at least two scales")
-    bb = adapter.backbone
-    was_training, drop = bb.training, getattr(bb, "cond_drop_rate", 0.0)
-    bb.eval()
-    bb.cond_drop_rate = 0.0
     sums, n_samples = _Sums(len(schedule)), 0
-    try:
+    with adapter.inference():
         for i, batch in enumerate(_batches(data, batch_size)):
             if batches is not None and i >= batches:
                 break
-            codes, labels = _split_batch(adapter, batch, schedule)
-            _one_batch(adapter, codes, labels, schedule, mode, predict, sums)
-            n_samples += len(labels)
-    finally:
-        bb.train(was_training)
-        bb.cond_drop_rate = drop
+            codes, cond, n = _split_batch(adapter, batch, schedule)
+            _one_batch(adapter, codes, cond, schedule, mode, predict, sums)
+            n_samples += n
     if n_samples == 0:
         raise ValueError("no batches to evaluate")
     return _report(adapter, schedule, mode, n_samples, sums)

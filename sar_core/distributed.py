@@ -143,7 +143,9 @@ def _fully_shard(module: nn.Module, env: DistEnv) -> None:
 
 
 def ddp_of(model: nn.Module) -> Optional[nn.parallel.DistributedDataParallel]:
-    inner = getattr(model, "_orig_mod", model)
+    from torch._dynamo.eval_frame import OptimizedModule  # what torch.compile wraps a module in
+
+    inner = model._orig_mod if isinstance(model, OptimizedModule) else model
     return inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
 
 

@@ -81,7 +81,7 @@ class UInt8Images(Dataset):
 
 
 class DatasetImages(Dataset):
-    """A sar dataset of (image in [-1, 1], label) -> items uint8 (3, H, W)."""
+    """A sar dataset of (image in [-1, 1], target) -> items uint8 (3, H, W)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -118,7 +118,7 @@ class FolderImages(Dataset):
 
 
 def as_image_set(x: Any) -> Dataset:
-    """An image tensor, a (image, label) dataset, or a folder path -> uint8 image dataset."""
+    """An image tensor, an (image, target) dataset, or a folder path -> uint8 image dataset."""
     if isinstance(x, (UInt8Images, DatasetImages, FolderImages)):
         return x
     if isinstance(x, torch.Tensor):
@@ -140,11 +140,13 @@ def _accepts(factory: Callable, name: str) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def open_dataset(spec: str | Path, split: str = "train", image_size: int | None = None,
+def open_dataset(spec: str | Path, split: str = "train", image_size: int | tuple[int, int] | None = None,
                  deterministic: bool = False, **options) -> Dataset:
     """A registered dataset name, or a folder (read by the registered ``imagefolder``
-    dataset) -> a dataset of (image (3, S, S) in [-1, 1], label).
+    dataset) -> a dataset of (image (3, H, W) in [-1, 1], target) items.
 
+    ``image_size`` is an int (square) or an (H, W) pair; factories get an int for square
+    sizes and the pair otherwise.
     ``deterministic`` asks the factory for ``augment=False`` (no random crops / flips:
     code caches and diagnostics must see every image the same way each time)."""
     from sar_core.plugins import get_registry
@@ -152,7 +154,9 @@ def open_dataset(spec: str | Path, split: str = "train", image_size: int | None 
     reg = get_registry()
     opts = {"split": split, **options}
     if image_size is not None:
-        opts["image_size"] = int(image_size)
+        from sar_core.data import size_option
+
+        opts["image_size"] = size_option(image_size)
     if str(spec) in reg.names("dataset"):
         factory = reg.get("dataset", str(spec))
     elif Path(spec).is_dir():
@@ -333,9 +337,9 @@ def class_accuracy(images: Any, labels: torch.Tensor, extractor: FeatureExtracto
 
 
 # ------------------------------------------------------------------------ whole pipeline
-def reference_set(reference: str | Path, split: str, image_size: int) -> Dataset:
-    """A registered dataset name (its ``split`` at ``image_size``) or a folder of images
-    (used as they are) -> uint8 image set."""
+def reference_set(reference: str | Path, split: str, image_size: int | tuple[int, int]) -> Dataset:
+    """A registered dataset name (its ``split`` at ``image_size``, S or (H, W)) or a folder
+    of images (used as they are) -> uint8 image set."""
     from sar_core.plugins import get_registry
 
     if str(reference) in get_registry().names("dataset"):
@@ -351,12 +355,16 @@ def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSp
                      reference_stats: str | Path | None = None, metrics: Sequence[str] = ALL_METRICS,
                      cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
                      batch_size: int = 32, schedule=None, samples_folder: str | Path | None = None,
-                     samples_npz: str | Path | None = None, progress=None) -> dict:
-    """Sample ``num_samples`` class-balanced images and measure them (``sar eval``).
+                     samples_npz: str | Path | None = None, progress=None, conditions=None) -> dict:
+    """Sample ``num_samples`` images and measure them (``sar eval``).
 
+    Class-conditional families sample class-balanced. ``conditions`` (a
+    :class:`~sar_core.data.Batch` or a dict of payloads, e.g. text features, see
+    :func:`sar_core.generation.condition_batch`) conditions the samples instead, cycling
+    through its rows; a family without classes needs it. Class accuracy needs classes.
     Metrics that need the reference *set* (KID, precision / recall) are skipped, with a
     note, when only ``reference_stats`` are given."""
-    from sar_core.generation import balanced_labels, generate_images, num_classes_of, save_folder
+    from sar_core.generation import balanced_labels, condition_batch, generate_images, save_folder
 
     metrics = _check_metrics(metrics)
     stats = load_statistics(reference_stats) if reference_stats else None
@@ -368,24 +376,32 @@ def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSp
         if skipped:
             notes.append(f"skipped {skipped}: they need the reference images, not only mu / sigma")
         metrics = tuple(m for m in metrics if m not in skipped)
-    n_classes = num_classes_of(adapter)
-    if n_classes is None:
-        raise ValueError(f"family '{adapter.name}' has no num_classes; sar eval samples class-conditionally")
+    n_classes = adapter.num_classes
+    if n_classes is None and conditions is None:
+        raise ValueError(f"family '{adapter.name}' has no classes to sample class-balanced; give condition "
+                         "payloads (e.g. --text-features FILE)")
     from sar_core.schedule import Schedule
 
     schedule = Schedule.parse(schedule) if schedule is not None else adapter.default_schedule
-    labels = balanced_labels(num_samples, n_classes)
-    images = generate_images(adapter, labels, schedule=schedule, cfg=cfg, top_k=top_k, top_p=top_p,
-                             seed=seed, batch_size=batch_size, progress=progress)
+    opts = dict(schedule=schedule, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
+                progress=progress)
+    if conditions is not None:
+        batch = condition_batch(conditions)
+        batch = batch.rows(torch.arange(num_samples) % len(batch))
+        labels = batch.labels
+        images = generate_images(adapter, conditions=batch, **opts)
+    else:
+        labels = balanced_labels(num_samples, n_classes)
+        images = generate_images(adapter, labels, **opts)
     if samples_folder:
-        save_folder(images, samples_folder, labels.tolist())
+        save_folder(images, samples_folder, None if labels is None else labels.tolist())
     if samples_npz:
         write_samples_npz(images, samples_npz)
-    ref = reference_set(reference, reference_split, images.shape[-1]) if reference is not None else None
+    ref = reference_set(reference, reference_split, tuple(images.shape[-2:])) if reference is not None else None
     device = adapter.device
     report = compute_metrics(images, ref, extractor=extractor, metrics=metrics, reference_stats=stats,
                              device=device, batch_size=batch_size, seed=seed)
-    if extractor.classifier is not None:
+    if extractor.classifier is not None and labels is not None:
         report["class_accuracy"] = class_accuracy(images, labels, extractor, device)
     report.update({"family": adapter.name, "schedule": schedule.to_list(), "cfg": cfg, "top_k": top_k, "top_p": top_p, "seed": seed,
                    "num_classes": n_classes, "image_size": list(images.shape[-2:]),

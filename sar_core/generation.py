@@ -1,7 +1,8 @@
 """Loading a model by family name and sampling image sets from it (eval, sample, demo).
 
-Everything goes through the adapter contract (``adapter.generate``), so it works for
-every registered family. Images come back as float (N, 3, H, W) in [0, 1] on the CPU.
+Everything goes through the adapter contract (``adapter.generate``, ``adapter.condition``,
+``adapter.inference()``), so it works for every registered family, class- or
+text-conditioned. Images come back as float (N, 3, H, W) in [0, 1] on the CPU.
 Seeding: one ``torch.Generator`` on the model's device is seeded once and drawn from batch
 after batch, so a (seed, batch size) pair reproduces the same image set.
 """
@@ -14,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from sar_core.adapter import ScaleWiseAdapter
+from sar_core.data import Batch, Padded
 from sar_core.schedule import Schedule
 
 Progress = Optional[Callable[[int], None]]  # called with the number of images just made
@@ -36,25 +38,6 @@ def load_adapter(family: str, tokenizer: str | Path, backbone: str | Path | None
     adapter.to(resolve_device(device))
     adapter.backbone.eval()
     return adapter
-
-
-def config_value(config: Any, *names: str) -> Any:
-    """The first field called one of ``names`` in a (nested) adapter config, else None."""
-    tree = config.model_dump() if hasattr(config, "model_dump") else dict(config)
-    stack = [tree]
-    while stack:
-        node = stack.pop(0)
-        for name in names:
-            if isinstance(node.get(name), (int, float)):
-                return node[name]
-        stack.extend(v for v in node.values() if isinstance(v, dict))
-    return None
-
-
-def num_classes_of(adapter: ScaleWiseAdapter) -> Optional[int]:
-    """The number of classes of a class-conditional family (a ``num_classes`` config field)."""
-    n = config_value(adapter.config, "num_classes")
-    return int(n) if n is not None else None
 
 
 def parse_labels(text: str) -> list[int]:
@@ -81,49 +64,75 @@ def check_labels(labels: torch.Tensor, num_classes: Optional[int]) -> None:
                          f"{sorted(set(labels.tolist()))}")
 
 
+def padded_features(obj: Any, what: str = "text features") -> Padded:
+    """A list of (n_i, D) tensors, or a dict {"features": (N, N_max, D), "lengths": (N,)}
+    (what ``--text-features FILE`` holds) -> :class:`~sar_core.data.Padded`."""
+    if isinstance(obj, Padded):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        if not obj or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in obj):
+            raise ValueError(f"{what}: a list needs one (n_i, D) tensor per sample")
+        if len({tuple(t.shape[1:]) for t in obj}) > 1:
+            raise ValueError(f"{what}: every (n_i, D) tensor of the list needs the same D")
+        return Padded.pad([t.float() for t in obj])
+    if isinstance(obj, dict) and set(obj) >= {"features", "lengths"}:
+        values, lengths = torch.as_tensor(obj["features"]), torch.as_tensor(obj["lengths"]).long()
+        if values.dim() < 2 or lengths.shape != values.shape[:1]:
+            raise ValueError(f"{what}: 'features' must be (N, N_max, ...) and 'lengths' (N,); got "
+                             f"{tuple(values.shape)} and {tuple(lengths.shape)}")
+        if len(lengths) and (lengths.min() < 0 or lengths.max() > values.shape[1]):
+            raise ValueError(f"{what}: lengths must lie in 0..{values.shape[1]}")
+        return Padded(values.float(), lengths)
+    raise ValueError(f"{what}: expected a list of (n_i, D) tensors or a dict with 'features' "
+                     "(N, N_max, D) and 'lengths' (N,)")
+
+
+def condition_batch(conditions: Batch | dict, labels: Optional[torch.Tensor] = None) -> Batch:
+    """A :class:`~sar_core.data.Batch` of condition payloads (no images): ``conditions`` is
+    a Batch, or a dict payload name -> Padded / list of (n_i, D) tensors / features dict."""
+    if isinstance(conditions, Batch):
+        return conditions
+    payloads = {k: padded_features(v, k) for k, v in conditions.items()}
+    sizes = {len(p.lengths) for p in payloads.values()} | ({len(labels)} if labels is not None else set())
+    if len(sizes) != 1:
+        raise ValueError(f"condition payloads have different numbers of samples: {sorted(sizes)}")
+    return Batch(labels, conditions=payloads)
+
+
 @torch.no_grad()
-def generate_images(adapter: ScaleWiseAdapter, labels: torch.Tensor, *, schedule: Schedule | None = None,
+def generate_images(adapter: ScaleWiseAdapter, labels: torch.Tensor | Batch | None = None, *,
+                    conditions: Batch | dict | None = None, schedule: Schedule | None = None,
                     cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
                     batch_size: int = 64, progress: Progress = None, **options: Any) -> torch.Tensor:
-    """Class-conditional samples, one per entry of ``labels`` -> float (N, 3, H, W) in [0, 1]."""
+    """One sample per condition -> float (N, 3, H, W) in [0, 1].
+
+    Conditions are class ids ``labels`` (N,) (class-conditional families, through
+    ``adapter.condition_from_labels``), or ``conditions``: a :class:`~sar_core.data.Batch`
+    (or a dict of payloads, see :func:`condition_batch`) turned into the family's
+    condition by ``adapter.condition(batch)`` (e.g. text features)."""
+    if isinstance(labels, Batch):
+        labels, conditions = None, labels
+    if (labels is None) == (conditions is None):
+        raise ValueError("give class labels or condition payloads (exactly one)")
+    if labels is not None:
+        check_labels(labels, adapter.num_classes)
+        n, make = len(labels), lambda rows: adapter.condition_from_labels(labels[rows].to(device))
+    else:
+        batch = condition_batch(conditions)
+        n, make = len(batch), lambda rows: adapter.condition(batch.rows(rows).to(device))
     schedule = schedule or adapter.default_schedule
-    check_labels(labels, num_classes_of(adapter))
     device = adapter.device
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    was_training = adapter.backbone.training
-    adapter.backbone.eval()
     out = []
-    try:
-        for i in range(0, len(labels), batch_size):
-            lab = labels[i:i + batch_size].to(device)
-            cond = adapter.condition_to(adapter.condition_from_labels(lab), device)
+    with adapter.inference():
+        for i in range(0, n, batch_size):
+            rows = slice(i, min(i + batch_size, n))
+            cond = adapter.condition_to(make(rows), device)
             result = adapter.generate(cond, schedule, cfg=cfg, top_k=top_k, top_p=top_p, generator=gen, **options)
             out.append(result.images.float().clamp(0, 1).cpu())
             if progress is not None:
-                progress(len(lab))
-    finally:
-        adapter.backbone.train(was_training)
+                progress(rows.stop - rows.start)
     return torch.cat(out) if out else torch.empty(0, 3, *adapter.image_size(schedule))
-
-
-@torch.no_grad()
-def generate_from_text(adapter: ScaleWiseAdapter, features: Any, *, schedule: Schedule | None = None,
-                       cfg: float = 4.0, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
-                       **options: Any) -> torch.Tensor:
-    """Text-conditioned samples from precomputed text features (one batch).
-
-    Needs an adapter with ``condition_from_text_features(features)`` (text-conditioned
-    families); class-conditional families get a clear error."""
-    hook = getattr(adapter, "condition_from_text_features", None)
-    if hook is None:
-        raise ValueError(f"family '{adapter.name}' is not text-conditioned: its adapter has no "
-                         "condition_from_text_features(); use --labels / --per-class instead")
-    schedule = schedule or adapter.default_schedule
-    device = adapter.device
-    cond = adapter.condition_to(hook(features), device)
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    result = adapter.generate(cond, schedule, cfg=cfg, top_k=top_k, top_p=top_p, generator=gen, **options)
-    return result.images.float().clamp(0, 1).cpu()
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

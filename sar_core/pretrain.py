@@ -43,11 +43,8 @@ class Validator:
         tr = self.trainer
         adapter, bb = tr.adapter, tr.backbone
         schedule = tr.sampler.default
-        was_training, drop = bb.training, bb.cond_drop_rate
-        bb.eval()
-        bb.cond_drop_rate = 0.0
         total, n = 0.0, 0
-        try:
+        with adapter.inference():
             for i in range(0, len(self.labels), self.batch):
                 codes = [c[i:i + self.batch].to(tr.env.device) for c in self.codes]
                 labels = self.labels[i:i + self.batch].to(tr.env.device)
@@ -55,9 +52,6 @@ class Validator:
                 logits = bb(adapter.condition_from_labels(labels), inputs, schedule)
                 total += teacher_forcing_loss(logits, cat_codes(codes), adapter.bits_per_token).item() * len(labels)
                 n += len(labels)
-        finally:
-            bb.train(was_training)
-            bb.cond_drop_rate = drop
         return total / max(n, 1)
 
     @hookimpl
@@ -109,8 +103,8 @@ def pretrain(family: str, model: dict[str, Any], data: str, image_size: int, out
     registry = get_registry()
     cls = registry.get("adapter", family)
     overrides = dict(model)
-    if "image_size" in cls.config_cls.model_fields:
-        overrides.setdefault("image_size", image_size)
+    for key, value in cls.image_size_overrides((image_size, image_size)).items():
+        overrides.setdefault(key, value)
     torch.manual_seed(seed)
     adapter = cls.from_config(cls.config_cls.model_validate(overrides))
     schedule = adapter.default_schedule

@@ -33,7 +33,7 @@ from sar_core import checkpointing as ckpt
 from sar_core import distributed as D
 from sar_core.checkpoint_io import atomic_write_text
 from sar_core.config import RunConfig
-from sar_core.data import BatchStream, is_code_cache, open_training_data
+from sar_core.data import BatchStream, image_hw, is_code_cache, open_training_data
 from sar_core.ema import EMA
 from sar_core.optim import build_optimizer, lr_at, set_lr
 from sar_core.sar_step import sar_step
@@ -75,8 +75,7 @@ def build_adapter(cfg: RunConfig, registry) -> Any:
     cls = registry.get("adapter", cfg.model.family)
     overrides = dict(cfg.model.overrides)
     if cfg.data.image_size is not None:
-        size = int(cfg.data.image_size)
-        for key, value in cls.image_size_overrides((size, size)).items():
+        for key, value in cls.image_size_overrides(image_hw(cfg.data.image_size)).items():
             overrides.setdefault(key, value)
     if cfg.model.tokenizer is None and cfg.model.backbone is None:
         return cls.from_config(cls.config_cls.model_validate(overrides))
@@ -114,9 +113,10 @@ def build_rollout_and_loss(cfg: RunConfig, registry) -> tuple[Any, Any]:
 
 def data_image_size(cfg: RunConfig, adapter, sampler: ScheduleSampler) -> tuple[int, int]:
     """Pixel (H, W) of training images; checked against what the model encodes."""
-    natural = tuple(adapter.training_image_size(sampler))
-    if cfg.data.image_size is not None and (cfg.data.image_size, cfg.data.image_size) != natural:
-        raise ValueError(f"--image-size {cfg.data.image_size} does not match the model: family "
+    natural = image_hw(adapter.training_image_size(sampler))
+    if cfg.data.image_size is not None and image_hw(cfg.data.image_size) != natural:
+        asked = "x".join(map(str, image_hw(cfg.data.image_size)))
+        raise ValueError(f"--image-size {asked} does not match the model: family "
                          f"'{adapter.name}' with schedule {sampler.default} encodes {natural[0]}x{natural[1]} "
                          "images (change the schedule or the image size)")
     return natural

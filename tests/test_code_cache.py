@@ -163,3 +163,21 @@ def test_folder_cache_is_deterministic(tmp_path):
     for k in range(3):
         assert np.array_equal(np.load(a / f"codes_{k:02d}.npy"), np.load(b / f"codes_{k:02d}.npy"))
     assert np.load(a / "labels.npy").tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_version_1_caches_still_read_as_labels_only(var, cache, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "v1"
+    shutil.copytree(cache, old)
+    meta = json.loads((old / "meta.json").read_text())
+    meta["version"] = 1
+    del meta["labels"], meta["conditions"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    a, b = CodeCacheDataset(old, var, flips="none"), CodeCacheDataset(cache, var, flips="none")
+    assert torch.equal(a.labels, b.labels) and int(a[2][1]) == int(b[2][1]) and a.condition_names == []
+    meta["version"] = 0
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StaleCacheError, match="version"):
+        CodeCacheDataset(old, var)

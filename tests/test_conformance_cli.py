@@ -74,3 +74,14 @@ def test_compare_rules():
     assert compare_key("sar_grad_norm", torch.tensor(3.0001), torch.tensor(3.0)).status == "pass"
     assert compare_key("f", torch.zeros(2, 3), torch.zeros(3, 2)).status == "fail"
     assert compare_key("l", [torch.ones(2)], [torch.ones(2), torch.ones(2)]).status == "fail"
+
+
+def test_family_without_golden_cases_implements_nothing_and_is_told_so(tmp_path):
+    from toy_adapter import make_registry, toy_files
+
+    tok, bb = toy_files(tmp_path)
+    torch.save({"images": torch.zeros(1, 3, 8, 8)}, tmp_path / "case.pt")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"family": "toy", "files": {"tokenizer": tok.name, "backbone": bb.name}}))
+    with pytest.raises(ValueError, match="no golden-case support"):
+        run_conformance(tmp_path, registry=make_registry())

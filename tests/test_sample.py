@@ -74,7 +74,7 @@ def test_bad_requests_fail_clearly(model_files, tmp_path):
     assert r.exit_code == 2 and "--grid" in r.output
     r = run(model_files, "--labels", "1", "--per-class", "2", "--grid", str(tmp_path / "g.png"))
     assert r.exit_code == 2 and "exactly one" in r.output
-    torch.save({"features": torch.zeros(2, 4)}, tmp_path / "t.pt")
+    torch.save([torch.zeros(2, 4), torch.zeros(3, 4)], tmp_path / "t.pt")
     r = run(model_files, "--text-features", str(tmp_path / "t.pt"), "--grid", str(tmp_path / "g.png"))
     assert r.exit_code == 2 and "not text-conditioned" in r.output
     r = run(model_files, "--labels", "1,x", "--grid", str(tmp_path / "g.png"))
@@ -87,13 +87,17 @@ def test_label_helpers():
     assert balanced_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
 
 
-def test_text_features_go_through_the_adapter_hook(model_files):
-    from sar_core.generation import generate_from_text, load_adapter
+def test_condition_payloads_go_through_adapter_condition(model_files):
+    from sar_core.generation import condition_batch, load_adapter
 
     adapter = load_adapter("var", *model_files, device="cpu")
-    # stand-in for a text-conditioned family: its hook maps "features" to a condition
-    adapter.condition_from_text_features = lambda feats: feats["class_ids"]
+    # stand-in for a text-conditioned family: its condition() maps a payload to class ids
+    adapter.condition = lambda batch: batch.conditions["ids"].values[:, 0, 0].long()
     labels = torch.tensor([4, 7, 1])
-    via_text = generate_from_text(adapter, {"class_ids": labels}, cfg=1.5, seed=9)
-    via_labels = generate_images(adapter, labels, cfg=1.5, seed=9, batch_size=3)
-    assert torch.equal(via_text, via_labels)
+    feats = [torch.full((n, 1), float(c)) for n, c in zip((1, 3, 2), labels.tolist())]
+    via_payloads = generate_images(adapter, conditions={"ids": feats}, cfg=1.5, seed=9, batch_size=2)
+    via_labels = generate_images(adapter, labels, cfg=1.5, seed=9, batch_size=2)
+    assert torch.equal(via_payloads, via_labels)
+    assert len(condition_batch({"ids": feats})) == 3
+    with pytest.raises(ValueError, match="exactly one"):
+        generate_images(adapter, labels, conditions={"ids": feats})

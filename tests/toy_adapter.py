@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from sar_core.adapter import AdapterConfig, CodeSpace, CheckpointError, Generation, ScaleWiseAdapter
 from sar_core.checkpoint_io import atomic_save, load_file
 from sar_core.hookspecs import hookimpl
-from sar_core.sampling import guide, sample_logits
+from sar_core.sampling import sample_logits
 from sar_core.schedule import Schedule, ScheduleSampler
 
 
@@ -57,7 +57,8 @@ class ToyTokenizer(nn.Module):
         self.down = cfg.downsample
 
     def encode(self, images: torch.Tensor, sides: Sequence[int]) -> list:
-        f = self.enc(images.float())
+        with torch.autocast(images.device.type, enabled=False):   # codes never depend on AMP
+            f = self.enc(images.float())
         codes = []
         for s in sides:
             fs = rearrange(F.adaptive_avg_pool2d(f, s), "b c h w -> b (h w) c")
@@ -130,7 +131,9 @@ class ToyAdapter(ScaleWiseAdapter):
         bb = None
         if backbone_path is not None:
             bb = load_file(backbone_path, "toy backbone")
-            values.update(bb.get("toy_config", {}))
+            if not isinstance(bb, dict) or "toy_config" not in bb:
+                raise CheckpointError(f"{backbone_path} is not a toy backbone file")
+            values.update(bb["toy_config"])
         values.update(overrides or {})
         adapter = cls.from_config(ToyConfig(**values))
         adapter.tokenizer.load_state_dict(tok["state_dict"])
@@ -171,26 +174,31 @@ class ToyAdapter(ScaleWiseAdapter):
 
     @torch.no_grad()
     def stagger_inputs(self, gt_codes, pred_codes, schedule, scales):
+        if any(not 0 <= k <= len(schedule) - 2 for k in scales):
+            raise ValueError(f"stagger scales {list(scales)} out of range for {len(schedule)} scales")
         mixed = [pred_codes[k] if k in set(scales) else gt_codes[k] for k in range(len(gt_codes))]
         return self.tokenizer.inputs(mixed, schedule.sides)
 
     @torch.no_grad()
     def decode(self, codes, schedule):
-        return self.tokenizer.decode(codes[-1], schedule.sides[-1])
+        with torch.autocast(self.device.type, enabled=False):
+            return self.tokenizer.decode(codes[-1], schedule.sides[-1])
 
     @torch.no_grad()
     def generate(self, cond, schedule, *, cfg, top_k=0, top_p=0.0, generator=None, **options) -> Generation:
         sides = schedule.sides
         B = cond.shape[0]
         codes: list = []
+        guided_logits: list = []
         for k in range(len(sides)):
             sub = schedule.sub(range(k + 1))
             inputs = (self.tokenizer.inputs(codes + [None], sides[: k + 1]) if k else
                       torch.zeros(B, 0, self.config.cvae, device=cond.device))
             logits = self.backbone(self.cfg_condition(cond), torch.cat([inputs, inputs]), sub)[:, sub.slice(k)]
-            guided = guide(logits[:B], logits[B:], cfg)
+            guided = self.guide_logits(logits[:B].float(), logits[B:].float(), k, len(sides), cfg)
+            guided_logits.append(guided)
             codes.append(sample_logits(guided, top_k, top_p, generator))
-        return Generation(codes, (self.decode(codes, schedule) + 1) / 2)
+        return Generation(codes, (self.decode(codes, schedule) + 1) / 2, guided_logits)
 
 
 # ------------------------------------------------------------------------- data, schedules

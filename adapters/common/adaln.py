@@ -144,3 +144,10 @@ class AdaLNBeforeHead(nn.Module):
 def set_kv_caching(blocks: nn.ModuleList, enable: bool) -> None:
     for b in blocks:
         b.attn.kv_caching(enable)
+
+
+class SharedAdaLin(nn.Linear):
+    """Shared AdaLN projection (``shared_aln``); output viewed (B, 1, 6, C) like upstream."""
+
+    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        return super().forward(cond_BD).view(-1, 1, 6, self.out_features // 6)

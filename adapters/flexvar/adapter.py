@@ -8,23 +8,22 @@ replace those codes by the prediction at k; nothing below k matters.
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 from sar_core.adapter import CodeSpace, Generation, ScaleWiseAdapter, CheckpointError
 from sar_core.schedule import Schedule, ScheduleSampler
 
+from sar_adapters.common.init import NO_DECAY_KEYWORDS
+
 from . import checkpoint as ckpt
 from .backbone import FlexVAR, init_weights
-from .config import BackboneConfig, FlexVARConfig, TokenizerConfig, check_sides
+from .case import FlexVARCaseRunner
+from .config import FlexVARConfig, check_sides, infer_flexvar_config
 from .sampler import sample
 from .schedules import MAX_SIDE, FlexVARRandomSchedule
 from .tokenizer import VQModel, init_tokenizer, vq_training_loss
-
-NO_DECAY = ("pos_1LC", "pos_start", "lvl_embed", "scale_mul", "gamma", "beta", "ada_gss",
-            "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "start_pos",
-            "moe_bias")
 
 
 def tokenizer_side(fn):
@@ -44,33 +43,11 @@ class FlexVARGeneration(Generation):
         self.raw_images = raw_images
 
 
-def apply_overrides(cfg: dict, overrides: Optional[dict]) -> dict:
-    """Merge overrides into a {'tokenizer': {...}, 'backbone': {...}, ...} dict.
-
-    Keys may be nested dicts, dotted (``backbone.depth``) or bare field names of one
-    sub-config (``depth``, ``ch_mult``, ``cond_drop_rate``)."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
-    out.setdefault("tokenizer", {})
-    out.setdefault("backbone", {})
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and key in ("tokenizer", "backbone"):
-            out[key].update(value)
-        elif "." in key:
-            part, field = key.split(".", 1)
-            out.setdefault(part, {})[field] = value
-        elif key in TokenizerConfig.model_fields:
-            out["tokenizer"][key] = value
-        elif key in BackboneConfig.model_fields:
-            out["backbone"][key] = value
-        else:
-            out[key] = value
-    return out
-
-
 class FlexVARAdapter(ScaleWiseAdapter):
     name: ClassVar[str] = "flexvar"
     config_cls = FlexVARConfig
-    no_decay_keywords = NO_DECAY
+    no_decay_keywords = NO_DECAY_KEYWORDS
+    case_runner = FlexVARCaseRunner
 
     # ---------------------------------------------------------------- construction
     @staticmethod
@@ -94,27 +71,13 @@ class FlexVARAdapter(ScaleWiseAdapter):
         if tokenizer_path is None:
             raise CheckpointError("the flexvar family needs a tokenizer checkpoint (FlexVAE.pth)")
         tok_sd = ckpt.read_tokenizer(tokenizer_path)
-        raw = {"tokenizer": ckpt.infer_tokenizer(tok_sd)}
-        bb_sd = None
-        if backbone_path is not None:
-            bb_sd = ckpt.read_backbone(backbone_path)
-            raw["backbone"] = ckpt.infer_backbone(bb_sd)
-        try:
-            config = FlexVARConfig(**apply_overrides(raw, overrides))
-        except ValueError as exc:
-            raise CheckpointError(f"invalid FlexVAR configuration from {tokenizer_path}"
-                                  f"{' / ' + str(backbone_path) if backbone_path else ''}: {exc}") from exc
-        if bb_sd is not None:
-            vocab, cvae = ckpt.backbone_io_sizes(bb_sd)
-            tcfg = config.tokenizer
-            if (vocab, cvae) != (tcfg.codebook_size, tcfg.codebook_embed_dim):
-                raise CheckpointError(
-                    f"backbone {backbone_path} predicts {vocab} codes of dim {cvae}, but tokenizer "
-                    f"{tokenizer_path} has a {tcfg.codebook_size} x {tcfg.codebook_embed_dim} codebook")
+        bb_sd, layout = ckpt.read_backbone(backbone_path) if backbone_path is not None else (None, "plain")
+        source = f"{tokenizer_path}{' / ' + str(backbone_path) if backbone_path else ''}"
+        config = infer_flexvar_config(tok_sd, bb_sd, overrides, source)
         tok, bb = cls._build(config)
-        ckpt.load_tokenizer_state(tok, tok_sd, tokenizer_path)
+        ckpt.load_into(tok, tok_sd, config, "tokenizer", tokenizer_path)
         if bb_sd is not None:
-            ckpt.load_backbone_state(bb, bb_sd, backbone_path)
+            ckpt.load_into(bb, bb_sd, config, "backbone", backbone_path)
         else:
             init_weights(bb)
         return cls(config, tok, bb)
@@ -235,15 +198,3 @@ class FlexVARAdapter(ScaleWiseAdapter):
                      generator, max_pn, used_llamagen_cfg, invalid_ids)
         images = out.raw_images.add(1).div(2).clamp(0, 1)
         return FlexVARGeneration(out.codes, images, out.guided_logits, out.raw_images)
-
-    # ---------------------------------------------------------------- conformance
-    @classmethod
-    def case_overrides(cls, config: dict) -> dict:
-        """Heads cannot be read from a checkpoint without ``scale_mul_1H11``: take them
-        from config.json when it names them."""
-        heads = config.get("backbone", {}).get("num_heads")
-        return {"backbone.num_heads": int(heads)} if isinstance(heads, int) else {}
-
-    def run_case(self, case: dict, config: dict) -> dict:
-        from .case import run_case
-        return run_case(self, case, config)

@@ -20,17 +20,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from sar_adapters.common.adaln import AdaLNBeforeHead, AdaLNSelfAttn, set_kv_caching
+from sar_adapters.common.adaln import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, set_kv_caching
+from sar_adapters.common.conditions import drop_labels
+from sar_adapters.common.init import init_adaln_transformer
 from sar_core.schedule import Schedule
 
 from .config import BackboneConfig, OFFICIAL_PATCH_NUMS
-
-
-class SharedAdaLin(nn.Linear):
-    """Shared AdaLN projection; output viewed (B, 1, 6, C) like upstream."""
-
-    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
-        return super().forward(cond_BD).view(-1, 1, 6, self.out_features // 6)
 
 
 def sincos_grid(side: int, dim: int) -> torch.Tensor:
@@ -88,10 +83,7 @@ class FlexVAR(nn.Module):
         return self._masks[key]
 
     def drop_labels(self, label_B: torch.Tensor) -> torch.Tensor:
-        if self.cond_drop_rate <= 0:
-            return label_B
-        drop = torch.rand(label_B.shape[0], device=label_B.device) < self.cond_drop_rate
-        return torch.where(drop, self.num_classes, label_B)
+        return drop_labels(label_B, self.cond_drop_rate, self.num_classes)
 
     def null_labels(self, label_B: torch.Tensor) -> torch.Tensor:
         return torch.full_like(label_B, self.num_classes)
@@ -146,23 +138,6 @@ def init_weights(model: FlexVAR, init_std: float = 0.02, init_head: float = 0.02
                  init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5) -> FlexVAR:
     """Random init in the spirit of upstream ``init_weights`` (truncated normals, small
     head and AdaLN gains, residual projections scaled by 1/sqrt(2 * depth))."""
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.trunc_normal_(m.weight, std=init_std)
-            if getattr(m, "bias", None) is not None:
-                m.bias.zero_()
-    nn.init.trunc_normal_(model.pos_start, std=math.sqrt(1 / model.C / 3))
-    model.head.weight.mul_(init_head)
-    model.head_nm.ada_lin[-1].weight.mul_(init_adaln)
-    depth = len(model.blocks)
-    for block in model.blocks:
-        block.attn.proj.weight.div_(math.sqrt(2 * depth))
-        block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
-        if hasattr(block, "ada_lin"):
-            w = block.ada_lin[-1].weight
-            w[2 * model.C:].mul_(init_adaln)
-            w[:2 * model.C].mul_(init_adaln_gamma)
-        else:
-            block.ada_gss[:, :, 2:].mul_(init_adaln)
-            block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+    init_adaln_transformer(model, init_std, [(model.pos_start, math.sqrt(1 / model.C / 3))],
+                           init_head, init_adaln, init_adaln_gamma)
     return model

@@ -4,6 +4,7 @@ Inputs only: images, labels, tf_patch_nums, infer_patch_nums, infer_labels,
 schedule_seeds from case.pt, and the recorded run's settings from config.json. The SAR
 keys go through the family-agnostic core (``sar_core.sar_step`` with the ``official``
 rollout and the ``hard`` CSF loss), on a copy of the backbone so the adapter is untouched.
+The conformance kit pins eval mode, condition dropout 0 and float32 around the runner.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from sar_core.conformance import CaseRunner
 from sar_core.losses import HardCSFL, NaiveStudentForcing, teacher_forcing_loss
 from sar_core.rollouts import OfficialRollout
 from sar_core.sar_step import sar_step
@@ -29,28 +31,18 @@ def _sides(value) -> list[int]:
     return [int(v) for v in value]
 
 
-class _Pinned:
-    """Run a backbone in eval mode with class dropout off, restoring both afterwards."""
+class FlexVARCaseRunner(CaseRunner):
+    def overrides(self, config: dict) -> dict:
+        """Heads cannot be read from a checkpoint without ``scale_mul_1H11``: take them
+        from config.json when it names them."""
+        heads = config.get("backbone", {}).get("num_heads")
+        return {"backbone.num_heads": int(heads)} if isinstance(heads, int) else {}
 
-    def __init__(self, backbone):
-        self.bb = backbone
-
-    def __enter__(self):
-        self.training, self.rate = self.bb.training, self.bb.cond_drop_rate
-        self.bb.eval()
-        self.bb.cond_drop_rate = 0.0
-        return self.bb
-
-    def __exit__(self, *exc):
-        self.bb.train(self.training)
-        self.bb.cond_drop_rate = self.rate
-
-
-def run_case(adapter, case: dict, config: dict) -> dict:
-    dev = adapter.device
-    settings = config.get("case", {})
-    out: dict = {}
-    with _Pinned(adapter.backbone) as bb:
+    def run(self, adapter, case: dict, config: dict) -> dict:
+        dev = adapter.device
+        settings = config.get("case", {})
+        bb = adapter.backbone
+        out: dict = {}
         if "images" in case and "tf_patch_nums" in case:
             out.update(_teacher_forcing(adapter, bb, case, dev))
         if "infer_patch_nums" in case and "infer_labels" in case:
@@ -60,9 +52,9 @@ def run_case(adapter, case: dict, config: dict) -> dict:
                 out.update(_inference(adapter, case, settings.get(key, {}), prefix, dev))
         if "images" in case and "tf_patch_nums" in case and "sar_csfl" in settings:
             out.update(_sar(adapter, bb, case, settings["sar_csfl"], dev))
-    if "schedule_seeds" in case:
-        out["schedule_samples"] = [draw_patch_nums(random.Random(int(s))) for s in case["schedule_seeds"]]
-    return out
+        if "schedule_seeds" in case:
+            out["schedule_samples"] = [draw_patch_nums(random.Random(int(s))) for s in case["schedule_seeds"]]
+        return out
 
 
 def _teacher_forcing(adapter, bb, case, dev) -> dict:

@@ -8,13 +8,15 @@
   are stripped. ``attn_bias_for_masking`` has a stale, schedule-dependent shape and is
   ignored; ``zero_k_bias`` (always zero) is rebuilt when absent.
 
-Sizes are inferred from the state dicts; any mismatch between a file and the model it
-implies is reported as one :class:`CheckpointError`.
+Sizes are inferred from the state dicts in ``config.py``; any mismatch between a file and
+the model it implies is reported as one :class:`CheckpointError`. Same function shapes as
+every family folder: ``read_tokenizer(path) -> sd``, ``read_backbone(path) -> (sd,
+layout)``, ``load_into(module, sd, cfg, part, path)``, ``write_tokenizer``,
+``write_backbone``.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -48,17 +50,18 @@ def read_tokenizer(path: str | Path) -> dict:
     return sd
 
 
-def read_backbone(path: str | Path) -> dict:
+def read_backbone(path: str | Path) -> tuple[dict, str]:
+    """-> (state dict, layout 'plain' | 'nested')."""
     obj = load_file(path, what="FlexVAR backbone checkpoint")
     # ("model",) only so that a tokenizer file given here is recognised and named below
-    sd, _ = unwrap_state_dict(obj, (NESTED, ("model",)), f"FlexVAR backbone {path}")
+    sd, used = unwrap_state_dict(obj, (NESTED, ("model",)), f"FlexVAR backbone {path}")
     sd = _clean(sd)
     _reject_other_families(sd, path, "backbone")
     needed = ("word_embed.weight", "class_emb.weight", "pos_1LC", "head.weight")
     missing = [k for k in needed if k not in sd]
     if missing:
         raise CheckpointError(f"{path} is not a FlexVAR transformer: it lacks {', '.join(missing)}")
-    return sd
+    return sd, ("nested" if used else "plain")
 
 
 def _reject_other_families(sd: dict, path, role: str) -> None:
@@ -79,49 +82,13 @@ def _reject_other_families(sd: dict, path, role: str) -> None:
         raise CheckpointError(f"{path} is a transformer checkpoint, given where the FlexVAE tokenizer was expected")
 
 
-def _count(sd: dict, pattern: str) -> int:
-    rx = re.compile(pattern)
-    found = {int(m.group(1)) for k in sd for m in [rx.match(k)] if m}
-    return max(found) + 1 if found else 0
+def load_into(module: torch.nn.Module, sd: dict, cfg, part: str, path) -> None:
+    """Strict load of ``sd`` into the tokenizer or backbone ``module`` (``part``), except
+    the ignored / rebuilt buffers; one CheckpointError names every mismatch."""
+    (_load_tokenizer if part == "tokenizer" else _load_backbone)(module, sd, path)
 
 
-def infer_tokenizer(sd: dict) -> dict:
-    emb = sd["quantize.embedding.weight"]
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = _count(sd, r"encoder\.conv_blocks\.(\d+)\.")
-    mult = tuple(sd[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels)
-                 if f"encoder.conv_blocks.{i}.res.0.conv1.weight" in sd)
-    out = {"codebook_size": emb.shape[0], "codebook_embed_dim": emb.shape[1], "ch": ch,
-           "num_res_blocks": _count(sd, r"encoder\.conv_blocks\.0\.res\.(\d+)\.")}
-    if "encoder.conv_out.weight" in sd:
-        out["z_channels"] = sd["encoder.conv_out.weight"].shape[0]
-    if mult:
-        out["ch_mult"] = mult
-    return out
-
-
-def infer_backbone(sd: dict) -> dict:
-    C, cvae = sd["word_embed.weight"].shape
-    out = {"embed_dim": C, "num_classes": sd["class_emb.weight"].shape[0] - 1,
-           "depth": _count(sd, r"blocks\.(\d+)\."), "pos_grid": sd["pos_1LC"].shape[-1]}
-    scale_mul = sd.get("blocks.0.attn.scale_mul_1H11")
-    out["attn_l2_norm"] = scale_mul is not None
-    if scale_mul is not None:
-        out["num_heads"] = scale_mul.shape[1]
-    if "blocks.0.ffn.fc1.weight" in sd:
-        out["mlp_ratio"] = sd["blocks.0.ffn.fc1.weight"].shape[0] / C
-    out["shared_aln"] = "shared_ada_lin.1.weight" in sd or "blocks.0.ada_gss" in sd
-    if not out["attn_l2_norm"] and "num_heads" not in out:
-        out["num_heads"] = max(1, C // 64)
-    return out
-
-
-def backbone_io_sizes(sd: dict) -> tuple[int, int]:
-    """(vocab, Cvae) the transformer was trained with."""
-    return sd["head.weight"].shape[0], sd["word_embed.weight"].shape[1]
-
-
-def load_tokenizer_state(model: torch.nn.Module, sd: dict, path) -> None:
+def _load_tokenizer(model: torch.nn.Module, sd: dict, path) -> None:
     c = model.cfg
     hint = (f"a FlexVAE tokenizer (LlamaGen VQModel: codebook {c.codebook_size} x {c.codebook_embed_dim}, "
             f"ch {c.ch}, ch_mult {list(c.ch_mult)}, z_channels {c.z_channels}, "
@@ -134,7 +101,7 @@ def load_tokenizer_state(model: torch.nn.Module, sd: dict, path) -> None:
         model.quantize.codebook_used.copy_(used)
 
 
-def load_backbone_state(model: torch.nn.Module, sd: dict, path) -> None:
+def _load_backbone(model: torch.nn.Module, sd: dict, path) -> None:
     c = model.cfg
     hint = (f"a FlexVAR transformer (depth {c.depth}, width {c.embed_dim}, {c.num_heads} heads, "
             f"{c.num_classes} classes, vocab {model.V}, pos grid {c.pos_grid}, "

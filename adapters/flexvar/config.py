@@ -1,6 +1,6 @@
 """FlexVAR sizes and schedules, as users write them (pydantic).
 
-Every size can be inferred from the checkpoints (see ``checkpoint.infer_config``); fields
+Every size can be inferred from the checkpoints (``infer_flexvar_config``); fields
 left at ``None`` are derived from the others the way the official scripts do
 (width 64 * depth, heads = depth, drop path 0.1 * depth / 24).
 
@@ -12,11 +12,12 @@ latent is taken as 16 tokens a side, i.e. the full official list.
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from pydantic import BaseModel, model_validator
 
-from sar_core.adapter import AdapterConfig
+from sar_core.adapter import AdapterConfig, CheckpointError
 from sar_core.schedule import Schedule
 
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -130,3 +131,89 @@ def check_sides(sides, pos_grid: int, what: str = "schedule") -> None:
         raise ValueError(f"{what} must start with a 1x1 scale (the class token), got {sides}")
     if max(sides) > pos_grid:
         raise ValueError(f"{what} {sides} has a side above the position grid ({pos_grid})")
+
+
+# ------------------------------------------------------------------ inference from state dicts
+def _count(sd: dict, pattern: str) -> int:
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in sd for m in [rx.match(k)] if m}
+    return max(found) + 1 if found else 0
+
+
+def infer_tokenizer(sd: dict) -> dict:
+    emb = sd["quantize.embedding.weight"]
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = _count(sd, r"encoder\.conv_blocks\.(\d+)\.")
+    mult = tuple(sd[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels)
+                 if f"encoder.conv_blocks.{i}.res.0.conv1.weight" in sd)
+    out = {"codebook_size": emb.shape[0], "codebook_embed_dim": emb.shape[1], "ch": ch,
+           "num_res_blocks": _count(sd, r"encoder\.conv_blocks\.0\.res\.(\d+)\.")}
+    if "encoder.conv_out.weight" in sd:
+        out["z_channels"] = sd["encoder.conv_out.weight"].shape[0]
+    if mult:
+        out["ch_mult"] = mult
+    return out
+
+
+def infer_backbone(sd: dict) -> dict:
+    C, cvae = sd["word_embed.weight"].shape
+    out = {"embed_dim": C, "num_classes": sd["class_emb.weight"].shape[0] - 1,
+           "depth": _count(sd, r"blocks\.(\d+)\."), "pos_grid": sd["pos_1LC"].shape[-1]}
+    scale_mul = sd.get("blocks.0.attn.scale_mul_1H11")
+    out["attn_l2_norm"] = scale_mul is not None
+    if scale_mul is not None:
+        out["num_heads"] = scale_mul.shape[1]
+    if "blocks.0.ffn.fc1.weight" in sd:
+        out["mlp_ratio"] = sd["blocks.0.ffn.fc1.weight"].shape[0] / C
+    out["shared_aln"] = "shared_ada_lin.1.weight" in sd or "blocks.0.ada_gss" in sd
+    if not out["attn_l2_norm"] and "num_heads" not in out:
+        out["num_heads"] = max(1, C // 64)
+    return out
+
+
+def backbone_io_sizes(sd: dict) -> tuple[int, int]:
+    """(vocab, Cvae) the transformer was trained with."""
+    return sd["head.weight"].shape[0], sd["word_embed.weight"].shape[1]
+
+
+def apply_overrides(cfg: dict, overrides: Optional[dict]) -> dict:
+    """Merge overrides into a {'tokenizer': {...}, 'backbone': {...}, ...} dict.
+
+    Keys may be nested dicts, dotted (``backbone.depth``) or bare field names of one
+    sub-config (``depth``, ``ch_mult``, ``cond_drop_rate``)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
+    out.setdefault("tokenizer", {})
+    out.setdefault("backbone", {})
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and key in ("tokenizer", "backbone"):
+            out[key].update(value)
+        elif "." in key:
+            part, field = key.split(".", 1)
+            out.setdefault(part, {})[field] = value
+        elif key in TokenizerConfig.model_fields:
+            out["tokenizer"][key] = value
+        elif key in BackboneConfig.model_fields:
+            out["backbone"][key] = value
+        else:
+            out[key] = value
+    return out
+
+
+def infer_flexvar_config(tokenizer_sd: dict, backbone_sd: Optional[dict], overrides: Optional[dict] = None,
+                         source: str = "the checkpoints") -> "FlexVARConfig":
+    """The config the state dicts imply; ``overrides`` win. Mismatches raise CheckpointError."""
+    raw = {"tokenizer": infer_tokenizer(tokenizer_sd)}
+    if backbone_sd is not None:
+        raw["backbone"] = infer_backbone(backbone_sd)
+    try:
+        config = FlexVARConfig(**apply_overrides(raw, overrides))
+    except ValueError as exc:
+        raise CheckpointError(f"invalid FlexVAR configuration from {source}: {exc}") from exc
+    if backbone_sd is not None:
+        vocab, cvae = backbone_io_sizes(backbone_sd)
+        tcfg = config.tokenizer
+        if (vocab, cvae) != (tcfg.codebook_size, tcfg.codebook_embed_dim):
+            raise CheckpointError(
+                f"{source}: the backbone predicts {vocab} codes of dim {cvae}, but the tokenizer has a "
+                f"{tcfg.codebook_size} x {tcfg.codebook_embed_dim} codebook")
+    return config

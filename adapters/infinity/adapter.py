@@ -24,6 +24,7 @@ from sar_core.schedule import Schedule
 from . import bsq
 from . import checkpoint as ckpt
 from .backbone import Infinity, init_weights
+from .case import InfinityCaseRunner
 from .config import BackboneConfig, InfinityConfig, TokenizerConfig
 from .sampler import generate, to_uint8_bgr
 from .templates import schedule_template
@@ -80,6 +81,7 @@ class InfinityAdapter(ScaleWiseAdapter):
     name: ClassVar[str] = "infinity"
     config_cls = InfinityConfig
     no_decay_keywords = NO_DECAY
+    case_runner = InfinityCaseRunner
 
     # ---------------------------------------------------------------- construction
     @staticmethod
@@ -247,13 +249,3 @@ class InfinityAdapter(ScaleWiseAdapter):
         with torch.autocast(self.device.type, enabled=False):
             raw = self.tokenizer.decode_map(out.summed)
         return InfinityGeneration(out.bits, raw.add(1).div(2), out.guided_logits, out.summed, raw)
-
-    # ---------------------------------------------------------------- conformance
-    @classmethod
-    def case_overrides(cls, config: dict) -> dict:
-        from .case import case_overrides
-        return case_overrides(config)
-
-    def run_case(self, case: dict, config: dict) -> dict:
-        from .case import run_case
-        return run_case(self, case, config)

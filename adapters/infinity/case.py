@@ -3,8 +3,8 @@
 Inputs: ``images``, the text (``text_kv_compact`` + ``text_lens``, or ``text_padded`` +
 ``text_mask``), ``scale_schedule`` and, for the BSC example, ``bsc_flip_masks``; settings
 from config.json (``case.inference``, ``case.bsc_example``). Sizes come from the files.
-Plain functions, so both the adapter's ``run_case`` and a conformance ``CaseRunner`` can
-call them.
+``InfinityCaseRunner`` is the family's :class:`sar_core.conformance.CaseRunner`; the kit
+runs it in eval mode, dropout 0, float32, with the global RNG seeded 0.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import copy
 import numpy as np
 import torch
 
+from sar_core.conformance import CaseRunner
 from sar_core.losses import teacher_forcing_loss
 from sar_core.schedule import Schedule
 from sar_core.tokens import cat_codes, token_ce
@@ -33,8 +34,14 @@ def case_overrides(config: dict) -> dict:
     return out
 
 
-def case_tolerances() -> dict:
-    return {}
+class InfinityCaseRunner(CaseRunner):
+    """Golden cases of FoundationVision/Infinity (keys: tests/fixtures/infinity/README.md)."""
+
+    def overrides(self, config: dict) -> dict:
+        return case_overrides(config)
+
+    def run(self, adapter, case: dict, config: dict) -> dict:
+        return run_case(adapter, case, config)
 
 
 def _schedule(case: dict, adapter) -> Schedule:

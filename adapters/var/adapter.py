@@ -9,24 +9,21 @@ import torch
 
 from sar_core.adapter import CodeSpace, Codes, Generation, ScaleWiseAdapter
 from sar_core.schedule import Schedule
-from sar_core.tokens import cat_codes, mean_token_loss, token_ce
+
+from sar_adapters.common.init import NO_DECAY_KEYWORDS
 
 from . import checkpoint as ckpt
 from .backbone import VAR
+from .case import VARCaseRunner
 from .config import VARConfig, infer_var_config, make_config
 from .sampler import generate as var_generate
 from .tokenizer import VQVAE
 
-#: config.json sections whose fields map onto VARConfig (golden cases)
-_CASE_SECTIONS = ("tokenizer", "backbone")
-
-
 class VARAdapter(ScaleWiseAdapter):
     name = "var"
     config_cls = VARConfig
-    no_decay_keywords = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC",
-                         "pos_start", "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias",
-                         "scale_mul")
+    no_decay_keywords = NO_DECAY_KEYWORDS
+    case_runner = VARCaseRunner
 
     config: VARConfig
     tokenizer: VQVAE
@@ -50,7 +47,7 @@ class VARAdapter(ScaleWiseAdapter):
         tok_sd = bb_sd = None
         layout = "plain"
         if tokenizer_path is not None:
-            tok_sd, _ = ckpt.read_tokenizer(tokenizer_path)
+            tok_sd = ckpt.read_tokenizer(tokenizer_path)
         if backbone_path is not None:
             bb_sd, layout = ckpt.read_backbone(backbone_path)
         cfg = infer_var_config(tok_sd, bb_sd, overrides)
@@ -65,8 +62,13 @@ class VARAdapter(ScaleWiseAdapter):
 
     def save(self, tokenizer_path: str | Path | None, backbone_path: str | Path | None,
              layout: str = "plain") -> None:
-        extra = {"config": {"patch_nums": list(self.config.patch_nums)}}
-        ckpt.save_checkpoints(self.tokenizer, self.backbone, tokenizer_path, backbone_path, layout, extra)
+        if layout not in ckpt.LAYOUTS:
+            raise ValueError(f"unknown VAR checkpoint layout {layout!r}; choose one of {', '.join(ckpt.LAYOUTS)}")
+        if tokenizer_path is not None:
+            ckpt.write_tokenizer(self.tokenizer, tokenizer_path)
+        if backbone_path is not None:
+            extra = {"config": {"patch_nums": list(self.config.patch_nums)}}
+            ckpt.write_backbone(self.backbone, backbone_path, layout, self.tokenizer, extra)
 
     # ---------------------------------------------------------------- schedules
     @property
@@ -123,75 +125,3 @@ class VARAdapter(ScaleWiseAdapter):
             raise TypeError(f"unknown VAR sampling options: {', '.join(sorted(unknown))}")
         return var_generate(self.backbone, self.tokenizer, torch.as_tensor(cond), cfg=cfg, top_k=top_k,
                             top_p=top_p, generator=generator, more_smooth=bool(options.get("more_smooth", False)))
-
-    # ---------------------------------------------------------------- conformance
-    @classmethod
-    def case_overrides(cls, config: dict) -> dict:
-        """Hyper-parameters a golden case's config.json states (those not in tensor shapes
-        included: quant_resi, using_znorm, norm_eps, patch_nums...)."""
-        fields = VARConfig.model_fields
-        out: dict = {}
-        for section in _CASE_SECTIONS:
-            for key, value in (config.get(section) or {}).items():
-                if key in fields and isinstance(value, (bool, int, float, list, tuple)):
-                    out[key] = tuple(value) if isinstance(value, list) else value
-        if isinstance(config.get("patch_nums"), list):
-            out["patch_nums"] = tuple(config["patch_nums"])
-        return out
-
-    def run_case(self, case: dict, config: dict) -> dict:
-        """Every key of a VAR golden case computable from its inputs (see fixtures README)."""
-        out: dict = {}
-        sched = self.default_schedule
-        sides = sched.sides
-        dev = self.device
-        bb = self.backbone
-        was_training, drop = bb.training, bb.cond_drop_rate
-        bb.eval()
-        bb.cond_drop_rate = 0.0
-        try:
-            with torch.no_grad():
-                if "images" in case:
-                    self._case_tokenizer(case, sides, dev, out)
-                    if "labels" in case:
-                        logits = bb(case["labels"].to(dev), out["x_BLCv_wo_first_l"], sched)
-                        out["tf_logits"] = logits
-                        out["tf_loss"] = mean_token_loss(token_ce(logits, out["gt_idx_cat"], None))
-                inference = (config.get("case") or {}).get("inference") or {}
-                labels = case.get("infer_labels", inference.get("labels"))
-                if labels is not None:
-                    self._case_inference(torch.as_tensor(labels), inference, dev, out)
-        finally:
-            bb.cond_drop_rate = drop
-            bb.train(was_training)
-        return {k: _cpu(v) for k, v in out.items()}
-
-    def _case_tokenizer(self, case: dict, sides: tuple, dev: torch.device, out: dict) -> None:
-        tok = self.tokenizer
-        f = tok.encode_f(case["images"].to(dev))
-        idx, f_hats = tok.quantize_f(f, sides)
-        out["enc_f"] = f
-        out["gt_idx"] = idx
-        out["gt_idx_cat"] = cat_codes(idx)
-        out["f_hat_per_scale"] = f_hats
-        out["x_BLCv_wo_first_l"] = tok.teacher_inputs(idx, sides)
-        out["recon_img"] = tok.decode(idx, sides)
-
-    def _case_inference(self, labels: torch.Tensor, inference: dict, dev: torch.device, out: dict) -> None:
-        gen = None
-        if inference.get("g_seed") is not None:
-            gen = torch.Generator(device=dev).manual_seed(int(inference["g_seed"]))
-        res = var_generate(self.backbone, self.tokenizer, labels.to(dev), cfg=float(inference.get("cfg", 1.5)),
-                           top_k=int(inference.get("top_k", 0)), top_p=float(inference.get("top_p", 0.0)),
-                           generator=gen, more_smooth=bool(inference.get("more_smooth", False)))
-        out["infer_idx"] = res.codes
-        out["infer_logits_cfg"] = res.guided_logits
-        out["infer_img"] = res.images
-
-
-def _cpu(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.detach().cpu()
-    if isinstance(v, list):
-        return [_cpu(x) for x in v]
-    return v

@@ -17,7 +17,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from sar_adapters.common.adaln import AdaLNBeforeHead, AdaLNSelfAttn
+from sar_adapters.common.adaln import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
+from sar_adapters.common.conditions import drop_labels
+from sar_adapters.common.init import init_adaln_transformer
 from sar_core.schedule import Schedule
 
 from .config import VARConfig
@@ -33,14 +35,6 @@ def compute_dtype(like: torch.Tensor) -> torch.dtype:
     """The dtype autocast would compute a matmul in here (float32 without autocast)."""
     probe = like.new_ones(2, 2)
     return torch.matmul(probe, probe).dtype
-
-
-class SharedAdaLin(nn.Linear):
-    """Shared AdaLN projection; output viewed (B, 1, 6, C)."""
-
-    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
-        C = self.weight.shape[0] // 6
-        return super().forward(cond_BD).view(-1, 1, 6, C)
 
 
 class VAR(nn.Module):
@@ -81,30 +75,8 @@ class VAR(nn.Module):
                      init_head: float = 0.02, init_std: float = -1.0) -> None:
         """Upstream's recipe: truncated normals, small head, near-identity AdaLN gates."""
         std = math.sqrt(1 / self.C / 3) if init_std < 0 else init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if isinstance(m, nn.Linear) and m.bias is not None:
-                    m.bias.zero_()
-        for p in (self.pos_start, self.pos_1LC):
-            nn.init.trunc_normal_(p, std=std)
-        self.head.weight.mul_(init_head)
-        self.head.bias.zero_()
-        lin = self.head_nm.ada_lin[-1]
-        lin.weight.mul_(init_adaln)
-        lin.bias.zero_()
-        depth = max(len(self.blocks), 1)
-        for b in self.blocks:
-            b.attn.proj.weight.div_(math.sqrt(2 * depth))
-            b.ffn.fc2.weight.div_(math.sqrt(2 * depth))
-            if hasattr(b, "ada_lin"):
-                w = b.ada_lin[-1].weight
-                w[2 * self.C:].mul_(init_adaln)
-                w[:2 * self.C].mul_(init_adaln_gamma)
-                b.ada_lin[-1].bias.zero_()
-            else:
-                b.ada_gss[:, :, 2:].mul_(init_adaln)
-                b.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+        init_adaln_transformer(self, std, [(self.pos_start, std), (self.pos_1LC, std)],
+                               init_head, init_adaln, init_adaln_gamma)
 
     # ----------------------------------------------------------------- schedules
     def levels_of(self, schedule: Schedule) -> list[int]:
@@ -144,10 +116,7 @@ class VAR(nn.Module):
     # ----------------------------------------------------------------- forward
     def drop_labels(self, label_B: torch.Tensor) -> torch.Tensor:
         """Class dropout to the null class with prob ``cond_drop_rate`` (train or eval)."""
-        if self.cond_drop_rate <= 0:
-            return label_B
-        drop = torch.rand(label_B.shape[0], device=label_B.device) < self.cond_drop_rate
-        return torch.where(drop, torch.full_like(label_B, self.num_classes), label_B)
+        return drop_labels(label_B, self.cond_drop_rate, self.num_classes)
 
     def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_nm(h.float(), cond_BD).float()).float()

@@ -62,8 +62,8 @@ def _family_guess(sd: dict) -> Optional[str]:
     return None
 
 
-def read_tokenizer(path: str | Path) -> tuple[dict, str]:
-    """-> (state dict, layout 'plain' | 'nested')."""
+def read_tokenizer(path: str | Path) -> dict:
+    """-> state dict (plain, or nested in a training checkpoint)."""
     p = Path(path)
     obj = load_file(p, what="VAR tokenizer checkpoint")
     sd, used = unwrap_state_dict(obj, TOKENIZER_NESTED, f"VAR tokenizer checkpoint {p}")
@@ -79,7 +79,7 @@ def read_tokenizer(path: str | Path) -> tuple[dict, str]:
     missing = [k for k in need if k not in sd]
     if missing:
         raise CheckpointError(f"{p} is not a VAR VQVAE tokenizer: missing {', '.join(missing)}")
-    return sd, ("nested" if used else "plain")
+    return sd
 
 
 def read_backbone(path: str | Path) -> tuple[dict, str]:
@@ -129,28 +129,27 @@ def _plain(module: nn.Module) -> OrderedDict:
     return OrderedDict((k, v.detach().cpu().clone()) for k, v in module.state_dict().items())
 
 
-def save_checkpoints(tokenizer: Optional[nn.Module], backbone: Optional[nn.Module],
-                     tokenizer_path: Optional[str | Path], backbone_path: Optional[str | Path],
-                     layout: str = "plain", extra: Optional[dict] = None) -> None:
-    """Write tokenizer / backbone in an upstream layout, atomically.
+def write_tokenizer(tokenizer: nn.Module, path: str | Path) -> None:
+    """A plain state dict, as upstream releases it (atomic)."""
+    atomic_save(_plain(tokenizer), path)
 
-    ``plain``: each file is a bare state dict. ``nested``: upstream train.py's checkpoint,
-    ``{'epoch', 'iter', 'trainer': {'var_wo_ddp', 'vae_local', 'config'}}`` for the backbone;
-    the tokenizer file stays a plain state dict (as upstream releases it).
+
+def write_backbone(backbone: nn.Module, path: str | Path, layout: str = "plain",
+                   tokenizer: Optional[nn.Module] = None, extra: Optional[dict] = None) -> None:
+    """Write the backbone in an upstream layout, atomically.
+
+    ``plain``: a bare state dict. ``nested``: upstream train.py's checkpoint,
+    ``{'epoch', 'iter', 'trainer': {'var_wo_ddp', 'vae_local', 'config'}}``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown VAR checkpoint layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if tokenizer_path is not None:
-        atomic_save(_plain(tokenizer), tokenizer_path)
-    if backbone_path is None:
-        return
     sd = _plain(backbone)
     if layout == "plain":
-        atomic_save(sd, backbone_path)
+        atomic_save(sd, path)
         return
     extra = dict(extra or {})
     trainer = {"var_wo_ddp": sd, "config": dict(extra.pop("config", {}))}
     if tokenizer is not None:
         trainer["vae_local"] = _plain(tokenizer)
     atomic_save({"epoch": int(extra.pop("epoch", 0)), "iter": int(extra.pop("iter", 0)),
-                 "trainer": trainer, **extra}, backbone_path)
+                 "trainer": trainer, **extra}, path)
