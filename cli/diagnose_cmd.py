@@ -46,7 +46,7 @@ def diagnose(
     family: str = FAMILY,
     tokenizer: Path = TOKENIZER,
     backbone: Optional[Path] = BACKBONE,
-    data: str = typer.Option(..., "--data", help="Dataset name, image folder, or code cache folder."),
+    data: str = typer.Option(..., "--data", help="Dataset name, NAME:FOLDER, image folder, or code cache folder."),
     split: str = typer.Option("val", "--split", help="Split of a dataset (ignored for a code cache)."),
     schedule: Optional[str] = SCHEDULE,
     batches: Optional[int] = typer.Option(10, "--batches", help="Batches to use (0: the whole split)."),

@@ -15,7 +15,8 @@ def tokenize(
     family: str = FAMILY,
     tokenizer: Path = TOKENIZER,
     backbone: Optional[Path] = BACKBONE,
-    data: str = typer.Option(..., "--data", help="A registered dataset name (e.g. digits) or an image folder."),
+    data: str = typer.Option(..., "--data", help="A registered dataset name (e.g. digits), NAME:FOLDER "
+                             "(e.g. textimages:/data/captioned) or an image folder."),
     split: str = typer.Option("train", "--split", help="Dataset split to encode."),
     image_size: Optional[str] = typer.Option(None, "--image-size",
                                              help="S pixels a side or HxW; must match the schedule "

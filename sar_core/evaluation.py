@@ -142,8 +142,9 @@ def _accepts(factory: Callable, name: str) -> bool:
 
 def open_dataset(spec: str | Path, split: str = "train", image_size: int | tuple[int, int] | None = None,
                  deterministic: bool = False, **options) -> Dataset:
-    """A registered dataset name, or a folder (read by the registered ``imagefolder``
-    dataset) -> a dataset of (image (3, H, W) in [-1, 1], target) items.
+    """A registered dataset name, ``NAME:FOLDER`` (that dataset reading FOLDER), or a folder
+    (read by the registered ``imagefolder`` dataset) -> a dataset of (image (3, H, W) in
+    [-1, 1], target) items.
 
     ``image_size`` is an int (square) or an (H, W) pair; factories get an int for square
     sizes and the pair otherwise.
@@ -157,13 +158,18 @@ def open_dataset(spec: str | Path, split: str = "train", image_size: int | tuple
         from sar_core.data import size_option
 
         opts["image_size"] = size_option(image_size)
+    from sar_core.data import dataset_at
+
+    at = dataset_at(spec, reg.names("dataset"))
     if str(spec) in reg.names("dataset"):
         factory = reg.get("dataset", str(spec))
+    elif at is not None:
+        factory, opts["root"] = reg.get("dataset", at[0]), at[1]
     elif Path(spec).is_dir():
         factory, opts["root"] = reg.get("dataset", "imagefolder"), str(spec)
     else:
         known = ", ".join(reg.names("dataset")) or "none"
-        raise ValueError(f"'{spec}' is neither a registered dataset ({known}) nor an existing folder")
+        raise ValueError(f"'{spec}' is neither a registered dataset ({known}), NAME:FOLDER, nor an existing folder")
     if deterministic and _accepts(factory, "augment"):
         opts["augment"] = False
     return factory(**opts)
@@ -338,16 +344,18 @@ def class_accuracy(images: Any, labels: torch.Tensor, extractor: FeatureExtracto
 
 # ------------------------------------------------------------------------ whole pipeline
 def reference_set(reference: str | Path, split: str, image_size: int | tuple[int, int]) -> Dataset:
-    """A registered dataset name (its ``split`` at ``image_size``, S or (H, W)) or a folder
-    of images (used as they are) -> uint8 image set."""
+    """A registered dataset name or ``NAME:FOLDER`` (its ``split`` at ``image_size``, S or
+    (H, W)) or a folder of images (used as they are) -> uint8 image set."""
+    from sar_core.data import dataset_at
     from sar_core.plugins import get_registry
 
-    if str(reference) in get_registry().names("dataset"):
+    names = get_registry().names("dataset")
+    if str(reference) in names or dataset_at(str(reference), names) is not None:
         return DatasetImages(open_dataset(str(reference), split=split, image_size=image_size, deterministic=True))
     if Path(reference).is_dir():
         return FolderImages(reference)
     known = ", ".join(get_registry().names("dataset")) or "none"
-    raise ValueError(f"reference '{reference}' is neither a registered dataset ({known}) nor a folder")
+    raise ValueError(f"reference '{reference}' is neither a registered dataset ({known}), NAME:FOLDER, nor a folder")
 
 
 def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSpec,
