@@ -86,3 +86,26 @@ def test_bsc_sar_run_resumes_bit_exactly(tmp_path, data, monkeypatch):
     sa = ckpt.load_checkpoint(ckpt.latest_checkpoint(straight / "checkpoints"))
     sb = ckpt.load_checkpoint(ckpt.latest_checkpoint(crashed / "checkpoints"))
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+
+
+def test_every_command_on_text_features(tmp_path, data):
+    """tokenize (with text payloads) -> train on the code cache; diagnose, sample, eval."""
+    spec = f"textimages:{data}"
+    r = toy.invoke("tokenize", *MODEL, "--data", spec, "--out", tmp_path / "codes")
+    assert r.exit_code == 0, r.output
+    r = toy.invoke("train", *MODEL, "--data", tmp_path / "codes", "--batch-size", "2", "--workers", "0",
+                   "--loggers", "jsonl", "--steps", "1", "--rollout", "ssr", "--csfl", "soft", "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert math.isfinite(toy.read_metrics(tmp_path / "run")[0]["loss_csf"])
+    r = toy.invoke("diagnose", *MODEL, "--data", spec, "--split", "train")
+    assert r.exit_code == 0 and "mean gap" in r.output, r.output
+    torch.save([torch.randn(3, 256) * 0.3, torch.randn(5, 256) * 0.3], tmp_path / "prompts.pt")
+    r = toy.invoke("sample", *MODEL, "--text-features", tmp_path / "prompts.pt", "--cfg", "3", "--grid",
+                   tmp_path / "g.png")
+    assert r.exit_code == 0 and (tmp_path / "g.png").is_file(), r.output
+    r = toy.invoke("eval", *MODEL, "--reference", spec, "--reference-split", "train", "--text-features",
+                   tmp_path / "prompts.pt", "--feature-extractor", "digit-classifier", "--metrics", "fid", "-n", "2")
+    assert r.exit_code == 0 and "FID" in r.output, r.output
+    bad = toy.invoke("train", *MODEL, "--data", tmp_path / "codes", "--batch-size", "2", "--workers", "0",
+                     "--steps", "1", "--set", "model.overrides.bsc_layers=3", "--out", tmp_path / "bad")
+    assert bad.exit_code == 2 and "code cache" in bad.output, bad.output
