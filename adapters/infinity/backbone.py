@@ -85,8 +85,8 @@ class Infinity(nn.Module):
         if int(lens.max()) > self.cfg.text_maxlen and bool(null.any()):
             raise ValueError(f"a prompt has {int(lens.max())} text tokens but the null text holds "
                              f"{self.cfg.text_maxlen} (text_maxlen)")
-        if not bool(null.any()):
-            return kv, lens
+        # always gathered, so cfg_uncond is part of every graph (DDP sees the same parameters
+        # used in every step, whether or not a row was dropped)
         row = torch.repeat_interleave(torch.arange(lens.shape[0], device=kv.device), lens)
         start = torch.cumsum(lens, 0) - lens
         pos = (torch.arange(kv.shape[0], device=kv.device) - start[row]).clamp_max(self.cfg.text_maxlen - 1)
