@@ -26,7 +26,7 @@ def data(tmp_path_factory):
 
 
 def _train(out, data, *extra):
-    return toy.invoke("train", *MODEL, "--data", "textimages", "--set", f"data.options.root={data}",
+    return toy.invoke("train", *MODEL, "--data", f"textimages:{data}",
                       "--batch-size", "2", "--workers", "0", "--loggers", "jsonl", "--lr", "1e-4",
                       "--gamma", "0.5", "--out", out, *extra)
 
