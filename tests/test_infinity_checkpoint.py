@@ -117,3 +117,33 @@ def test_non_square_model_runs_tf_and_sampling():
         tf1 = ad.forward(cond, ad.teacher_inputs(cond_only.codes, sch), sch)
     assert torch.allclose(torch.cat(cond_only.guided_logits, 1), tf1, atol=1e-4)
     assert tf.shape == logits.shape
+
+
+def test_spatial_patchify_is_inferred_and_consistent(tmp_path):
+    """Infinity-8B layout: the transformer predicts 4d bits per token on a grid half the
+    tokenizer's; labels, inputs, sampling and decoding go through pixel_unshuffle(2)."""
+    cfg = {"tokenizer": {"codebook_dim": 4, "base_ch": 24, "ch_mult": (1, 1), "patch_size": 2},
+           "backbone": {"depth": 2, "embed_dim": 64, "num_heads": 2, "block_chunks": 2, "text_channels": 16,
+                        "text_maxlen": 8, "drop_path_rate": 0.0}, "spatial_patchify": True, "pn": "0.06M"}
+    torch.manual_seed(0)
+    ad = InfinityAdapter.from_config(cfg)
+    assert ad.code_space.bits == 16 and ad.backbone.word_embed.in_features == 16
+    sch = ad.default_schedule
+    assert ad.image_size(sch) == (64, 64)                      # 16x16 tokens, tokenizer grid 32x32, stride 2
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    codes = ad.encode(images, sch)
+    assert tuple(codes[-1].shape) == (2, 256, 16)
+    q = ad.tokenizer.features(images)
+    from sar_adapters.infinity import bsq
+    tok = bsq.multiscale(q, ad.grid.tok_schedule(sch))
+    want = torch.nn.functional.pixel_unshuffle(tok.labels[-1].view(2, 32, 32, 4).permute(0, 3, 1, 2).float(), 2)
+    assert torch.equal(codes[-1], want.flatten(2).transpose(1, 2).long())   # channel 4c + 2i + j
+    assert torch.allclose(ad.decode(codes, sch), ad.tokenizer.decode_map(tok.fhat.squeeze(2)), atol=1e-6)
+    cond = ad.text_condition(torch.randn(5, 16), [2, 3])
+    with ad.inference():
+        gen = ad.generate(cond, sch, cfg=1.0, generator=torch.Generator().manual_seed(0))
+        tf = ad.forward(cond, ad.teacher_inputs(gen.codes, sch), sch)
+    assert torch.allclose(torch.cat(gen.guided_logits, 1), tf, atol=1e-4)
+    ad.save(tmp_path / "t.pth", tmp_path / "b.pth")
+    again = InfinityAdapter.load(tmp_path / "t.pth", tmp_path / "b.pth")
+    assert again.config.spatial_patchify and again.code_space.bits == 16

@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from .backbone import Infinity, init_weights
 from .case import InfinityCaseRunner
 from .config import BackboneConfig, InfinityConfig, TokenizerConfig
+from .patchify import TokenGrid
 from .sampler import generate, to_uint8_bgr
 from .templates import schedule_template
 from .text import cat_text, padded_to_compact, text_condition
@@ -86,7 +87,11 @@ class InfinityAdapter(ScaleWiseAdapter):
     # ---------------------------------------------------------------- construction
     @staticmethod
     def _build(config: InfinityConfig) -> tuple[BSQVAE, Infinity]:
-        return BSQVAE(config.tokenizer), Infinity(config.backbone, config.tokenizer.codebook_dim, config.h_div_w)
+        return BSQVAE(config.tokenizer), Infinity(config.backbone, config.token_bits, config.h_div_w)
+
+    def __init__(self, config: InfinityConfig, tokenizer, backbone):
+        super().__init__(config, tokenizer, backbone)
+        self.grid = TokenGrid(config.patch_factor)
 
     @classmethod
     def from_config(cls, config: InfinityConfig | dict) -> "InfinityAdapter":
@@ -107,16 +112,19 @@ class InfinityAdapter(ScaleWiseAdapter):
         if backbone_path is not None:
             bb_sd = ckpt.read_backbone(backbone_path)
             raw["backbone"] = ckpt.infer_backbone(bb_sd)
+            # Infinity-8B: the transformer sees pixel_unshuffle(2) of the tokenizer's bits
+            raw["spatial_patchify"] = ckpt.backbone_bits(bb_sd) == 4 * raw["tokenizer"]["codebook_dim"]
         try:
             config = InfinityConfig(**apply_overrides(raw, overrides))
         except ValueError as exc:
             raise CheckpointError(f"invalid Infinity configuration from {tokenizer_path}"
                                   f"{' / ' + str(backbone_path) if backbone_path else ''}: {exc}") from exc
-        if bb_sd is not None and ckpt.backbone_bits(bb_sd) != config.tokenizer.codebook_dim:
+        if bb_sd is not None and ckpt.backbone_bits(bb_sd) != config.token_bits:
             raise CheckpointError(
                 f"backbone {backbone_path} predicts {ckpt.backbone_bits(bb_sd)} bits per token, but tokenizer "
-                f"{tokenizer_path} has d = {config.tokenizer.codebook_dim}; use the tokenizer the backbone "
-                "was trained with (e.g. infinity_vae_d32reg.pth for infinity_2b_reg.pth)")
+                f"{tokenizer_path} has d = {config.tokenizer.codebook_dim} ({config.token_bits} bits per token "
+                f"with spatial_patchify={config.spatial_patchify}); use the tokenizer the backbone was trained "
+                "with (e.g. infinity_vae_d32reg.pth for infinity_2b_reg.pth)")
         tok, bb = cls._build(config)
         ckpt.load_tokenizer_state(tok, tok_sd, tokenizer_path)
         if bb_sd is not None:
@@ -143,7 +151,7 @@ class InfinityAdapter(ScaleWiseAdapter):
 
     def image_size(self, schedule: Schedule) -> tuple[int, int]:
         h, w = Schedule.parse(schedule)[-1]
-        p = self.config.tokenizer.patch_size
+        p = self.config.tokenizer.patch_size * self.config.patch_factor
         return h * p, w * p
 
     @classmethod
@@ -158,7 +166,7 @@ class InfinityAdapter(ScaleWiseAdapter):
 
     @property
     def code_space(self) -> CodeSpace:
-        return CodeSpace(bits=int(self.config.tokenizer.codebook_dim))
+        return CodeSpace(bits=int(self.config.token_bits))
 
     # ---------------------------------------------------------------- conditions
     def condition(self, batch) -> dict:
@@ -205,9 +213,23 @@ class InfinityAdapter(ScaleWiseAdapter):
         return bsq.BitCodes(q.labels, q.history if self.bsc_active else None)
 
     def quantise(self, features, schedule: Schedule, flip_masks=None) -> bsq.Quantised:
-        c = self.config
+        """The training quantisation on the tokenizer grid; bits and inputs returned on the
+        transformer's (identical without spatial patchify; ``fhat`` stays on the tokenizer's)."""
+        c, g = self.config, self.grid
         layers = c.bsc_layers if (self.bsc_active or flip_masks is not None) else 0
-        return bsq.multiscale(features, schedule, flip_masks, layers, c.bsc_strength, c.bsc_requant)
+        masks = None if flip_masks is None else [g.to_tok(torch.as_tensor(m), schedule[k])
+                                                 for k, m in enumerate(flip_masks)]
+        q = bsq.multiscale(features, g.tok_schedule(schedule), masks, layers, c.bsc_strength, c.bsc_requant)
+        if g.f == 1:
+            return q
+        def model(xs):
+            return [g.to_model(x, schedule[k]) for k, x in enumerate(xs)]
+
+        return bsq.Quantised(model(q.labels), model(q.history), g.inputs_to_model(q.inputs, schedule), q.fhat,
+                             model(q.flip_masks))
+
+    def _tok_bits(self, bits: list, schedule: Schedule) -> list:
+        return [None if b is None else self.grid.to_tok(b, schedule[k]) for k, b in enumerate(bits)]
 
     def _history(self, codes: list) -> list:
         if self.bsc_active and not (isinstance(codes, bsq.BitCodes) and codes.history is not None):
@@ -217,7 +239,9 @@ class InfinityAdapter(ScaleWiseAdapter):
 
     @tokenizer_side
     def teacher_inputs(self, codes: list, schedule: Schedule) -> torch.Tensor:
-        return bsq.next_inputs(self._history(codes), Schedule.parse(schedule))
+        schedule = Schedule.parse(schedule)
+        x = bsq.next_inputs(self._tok_bits(self._history(codes), schedule), self.grid.tok_schedule(schedule))
+        return self.grid.inputs_to_model(x, schedule)
 
     @tokenizer_side
     def stagger_inputs(self, gt_codes: list, pred_codes: list, schedule: Schedule,
@@ -227,11 +251,16 @@ class InfinityAdapter(ScaleWiseAdapter):
         bad = [k for k in chosen if not 0 <= k <= len(schedule) - 2]
         if bad:
             raise ValueError(f"stagger scales {bad} out of range for a {len(schedule)}-scale schedule")
-        return bsq.next_inputs(self._history(gt_codes), schedule, {k: pred_codes[k] for k in chosen})
+        pred = self._tok_bits([pred_codes[k] if k in chosen else None for k in range(len(schedule))], schedule)
+        x = bsq.next_inputs(self._tok_bits(self._history(gt_codes), schedule), self.grid.tok_schedule(schedule),
+                            {k: pred[k] for k in chosen})
+        return self.grid.inputs_to_model(x, schedule)
 
     @tokenizer_side
     def decode(self, codes: list, schedule: Schedule) -> torch.Tensor:
-        return self.tokenizer.decode_map(bsq.summed_codes(list(codes), Schedule.parse(schedule)))
+        schedule = Schedule.parse(schedule)
+        bits = self._tok_bits(list(codes), schedule)
+        return self.tokenizer.decode_map(bsq.summed_codes(bits, self.grid.tok_schedule(schedule)))
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -245,7 +274,7 @@ class InfinityAdapter(ScaleWiseAdapter):
         insertion = self.config.cfg_insertion_layer if cfg_insertion_layer is None else int(cfg_insertion_layer)
         tau = self.config.tau if tau is None else tau
         out = generate(self.backbone, cond, self.null_condition(cond), schedule, cfg, tau, top_k, float(top_p),
-                       generator, insertion, gt_leak)
+                       generator, insertion, gt_leak, self.grid)
         with torch.autocast(self.device.type, enabled=False):
             raw = self.tokenizer.decode_map(out.summed)
         return InfinityGeneration(out.bits, raw.add(1).div(2), out.guided_logits, out.summed, raw)

@@ -99,6 +99,7 @@ class InfinityConfig(AdapterConfig):
     bsc_strength: float = 0.3
     bsc_requant: bool = True
     cfg_insertion_layer: int = 0       # 0: guidance on logits (shipped); -n: hidden state after block depth-n
+    spatial_patchify: bool = False     # Infinity-8B: the tokenizer grid is 2x the transformer's
     tau: float = 1.0                   # sampling temperature; divides guided logits (upstream scripts: 0.5 for 2B)
 
     @model_validator(mode="after")
@@ -115,6 +116,15 @@ class InfinityConfig(AdapterConfig):
         if self.cfg_insertion_layer > 1 or -self.cfg_insertion_layer > self.backbone.depth:
             raise ValueError(f"cfg_insertion_layer must be 0, 1 or -n with n <= depth, got {self.cfg_insertion_layer}")
         return self
+
+    @property
+    def patch_factor(self) -> int:
+        return 2 if self.spatial_patchify else 1
+
+    @property
+    def token_bits(self) -> int:
+        """Bits per transformer token: d, or 4d with spatial patchify."""
+        return self.tokenizer.codebook_dim * self.patch_factor ** 2
 
     @property
     def train_schedule(self) -> Schedule:

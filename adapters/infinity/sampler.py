@@ -23,6 +23,7 @@ from sar_core.schedule import Schedule
 from sar_core.tokens import group_logits
 
 from . import bsq
+from .patchify import TokenGrid
 from .text import cat_text
 
 
@@ -61,14 +62,15 @@ def _hidden_guidance(B: int, cfg: float, at: int):
 @torch.no_grad()
 def generate(model, cond: dict, null: dict, schedule: Schedule, cfg, tau, top_k: int, top_p: float,
              generator: Optional[torch.Generator], insertion: int = 0,
-             gt_leak: Sequence[torch.Tensor] = ()) -> Sampled:
-    K, d = len(schedule), model.bits
+             gt_leak: Sequence[torch.Tensor] = (), grid: Optional[TokenGrid] = None) -> Sampled:
+    grid = grid or TokenGrid(1)
+    K, d = len(schedule), model.bits // grid.f ** 2   # d: tokenizer bits (codes), model.bits per token
     cfgs, taus = _per_scale(cfg, K, "cfg"), _per_scale(tau, K, "tau")
     guided = any(c != 1 for c in cfgs)
     B = int(cond["lens"].shape[0])
     rows = cat_text([cond, null]) if guided else cond
     cond_BD, ca_kv, table = model.encode_text(rows)
-    H, W = schedule[-1]
+    H, W = grid.tok_hw(schedule[-1])
     cos, sin = model.rope(schedule)
     blocks = model.all_blocks()
     for b in blocks:
@@ -89,14 +91,14 @@ def generate(model, cond: dict, null: dict, schedule: Schedule, cfg, tau, top_k:
             else:
                 lg = model.logits(x[:B], cond_BD[:B]) / taus[k]
             out_logits.append(lg)
-            bits = sample_bits(lg, d, top_k, top_p, generator)
+            bits = sample_bits(lg, model.bits, top_k, top_p, generator)
             if k < len(gt_leak):
                 bits = torch.as_tensor(gt_leak[k], device=bits.device).long()
             out_bits.append(bits)
-            c = bsq.codes_of_bits(bits, hw)
+            c = bsq.codes_of_bits(grid.to_tok(bits, hw), grid.tok_hw(hw))
             if k < K - 1:
                 S = S + bsq.up(c, (H, W))
-                nxt = bsq.flat(bsq.up(S, schedule[k + 1]))
+                nxt = grid.to_model(bsq.flat(bsq.up(S, grid.tok_hw(schedule[k + 1]))), schedule[k + 1])
                 x = model.word_embed(nxt)
                 if guided:
                     x = torch.cat([x, x], 0)
