@@ -222,6 +222,7 @@ class InfinityAdapter(ScaleWiseAdapter):
         q = bsq.multiscale(features, g.tok_schedule(schedule), masks, layers, c.bsc_strength, c.bsc_requant)
         if g.f == 1:
             return q
+
         def model(xs):
             return [g.to_model(x, schedule[k]) for k, x in enumerate(xs)]
 
