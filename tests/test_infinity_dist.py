@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 CFG = {"tokenizer": {"codebook_dim": 6, "base_ch": 24, "ch_mult": (1, 1), "patch_size": 2},
        "backbone": {"depth": 4, "embed_dim": 64, "num_heads": 2, "block_chunks": 2, "text_channels": 16,
-                    "text_maxlen": 8, "drop_path_rate": 0.0}}
+                    "text_maxlen": 8, "drop_path_rate": 0.0, "cond_drop_rate": 0.0}}   # no random draws
 
 
 def _model_and_inputs():
