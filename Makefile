@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sar-installed
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench bench-pytest bench-gpu clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# SAR step vs TF step at two sizes: interleaved rounds, busy rounds repeated, per-round
+# ratio medians with bootstrap intervals, step and whole-process peak memory (~5 min).
 bench: $(STAMP)
-	$(PY) -m pytest -q -s -p no:cacheprovider benchmarks
+	nice -n 5 $(PY) benchmarks/step_bench.py --size tiny --size large --quiet
+
+# the pytest-benchmark files (step ratios, samplers, tokenizing, code cache)
+bench-pytest: $(STAMP)
+	nice -n 5 $(PY) -m pytest -q -s -p no:cacheprovider benchmarks
+
+# one GPU, < 5 min: bf16 steps and samplers of a VAR-d16-sized model (see benchmarks/gpu.sh)
+bench-gpu: $(STAMP)
+	PY=$(PY) bash benchmarks/gpu.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -23,13 +23,29 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def fail(console: Console, exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    """One line on stderr (never wrapped), exit status 2."""
+    from rich.markup import escape
+
+    err = Console(stderr=True, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", highlight=False)
     raise typer.Exit(2)
 
 
-def load_model(console: Console, family: str, tokenizer: Path, backbone: Optional[Path], device: str):
+def load_model(console: Console, family: str, tokenizer: Path, backbone: Optional[Path], device: str,
+               random_backbone: Optional[bool] = None):
+    """Load a model. ``random_backbone`` (False / True) is the answer to "may the backbone be
+    freshly initialised?": False requires ``--backbone``; True with no file says so once;
+    None (commands that only use the tokenizer) loads whatever is given."""
     from sar_core.generation import load_adapter
 
+    if random_backbone is False and backbone is None:
+        raise ValueError("--backbone FILE is required: without it the model would be randomly "
+                         "initialised (pass --random-backbone if that is what you want)")
+    if random_backbone and backbone is not None:
+        raise ValueError("pass either --backbone FILE or --random-backbone, not both")
+    if random_backbone:
+        console.print("[yellow]warning:[/] --random-backbone: using a freshly initialised, untrained "
+                      "backbone; its outputs are noise", highlight=False)
     with console.status(f"loading {family} from {tokenizer}" + (f" + {backbone}" if backbone else "")):
         return load_adapter(family, tokenizer, backbone, device=device)
 
@@ -44,8 +60,68 @@ def progress_bar(console: Console, description: str, total: int) -> Iterator:
         yield lambda n: prog.advance(task, n)
 
 
-FAMILY = typer.Option(..., "--family", "-f", help="Model family (see `sar plugins`), e.g. var, flexvar.")
-TOKENIZER = typer.Option(..., "--tokenizer", help="Tokenizer checkpoint (upstream layout).")
-BACKBONE = typer.Option(None, "--backbone", help="Backbone checkpoint (upstream layout).")
-DEVICE = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... (auto: cuda if available).")
-SCHEDULE = typer.Option(None, "--schedule", help="Scale schedule, e.g. 1_2_3_4 (default: the model's).")
+@contextmanager
+def pass_progress(console: Console) -> Iterator:
+    """One rich progress bar per pass; yields ``start(description, total) -> advance(n)``.
+    Outside a terminal each finished pass is one line with its elapsed time."""
+    import time
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    t0 = [time.monotonic()]
+    with Progress(*columns, console=console, transient=False) as prog:
+        def start(description: str, total: int):
+            task = prog.add_task(description, total=total)
+            t0[0] = time.monotonic()
+
+            def advance(n: int) -> None:
+                prog.advance(task, n)
+                done = prog.tasks[task].completed
+                if not console.is_terminal and done >= total:
+                    console.print(f"{description}: {done}/{total} in {time.monotonic() - t0[0]:.1f}s",
+                                  highlight=False)
+            return advance
+        yield start
+
+
+def _read_defaults(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Path]:
+    """``--config FILE``: a YAML / JSON mapping of this command's option names to values,
+    used as defaults. Precedence: flag > SAR_* variable > config file > built-in default."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    import yaml
+
+    if not Path(value).is_file():
+        raise typer.BadParameter(f"config file not found: {value}")
+    try:
+        data = yaml.safe_load(Path(value).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise typer.BadParameter(f"cannot parse {value}: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{value} must hold a mapping of option names to values")
+    known = {p.name for p in ctx.command.params if p.name and p.name != "config"}
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise typer.BadParameter(f"{value}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+CONFIG = typer.Option(None, "--config", "-c", is_eager=True, callback=_read_defaults, envvar="SAR_CONFIG",
+                      rich_help_panel="Config", help="YAML file of option values (names as the flags, e.g. "
+                      "tokenizer: vae.pth); flags and SAR_* variables win over it.")
+
+FAMILY = typer.Option(..., "--family", "-f", envvar="SAR_FAMILY", rich_help_panel="Model",
+                      help="Model family (see `sar plugins`), e.g. var, flexvar.")
+TOKENIZER = typer.Option(..., "--tokenizer", envvar="SAR_TOKENIZER", rich_help_panel="Model",
+                         help="Tokenizer checkpoint (upstream layout).")
+BACKBONE = typer.Option(None, "--backbone", envvar="SAR_BACKBONE", rich_help_panel="Model",
+                        help="Backbone checkpoint (upstream layout); required unless --random-backbone.")
+RANDOM_BACKBONE = typer.Option(False, "--random-backbone",
+                               help="Use a freshly initialised backbone on purpose (smoke tests; outputs are noise).",
+                               rich_help_panel="Model")
+DEVICE = typer.Option("auto", "--device", envvar="SAR_DEVICE", rich_help_panel="Run",
+                      help="cpu, cuda, cuda:1 ... (auto: cuda if available).")
+SCHEDULE = typer.Option(None, "--schedule", rich_help_panel="Model",
+                        help="Scale schedule, e.g. 1_2_3_4 (default: the model's).")

@@ -8,18 +8,20 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from sar_cli._shared import fail, user_errors
+from sar_cli._shared import CONFIG, fail, user_errors
 
 
 def demo(
+    config: Optional[Path] = CONFIG,
     out: Path = typer.Option(Path("sar-demo-report"), "--out", help="Report folder."),
     steps: int = typer.Option(150, "--steps", help="Optimizer steps per arm and seed."),
     seeds: str = typer.Option("0,1", "--seeds", help="Training seeds (comma list); the report gives mean ± std."),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batch_size: int = typer.Option(32, "--batch-size", help="Batch per optimizer step."),
     lr: float = typer.Option(1e-4, "--lr", help="Learning rate of both arms (constant)."),
     gamma: float = typer.Option(0.5, "--gamma", help="CSF loss weight of the SAR arm."),
     samples_per_class: int = typer.Option(50, "--samples-per-class", help="Samples per class for FID etc."),
-    threads: Optional[int] = typer.Option(1, "--threads", help="torch CPU threads (the tiny demo model runs fastest on one)."),
+    threads: Optional[int] = typer.Option(1, "--threads",
+                                          help="torch CPU threads (the tiny demo model runs fastest on one)."),
 ) -> None:
     """Post-train the shipped tiny digits model two ways from the same start and seeds
     (plain teacher forcing vs SAR), evaluate both, and write a report with tables, sample

@@ -10,7 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sar_cli._shared import BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, user_errors
+from sar_cli._shared import (
+    BACKBONE, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, user_errors,
+)
 
 
 def _fmt(v, signed: bool = False) -> str:
@@ -43,17 +45,24 @@ def _data(data: str, adapter, schedule: Optional[str], split: str):
 
 
 def diagnose(
+    config: Optional[Path] = CONFIG,
     family: str = FAMILY,
     tokenizer: Path = TOKENIZER,
     backbone: Optional[Path] = BACKBONE,
-    data: str = typer.Option(..., "--data", help="Dataset name, NAME:FOLDER, image folder, or code cache folder."),
-    split: str = typer.Option("val", "--split", help="Split of a dataset (ignored for a code cache)."),
+    random_backbone: bool = RANDOM_BACKBONE,
+    data: str = typer.Option(..., "--data", rich_help_panel="Data", envvar="SAR_DATA",
+                             help="Dataset name, NAME:FOLDER, image folder, or code cache folder."),
+    split: str = typer.Option("val", "--split", rich_help_panel="Data",
+                              help="Split of a dataset (ignored for a code cache)."),
     schedule: Optional[str] = SCHEDULE,
-    batches: Optional[int] = typer.Option(10, "--batches", help="Batches to use (0: the whole split)."),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    mode: str = typer.Option("per_scale", "--mode", help="per_scale (one transition per pass) or joint."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the report as JSON here."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot here."),
+    batches: Optional[int] = typer.Option(10, "--batches", rich_help_panel="Run",
+                                          help="Batches to use (0: the whole split)."),
+    batch_size: int = typer.Option(32, "--batch-size", rich_help_panel="Run", help="Images per batch."),
+    mode: str = typer.Option("per_scale", "--mode", rich_help_panel="Run",
+                             help="per_scale (one transition per pass) or joint."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", rich_help_panel="Output",
+                                       help="Write the report as JSON here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", rich_help_panel="Output", help="Write a PNG plot here."),
     device: str = DEVICE,
 ) -> None:
     """Measure, per scale, how much the loss grows when the model's input at scale k+1 is
@@ -63,7 +72,7 @@ def diagnose(
 
     console = Console()
     try:
-        adapter = load_model(console, family, tokenizer, backbone, device)
+        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone)
         dataset, sched = _data(data, adapter, schedule, split)
         with console.status("teacher- and student-forced passes ..."):
             report = exposure_gap(adapter, dataset, sched, batches or None, batch_size=batch_size, mode=mode)

@@ -10,7 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sar_cli._shared import BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, progress_bar, user_errors
+from sar_cli._shared import (
+    BACKBONE, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY,
+    SCHEDULE, TOKENIZER, fail, load_model, pass_progress, user_errors,
+)
 
 ROWS = (("fid", "FID"), ("isc_mean", "IS"), ("isc_std", "IS std"), ("kid_mean", "KID"), ("kid_std", "KID std"),
         ("precision", "precision"), ("recall", "recall"), ("f_score", "F-score"),
@@ -31,40 +34,59 @@ def print_report(console: Console, report: dict, title: str = "sar eval") -> Non
 
 
 def evaluate(
+    config: Optional[Path] = CONFIG,
     family: str = FAMILY,
     tokenizer: Path = TOKENIZER,
     backbone: Optional[Path] = BACKBONE,
-    reference: Optional[str] = typer.Option(None, "--reference",
-                                            help="Reference images: a registered dataset name or a folder."),
-    reference_split: str = typer.Option("val", "--reference-split", help="Split of a reference dataset."),
-    reference_stats: Optional[Path] = typer.Option(None, "--reference-stats",
-                                                   help="ADM-style .npz with mu / sigma for FID."),
-    num_samples: int = typer.Option(1000, "--num-samples", "-n", help="Images to sample (class-balanced)."),
+    random_backbone: bool = RANDOM_BACKBONE,
+    reference: Optional[str] = typer.Option(None, "--reference", rich_help_panel="Reference",
+                                            help="Reference images: a registered dataset name or a folder "
+                                            "(its <split> sub-folder when present; any image sizes).",
+                                            envvar="SAR_REFERENCE"),
+    reference_split: str = typer.Option("val", "--reference-split", "--split", rich_help_panel="Reference",
+                                        help="Split of a reference dataset / sub-folder of a reference folder."),
+    reference_stats: Optional[Path] = typer.Option(None, "--reference-stats", rich_help_panel="Reference",
+                                                   help="ADM-style .npz with mu / sigma for FID "
+                                                   "(e.g. VIRTUAL_imagenet256_labeled.npz)."),
+    num_samples: int = typer.Option(1000, "--num-samples", "-n", rich_help_panel="Sampling",
+                                    help="Images to sample (class-balanced; 50000 for published FIDs)."),
     text_features: Optional[Path] = typer.Option(
-        None, "--text-features", help="Condition the samples on these text features (families without "
-        "classes): a .pt list of (n_i, D) tensors or {features, lengths}; cycled to --num-samples."),
-    cfg: float = typer.Option(1.5, "--cfg"),
-    top_k: int = typer.Option(0, "--top-k"),
-    top_p: float = typer.Option(0.0, "--top-p"),
-    seed: int = typer.Option(0, "--seed"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+        None, "--text-features", rich_help_panel="Sampling",
+        help="Condition the samples on these text features (families without classes): a .pt list of "
+        "(n_i, D) tensors or {features, lengths}; cycled to --num-samples."),
+    cfg: float = typer.Option(1.5, "--cfg", rich_help_panel="Sampling", help="Classifier-free guidance scale."),
+    top_k: int = typer.Option(0, "--top-k", rich_help_panel="Sampling", help="Top-k sampling (0: off)."),
+    top_p: float = typer.Option(0.0, "--top-p", rich_help_panel="Sampling", help="Top-p sampling (0: off)."),
+    seed: int = typer.Option(0, "--seed", rich_help_panel="Sampling", help="Sampling seed."),
+    batch_size: int = typer.Option(32, "--batch-size", rich_help_panel="Sampling",
+                                   help="Images per sampling / feature batch."),
     schedule: Optional[str] = SCHEDULE,
-    feature_extractor: str = typer.Option("digit-classifier", "--feature-extractor",
-                                          help="digit-classifier | inception | efficientnet-lite0 | a plugin's."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights",
-                                                     help="Local Inception-v3 weights (torch-fidelity's file)."),
-    weights: Optional[Path] = typer.Option(None, "--feature-weights", help="Weights of another feature extractor."),
-    metrics: str = typer.Option("fid,isc,kid,prc", "--metrics", help="Comma list of fid, isc, kid, prc."),
-    samples_folder: Optional[Path] = typer.Option(None, "--samples-folder", help="Also write every sample as PNG."),
-    samples_npz: Optional[Path] = typer.Option(None, "--samples-npz", help="Also write samples as ADM's arr_0 .npz."),
+    feature_extractor: str = typer.Option("inception", "--feature-extractor", rich_help_panel="Metrics",
+                                          help="inception (published FIDs) | digit-classifier (the digits "
+                                          "demo only) | efficientnet-lite0 | a plugin's."),
+    weights: Optional[Path] = typer.Option(None, "--feature-weights", "--inception-weights",
+                                           rich_help_panel="Metrics", envvar="SAR_FEATURE_WEIGHTS",
+                                           help="Local weights of the feature extractor (for inception: "
+                                           "torch-fidelity's pt_inception-2015-12-05 file)."),
+    metrics: str = typer.Option("fid,isc,kid,prc", "--metrics", rich_help_panel="Metrics",
+                                help="Comma list of fid, isc, kid, prc."),
+    samples_folder: Optional[Path] = typer.Option(None, "--samples-folder", rich_help_panel="Output",
+                                                  help="Also write every sample as PNG."),
+    samples_npz: Optional[Path] = typer.Option(None, "--samples-npz", rich_help_panel="Output",
+                                               help="Also write samples as ADM's arr_0 .npz."),
     save_reference_stats: Optional[Path] = typer.Option(
-        None, "--save-reference-stats", help="Also save the reference set's FID mu / sigma (.npz) for reuse."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the report as JSON here."),
+        None, "--save-reference-stats", rich_help_panel="Output",
+        help="Also save the reference set's FID mu / sigma (.npz) for reuse."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", rich_help_panel="Output",
+                                       help="Write the report as JSON here."),
     device: str = DEVICE,
 ) -> None:
     """Sample N images class-balanced (or conditioned on --text-features) from the model and
     compare them with a reference set through torch-fidelity. Nothing is downloaded:
-    Inception needs --inception-weights."""
+    Inception needs --feature-weights.
+
+    Example: [bold]sar eval -f var --tokenizer vae.pth --backbone var_d16.pth -n 50000 --cfg 1.5
+    --reference-stats VIRTUAL_imagenet256_labeled.npz --metrics fid,isc --feature-weights pt_inception.pth[/]"""
     from sar_core.checkpoint_io import atomic_write_text
     from sar_core.evaluation import (
         evaluate_adapter, get_feature_extractor, reference_set, reference_statistics, save_statistics,
@@ -74,35 +96,37 @@ def evaluate(
     try:
         if num_samples < 2:
             raise ValueError(f"--num-samples must be >= 2, got {num_samples}")
+        if save_reference_stats is not None and reference is None:
+            raise ValueError("--save-reference-stats needs --reference")
         # resolve the extractor first: a missing weights file fails before any sampling
-        fe_weights = inception_weights if feature_extractor == "inception" else weights
-        extractor = get_feature_extractor(feature_extractor, fe_weights)
-        adapter = load_model(console, family, tokenizer, backbone, device)
+        extractor = get_feature_extractor(feature_extractor, weights)
+        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone)
         conditions = None
         if text_features is not None:
             from sar_core.checkpoint_io import load_file
 
             conditions = {"text_features": load_file(text_features, what="text features")}
-        with progress_bar(console, "sampling", num_samples) as advance:
+        with pass_progress(console) as start:
             report = evaluate_adapter(
                 adapter, num_samples=num_samples, extractor=extractor, reference=reference,
                 reference_split=reference_split, reference_stats=reference_stats,
                 metrics=[m.strip() for m in metrics.split(",") if m.strip()], cfg=cfg, top_k=top_k,
                 top_p=top_p, seed=seed, batch_size=batch_size, schedule=schedule,
-                samples_folder=samples_folder, samples_npz=samples_npz, progress=advance,
+                samples_folder=samples_folder, samples_npz=samples_npz, progress=start,
                 conditions=conditions)
-        if save_reference_stats is not None:
-            if reference is None:
-                raise ValueError("--save-reference-stats needs --reference")
-            size = tuple(report["image_size"])
-            stats = reference_statistics(reference_set(reference, reference_split, size), extractor,
-                                         adapter.device, batch_size)
-            save_statistics(stats, save_reference_stats)
-            console.print(f"wrote reference statistics to {save_reference_stats}")
+            if save_reference_stats is not None:
+                ref = reference_set(reference, reference_split, tuple(report["image_size"]))
+                stats = reference_statistics(ref, extractor, adapter.device, batch_size,
+                                             start("reference statistics", len(ref)))
+                save_statistics(stats, save_reference_stats)
+                console.print(f"wrote reference statistics to {save_reference_stats}")
     except user_errors() as exc:
         fail(console, exc)
     report.update({"tokenizer": str(tokenizer), "backbone": str(backbone) if backbone else None})
     print_report(console, report)
+    if report.get("feature_extractor") != "inception":
+        console.print("[yellow]warning:[/] FID with non-Inception features is not comparable with published "
+                      "numbers", highlight=False)
     if out is not None:
         atomic_write_text(json.dumps(report, indent=2), out)
         console.print(f"wrote {out}")

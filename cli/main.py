@@ -14,7 +14,7 @@ app = typer.Typer(
     help="Self-Autoregressive Refinement (SAR) post-training for scale-wise autoregressive image models.",
     rich_markup_mode="rich",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_show_locals=False,
 )
 

@@ -9,23 +9,24 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from sar_cli._shared import DEVICE, FAMILY, fail, user_errors
+from sar_cli._shared import CONFIG, DEVICE, FAMILY, fail, user_errors
 
 
 def pretrain(
+    config: Optional[Path] = CONFIG,
     family: str = FAMILY,
     model_config: Path = typer.Option(..., "--model-config", help="YAML/JSON file of the family's model "
                                       "config fields (sizes, schedule) for the fresh model."),
     data: str = typer.Option("digits", "--data", help="Registered dataset or image folder (with train/val splits)."),
     image_size: int = typer.Option(16, "--image-size", help="Pixels a side."),
     tokenizer_steps: int = typer.Option(600, "--tokenizer-steps", help="Tokenizer fit steps."),
-    tokenizer_lr: float = typer.Option(2e-3, "--tokenizer-lr"),
+    tokenizer_lr: float = typer.Option(2e-3, "--tokenizer-lr", help="Tokenizer fit learning rate."),
     steps: int = typer.Option(3000, "--steps", help="Teacher-forcing steps of the backbone."),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Batch of both stages."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak lr (cosine decay to 1% after warm-up)."),
-    warmup_steps: int = typer.Option(100, "--warmup-steps"),
+    warmup_steps: int = typer.Option(100, "--warmup-steps", help="Linear warm-up steps of the backbone."),
     eval_every: int = typer.Option(100, "--eval-every", help="Validate the TF loss every N steps."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of weights, data order and splits."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
     out: Path = typer.Option(Path("runs/pretrain"), "--out", help="Output folder."),
     device: str = DEVICE,

@@ -8,7 +8,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from sar_cli._shared import BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, progress_bar, user_errors
+from sar_cli._shared import (
+    BACKBONE, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY,
+    SCHEDULE, TOKENIZER, fail, load_model, progress_bar, user_errors,
+)
 
 
 def _labels(adapter, labels: Optional[str], per_class: Optional[int]):
@@ -29,27 +32,36 @@ def _labels(adapter, labels: Optional[str], per_class: Optional[int]):
 
 
 def sample(
+    config: Optional[Path] = CONFIG,
     family: str = FAMILY,
     tokenizer: Path = TOKENIZER,
     backbone: Optional[Path] = BACKBONE,
-    labels: Optional[str] = typer.Option(None, "--labels", help="Class labels, e.g. 1,2,3 (one image each)."),
-    per_class: Optional[int] = typer.Option(None, "--per-class", help="N images of every class."),
-    text_features: Optional[Path] = typer.Option(None, "--text-features",
+    random_backbone: bool = RANDOM_BACKBONE,
+    labels: Optional[str] = typer.Option(None, "--labels", rich_help_panel="Conditions",
+                                         help="Class labels, e.g. 1,2,3 (one image each)."),
+    per_class: Optional[int] = typer.Option(None, "--per-class", rich_help_panel="Conditions",
+                                            help="N images of every class."),
+    text_features: Optional[Path] = typer.Option(None, "--text-features", rich_help_panel="Conditions",
                                                  help="Text features for text-conditioned families: a .pt "
                                                  "file with a list of (n_i, D) tensors, or a dict "
                                                  "{features: (N, N_max, D), lengths: (N,)}; one image each."),
-    cfg: float = typer.Option(1.5, "--cfg", help="Classifier-free guidance scale."),
-    top_k: int = typer.Option(0, "--top-k", help="Top-k sampling (0: off)."),
-    top_p: float = typer.Option(0.0, "--top-p", help="Top-p sampling (0: off)."),
-    seed: int = typer.Option(0, "--seed"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    cfg: float = typer.Option(1.5, "--cfg", rich_help_panel="Sampling", help="Classifier-free guidance scale."),
+    top_k: int = typer.Option(0, "--top-k", rich_help_panel="Sampling", help="Top-k sampling (0: off)."),
+    top_p: float = typer.Option(0.0, "--top-p", rich_help_panel="Sampling", help="Top-p sampling (0: off)."),
+    seed: int = typer.Option(0, "--seed", rich_help_panel="Sampling", help="Sampling seed."),
+    batch_size: int = typer.Option(32, "--batch-size", rich_help_panel="Sampling", help="Images per batch."),
     schedule: Optional[str] = SCHEDULE,
-    grid: Optional[Path] = typer.Option(None, "--grid", help="Write all samples as one PNG grid here."),
-    nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row (default: per class, or square)."),
-    folder: Optional[Path] = typer.Option(None, "--folder", help="Write one PNG per sample into this folder."),
+    grid: Optional[Path] = typer.Option(None, "--grid", rich_help_panel="Output",
+                                        help="Write all samples as one PNG grid here."),
+    nrow: Optional[int] = typer.Option(None, "--nrow", rich_help_panel="Output",
+                                       help="Images per grid row (default: per class, or square)."),
+    folder: Optional[Path] = typer.Option(None, "--folder", rich_help_panel="Output",
+                                          help="Write one PNG per sample into this folder."),
     device: str = DEVICE,
 ) -> None:
-    """Sample class-conditional (or text-conditional) images from a model."""
+    """Sample class-conditional (or text-conditional) images from a model.
+
+    Example: [bold]sar sample -f var --tokenizer vae.pth --backbone var_d16.pth --per-class 4 --grid s.png[/]"""
     from sar_core.checkpoint_io import load_file
     from sar_core.generation import condition_batch, generate_images, save_folder, save_grid
     from sar_core.schedule import Schedule
@@ -61,7 +73,7 @@ def sample(
             raise ValueError("pass exactly one of --labels, --per-class, --text-features")
         if grid is None and folder is None:
             raise ValueError("nothing to write: pass --grid FILE.png and/or --folder DIR")
-        adapter = load_model(console, family, tokenizer, backbone, device)
+        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone)
         sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
         opts = dict(schedule=sched, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
         if text_features is not None:

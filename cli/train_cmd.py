@@ -3,6 +3,10 @@
 Precedence: the ``--config`` file (YAML or TOML; with ``--resume`` and no ``--config``,
 the run folder's own ``config.yaml``) < flags < ``--set key=value`` overrides. Multi-GPU:
 ``torchrun --nproc-per-node N -m sar_cli.main train ...``.
+
+Exit status: 0 trained; 1 stopped by the non-finite guard, a frozen peer rank or a crash;
+2 bad input (one line on stderr naming the fix); 130 Ctrl-C; 143 SIGTERM / SIGUSR1
+(checkpoint written, continue with ``--resume``).
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 #: flag (python parameter name) -> dotted run-config field
 FLAG_FIELDS = {
     "family": "model.family", "tokenizer": "model.tokenizer", "backbone": "model.backbone",
-    "schedule": "model.schedule", "cond_drop": "model.cond_drop",
+    "schedule": "model.schedule", "cond_drop": "model.cond_drop", "resize_classes": "model.resize_classes",
+    "class_map": "data.options.class_map",
     "data": "data.name", "split": "data.split", "image_size": "data.image_size", "workers": "data.workers",
     "rollout": "rollout.name", "ssr_scales": "rollout.scales", "rollout_sampling": "rollout.sampling",
     "rollout_top_k": "rollout.top_k", "rollout_top_p": "rollout.top_p", "rollout_cfg": "rollout.cfg",
@@ -69,7 +75,7 @@ def collect_overrides(flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
 
 
 def resolve_config(config: Optional[Path], overrides: dict[str, Any], resume: bool, compile_flag: bool):
-    from sar_core.config import build_config, read_config_file
+    from sar_core.config import ConfigError, build_config, read_config_file
 
     if resume:
         overrides["resume"] = True
@@ -84,6 +90,10 @@ def resolve_config(config: Optional[Path], overrides: dict[str, Any], resume: bo
             saved = out / "config.yaml"
             if saved.is_file():
                 base = read_config_file(saved)
+            elif "model.family" not in overrides or "data.name" not in overrides:
+                what = "does not exist" if not out.exists() else "holds no run (no config.yaml)"
+                raise ConfigError(f"--resume: the run folder {out} {what}; pass the --out of an existing run, "
+                                  "or drop --resume to start a new one")
     return build_config(base, overrides)
 
 
@@ -97,14 +107,14 @@ def train(
                                            help="Training schedule (1_2_3_4) or a schedule sampler (flexvar-random)."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset name, NAME:FOLDER (e.g. "
                                        "textimages:/data/captioned), image folder, or code cache folder."),
-    split: Optional[str] = typer.Option(None, "--split", help="Dataset split (default train)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Dataset split."),
     image_size: Optional[str] = typer.Option(None, "--image-size",
                                              help="Training image size: S pixels a side, or HxW (e.g. 256x512)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers per rank."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps in total."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch per optimizer step."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-steps per optimizer step."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-4)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
     lr_end: Optional[float] = typer.Option(None, "--lr-end", help="Final lr of a linear / cosine decay."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant | linear | cosine."),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps"),
@@ -119,9 +129,13 @@ def train(
     rollout_cfg: Optional[float] = typer.Option(None, "--rollout-cfg", help="Guidance of a sampled rollout."),
     csfl: Optional[str] = typer.Option(None, "--csfl", help="hard | soft | naive (or a plugin's)."),
     csfl_temperature: Optional[float] = typer.Option(None, "--csfl-temperature", help="Soft CSFL temperature."),
-    gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight (default 0.01)."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
     cond_drop: Optional[float] = typer.Option(None, "--cond-drop", help="Class-dropout probability."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="Class map file: one class folder a "
+                                             "line, optionally with its model label (a subset / mapping)."),
+    resize_classes: Optional[bool] = typer.Option(None, "--resize-classes/--no-resize-classes",
+                                                  help="Resize the class embedding to the data's class count."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
@@ -133,20 +147,27 @@ def train(
     log_every: Optional[int] = typer.Option(None, "--log-every"),
     max_nonfinite: Optional[int] = typer.Option(None, "--max-nonfinite",
                                                 help="Stop after this many consecutive non-finite steps."),
-    loggers: Optional[str] = typer.Option(None, "--loggers", help="e.g. console,jsonl,tensorboard."),
+    loggers: Optional[str] = typer.Option(None, "--loggers", help="Comma list: console, jsonl, tensorboard "
+                                          "(extra sar\\[tensorboard]), wandb (extra sar\\[wandb]), a plugin's."),
     dist: Optional[str] = typer.Option(None, "--dist", help="ddp | fsdp (under torchrun)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:1 ..."),
     sets: List[str] = typer.Option([], "--set", help="Override any field: --set optim.hold_fraction=0.05."),
 ) -> None:
-    """Post-train a scale-wise AR model with SAR (or plain teacher forcing: --rollout none)."""
+    """Post-train a scale-wise AR model with SAR (or plain teacher forcing: --rollout none).
+
+    Precedence: flag > SAR_* environment variable > --config file > default.
+
+    Exit status: 0 trained; 1 non-finite stop, frozen peer rank or crash; 2 bad input (one line on stderr); 130 Ctrl-C; 143 SIGTERM / SIGUSR1 (checkpoint written: --resume).
+
+    Example: [bold]sar train -f var --tokenizer vae.pth --backbone var_d16.pth --data /data/imagenet/train --image-size 256 --steps 20000 --batch-size 256 --rollout ssr --csfl hard --out runs/sar-var-d16[/]"""
     from sar_core.config import ConfigError
 
-    console = Console()
+    console = Console(soft_wrap=True)  # a warning or error stays one line in logs
     flags = {k: v for k, v in locals().items() if k in FLAG_FIELDS}
     try:
         cfg = resolve_config(config, collect_overrides(flags, sets), resume, compile_model)
     except ConfigError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        Console(stderr=True).print("[bold red]error:[/] " + escape(str(exc)), highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
@@ -154,37 +175,79 @@ def train(
     raise typer.Exit(run_training(cfg, console))
 
 
-def run_training(cfg, console: Console) -> int:
-    """Build the trainer, run it, report; returns the exit status."""
+def run_errors() -> tuple[type[BaseException], ...]:
+    """Errors of a training run that mean: fix the input or the machine (exit status 2)."""
     from sar_cli._shared import user_errors
+    from sar_core.checkpoint_io import WriteError
+    from sar_core.resume_check import ResumeMismatch
+    from sar_core.runlock import RunLockError
+    from sar_core.trainer import DataReadError
+
+    return (*user_errors(), RunLockError, ResumeMismatch, DataReadError, WriteError)
+
+
+def _os_error_message(exc: OSError, cfg) -> Optional[str]:
+    """One line for a full disk / read-only or forbidden path met outside the atomic writers."""
+    import errno
+
+    from sar_core.checkpoint_io import write_error
+
+    where = Path(exc.filename) if exc.filename else Path(cfg.out)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return str(write_error(exc, where))
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{where}: {exc.strerror}; fix its permissions, or choose another --out"
+    return None
+
+
+def run_training(cfg, console: Console) -> int:
+    """Build the trainer, run it, report; returns the exit status (see the module docstring)."""
     from sar_core import distributed as D
+    from sar_core.signals import EXIT_INTERRUPTED, EXIT_SIGNALLED
     from sar_core.trainer import Trainer
 
+    err = Console(stderr=True)
     env = None
+
+    def fail(msg: str, code: int) -> int:
+        err.print("[bold red]error:[/] " + escape(msg), highlight=False, soft_wrap=True)
+        D.cleanup()
+        return code
+
     try:
-        env = D.init_distributed(cfg.train.device, cfg.dist.backend)
+        env = D.init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
         log = console.print if env.is_main else (lambda *a, **k: None)
         trainer = Trainer(cfg, env=env, log=log)
         trainer.console = console
         result = trainer.run()
-    except user_errors() as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        D.cleanup()
-        return 2
+    except run_errors() as exc:
+        return fail(str(exc), 2)
+    except OSError as exc:
+        msg = _os_error_message(exc, cfg)
+        if msg is None:
+            raise
+        return fail(msg, 2)
+    except RuntimeError as exc:
+        if env is None or not env.enabled or not D.is_peer_timeout(exc):
+            raise
+        return fail(f"rank {env.rank}: the other ranks did not answer within dist.timeout_s = "
+                    f"{cfg.dist.timeout_s:g} s (a peer rank froze or died; see its output); the newest "
+                    "checkpoint is kept. If steps are legitimately that slow: --set dist.timeout_s=SECONDS", 1)
     D.cleanup()
     if not env.is_main:
-        return 0 if result.status == "finished" else 1
+        return {"finished": 0, "signalled": EXIT_SIGNALLED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 1)
     if result.status == "finished":
         console.print(f"trained {result.step} steps; backbone written to {result.out_dir / 'backbone.pth'}; "
                       f"checkpoint {result.checkpoint}")
         return 0
     if result.status == "nonfinite":
-        console.print(f"[bold red]error:[/] {result.message}; newest good checkpoint: {result.checkpoint}",
-                      highlight=False)
+        err.print("[bold red]error:[/] " + escape(result.message), highlight=False, soft_wrap=True)
         return 1
-    console.print(f"[yellow]{result.message}[/]", highlight=False)
-    return 130
+    err.print(escape(result.message), style="yellow", highlight=False, soft_wrap=True)
+    return EXIT_SIGNALLED if result.status == "signalled" else EXIT_INTERRUPTED
 
 
 def add_to(app: typer.Typer) -> None:
-    app.command("train")(train)
+    from sar_cli.train_help import decorate
+
+    app.command("train")(decorate(train, FLAG_FIELDS))

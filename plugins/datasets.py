@@ -5,12 +5,16 @@
     root/n01440764/xxx.JPEG
     root/n01443537/yyy.JPEG            (or root/<split>/<class>/... when root/<split> exists)
 
-Classes are the sorted sub-folder names, labels their indices. Transforms follow the VAR
-family's training pipeline: resize the shorter side to ``round(resize_ratio * S)``
-(Lanczos), random crop to S x S (or H x W for an ``image_size`` pair, the shorter side
-then going to ``round(resize_ratio * max(H, W))``) and random horizontal flip when augmenting (the default
-for the ``train`` split), centre crop otherwise, then values in [-1, 1]. Randomness comes
-from torch's global RNG, which the trainer seeds per item.
+Classes are the sorted sub-folder names, labels their indices; a class map file
+(``class_map``, format in :mod:`sar_core.classes`) picks a subset and / or sets the labels.
+Transforms follow the VAR family's training pipeline: resize the shorter side to
+``round(resize_ratio * S)`` (Lanczos), random crop to S x S (or H x W for an
+``image_size`` pair, the shorter side then going to ``round(resize_ratio * max(H, W))``)
+and random horizontal flip when augmenting (the default for the ``train`` split), centre
+crop otherwise, then values in [-1, 1]. Randomness comes
+from torch's global RNG, which the trainer seeds per item. Every PIL mode is read as 8-bit
+RGB correctly (:mod:`sar_core.image_io`: 16-bit scaled, not clipped; alpha on white);
+each kind of conversion, and upscaling of small images, is said once per dataset.
 """
 
 from __future__ import annotations
@@ -22,16 +26,27 @@ import torch
 from torch.utils.data import Dataset
 
 from sar_core.data import image_hw, size_option
+from sar_core.image_io import ConversionNotes, open_rgb8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+def scan_folder(root: Path, class_map: Optional[dict[str, int]] = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(items (path, label), class folder names); with ``class_map`` only its folders,
+    labelled as it says."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class sub-folders (expected root/<class>/<image>, ImageNet layout)")
+    labels = {name: i for i, name in enumerate(classes)}
+    if class_map is not None:
+        missing = sorted(set(class_map) - set(classes))
+        if missing:
+            raise ValueError(f"class map names folders that {root} does not have: {', '.join(missing[:5])}"
+                             + (" ..." if len(missing) > 5 else ""))
+        classes, labels = [c for c in classes if c in class_map], dict(class_map)
     items = []
-    for label, name in enumerate(classes):
+    for name in classes:
+        label = labels[name]
         for p in sorted((root / name).rglob("*")):
             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
                 items.append((p, label))
@@ -60,30 +75,37 @@ class ImageFolderDataset(Dataset):
     """(image (3, H, W) float in [-1, 1], label int64) from class sub-folders."""
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int | tuple[int, int] = 256,
-                 augment: Optional[bool] = None, hflip: bool = True, resize_ratio: float = 1.125):
+                 augment: Optional[bool] = None, hflip: bool = True, resize_ratio: float = 1.125,
+                 class_map: str | Path | None = None):
+        from sar_core.classes import read_class_map
+
         base = Path(root)
         if not base.is_dir():
             raise FileNotFoundError(f"image folder not found: {base}")
         self.root = base / split if (base / split).is_dir() else base
-        self.items, self.classes = scan_folder(self.root)
+        self.class_map = read_class_map(class_map) if class_map else None
+        self.items, self.classes = scan_folder(self.root, self.class_map)
         self.image_size = size_option(image_size)
         self.augment = (split == "train") if augment is None else bool(augment)
         self.transform = build_transform(self.image_size, self.augment, resize_ratio, hflip)
+        self.notes = ConversionNotes(f"image folder {self.root}")
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes)
+        """Class folders, or with a class map the largest mapped label + 1."""
+        return max(self.class_map.values()) + 1 if self.class_map else len(self.classes)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
-
         path, label = self.items[i]
-        with Image.open(path) as img:
-            image = self.transform(img.convert("RGB"))
-        return image, torch.tensor(label, dtype=torch.int64)
+        img, notes = open_rgb8(path)
+        side = max(image_hw(self.image_size))
+        if min(img.size) < side:
+            notes.append(f"images smaller than {side} px a side upscaled")
+        self.notes.add(notes)
+        return self.transform(img), torch.tensor(label, dtype=torch.int64)
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset(root={str(self.root)!r}, n={len(self)}, classes={len(self.classes)}, "
@@ -91,11 +113,12 @@ class ImageFolderDataset(Dataset):
 
 
 def imagefolder(root: str, split: str = "train", image_size: int | tuple[int, int] = 256,
-                augment: Optional[bool] = None,
-                hflip: bool = True, resize_ratio: float = 1.125, **_) -> ImageFolderDataset:
-    """Factory registered as dataset ``imagefolder``."""
+                augment: Optional[bool] = None, hflip: bool = True, resize_ratio: float = 1.125,
+                class_map: Optional[str] = None, **_) -> ImageFolderDataset:
+    """Factory registered as dataset ``imagefolder`` (``class_map``: a file, see
+    :mod:`sar_core.classes`)."""
     return ImageFolderDataset(root, split=split, image_size=image_size, augment=augment, hflip=hflip,
-                              resize_ratio=resize_ratio)
+                              resize_ratio=resize_ratio, class_map=class_map)
 
 
 #: registered by the ``core`` plugin (name -> factory)

@@ -4,20 +4,26 @@ A logger is a class registered through ``register_loggers``. The trainer builds 
 named in ``train.loggers`` on rank 0 as ``cls(run)``, where ``run`` exposes ``out_dir``,
 ``config`` (the resolved RunConfig), ``step`` (the step the run starts from) and
 ``total_steps``; it then calls ``log(step, metrics)`` after every optimizer step and
-``close()`` at the end. A constructor that raises ImportError (a missing optional
-package) only turns that logger off.
+``close()`` at the end. Default loggers: ``console`` and ``jsonl``. A logger whose
+optional package is missing fails the run at once with one line naming the extra to
+install (:func:`missing_extra`); it is never silently off.
 
 * ``console``: a rich progress bar with loss, TF vs CSF loss and throughput (plain lines
-  every ``train.log_every`` steps when the output is not a terminal);
+  every ``train.log_every`` steps, with elapsed time and ETA, when the output is not a
+  terminal);
 * ``jsonl``: ``<out>/metrics.jsonl``, one JSON object per step (non-finite values as
   null); on resume, lines of steps after the resumed step are dropped first;
-* ``tensorboard``: event files under ``<out>/tensorboard`` (needs the tensorboard package).
+* ``tensorboard``: event files under ``<out>/tensorboard`` (``pip install 'sar[tensorboard]'``).
+
+The W&B logger is its own plugin, :mod:`sar_plugins.wandb_logger` (``sar[wandb]``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sar_core.checkpoint_io import atomic_write_text
+
+
+def missing_extra(logger: str, package: str, extra: str):
+    """The error of a logger whose optional package is not installed (one line, exit 2)."""
+    from sar_core.plugins import PluginError
+
+    return PluginError(f"logger '{logger}' needs the {package} package: pip install 'sar[{extra}]' "
+                       f"(or drop '{logger}' from --loggers)")
+
+
+def _hms(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _clean(v: Any) -> Any:
@@ -77,6 +96,7 @@ class ConsoleLogger:
         self.every = int(run.config.train.log_every)
         self.total = int(run.total_steps)
         self.live = self.console.is_terminal
+        self.start_step, self.t0 = int(run.step), time.monotonic()
         self.progress = None
         if self.live:
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -93,7 +113,14 @@ class ConsoleLogger:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, stats=self._stats(metrics))
         elif step % self.every == 0 or step == self.total:
-            self.console.print(f"step {step}/{self.total}  {self._stats(metrics)}", highlight=False)
+            self.console.print(f"step {step}/{self.total}  {self._stats(metrics)}  {self._clock(step)}",
+                               highlight=False)
+
+    def _clock(self, step: int) -> str:
+        elapsed = time.monotonic() - self.t0
+        done = step - self.start_step
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        return f"elapsed {_hms(elapsed)}  eta {_hms(eta) if math.isfinite(eta) else '?'}"
 
     def close(self) -> None:
         if self.progress is not None:
@@ -101,13 +128,11 @@ class ConsoleLogger:
 
 
 class TensorBoardLogger:
-    """Scalars under ``<out>/tensorboard``; needs the ``tensorboard`` package."""
+    """Scalars under ``<out>/tensorboard``; needs the ``tensorboard`` package (extra)."""
 
     def __init__(self, run: Any):
-        import importlib.util
-
         if importlib.util.find_spec("tensorboard") is None:
-            raise ImportError("the tensorboard package is not installed")
+            raise missing_extra("tensorboard", "tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(Path(run.out_dir) / "tensorboard"), purge_step=int(run.step) + 1)

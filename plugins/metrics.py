@@ -7,7 +7,8 @@ Registered (kind ``metric``; each factory takes ``weights_path`` and returns a
   shipped in ``assets/``), exposed to torch-fidelity as ``sar-digit-classifier`` with
   features ``pool`` (64-d, divided by its train-set RMS; used by FID / KID / PRC), ``logits`` (used by IS) and
   ``logits_unbiased`` (the head without its bias, like Inception's feature of that name).
-  It can also classify, so ``sar eval`` reports the class accuracy of samples.
+  It can also classify, so ``sar eval`` reports the class accuracy of samples. For the
+  digits demo only: on colour data ``sar eval`` adds a warning that its FID means nothing.
 * ``inception``: torch-fidelity's ``inception-v3-compat`` (TF-FID-compatible). Needs a
   local weights file (``--inception-weights``) or one already in torch-fidelity's download
   cache; otherwise it fails at once with :class:`MissingWeightsError`, never downloads.
@@ -76,7 +77,7 @@ def digit_classifier(weights_path: str | None = None, **_) -> FeatureExtractorSp
                                   "`python -m sar_plugins.digit_classifier --out PATH`)")
     return FeatureExtractorSpec(
         name="digit-classifier", fidelity_name="sar-digit-classifier", weights_path=str(path),
-        classifier=lambda device: load_classifier(path, device))
+        classifier=lambda device: load_classifier(path, device), grayscale_only=True)
 
 
 # ------------------------------------------------------------------------ inception
@@ -97,7 +98,7 @@ def inception_weights(weights_path: str | Path | None) -> Path:
         path = inception_cache_path()
         if not path.is_file():
             raise MissingWeightsError(
-                "the 'inception' feature extractor needs local weights: pass --inception-weights PATH "
+                "the 'inception' feature extractor needs local weights: pass --feature-weights PATH "
                 f"(torch-fidelity's {INCEPTION_FILE}, from its GitHub release v0.2.0), or place that "
                 f"file at {path}. sar never downloads weights; for the digits demo use "
                 "--feature-extractor digit-classifier.")

@@ -140,6 +140,10 @@ class ScaleWiseAdapter(ABC):
     #: golden-case support (``sar conformance``): a :class:`sar_core.conformance.CaseRunner`
     #: subclass, or None for a family without golden cases. Not part of training.
     case_runner: ClassVar[Optional[type]] = None
+    #: True when the backbone's ``forward`` accepts ``prefix=`` (a
+    #: :mod:`sar_core.prefix_cache` record / replay handle), so a student pass that only
+    #: changes the last scale runs over that scale's tokens alone. Default: a full pass.
+    reuses_prefix: ClassVar[bool] = False
 
     def __init__(self, config: AdapterConfig, tokenizer: nn.Module, backbone: nn.Module):
         self.config = config
@@ -180,6 +184,11 @@ class ScaleWiseAdapter(ABC):
         """Per-step training schedules; the default always returns ``default_schedule``."""
         return ScheduleSampler(self.default_schedule, seed)
 
+    def check_schedule_sampler(self, sampler: ScheduleSampler) -> None:
+        """Refuse (ValueError naming the fix) a schedule sampler chosen by the user
+        (``--schedule``) that this model cannot train with, e.g. schedules larger than its
+        latent or position grid. Default: accept."""
+
     @abstractmethod
     def image_size(self, schedule: Schedule) -> tuple[int, int]:
         """Pixel (H, W) of images encoded with / decoded from ``schedule``."""
@@ -202,6 +211,14 @@ class ScaleWiseAdapter(ABC):
     @abstractmethod
     def num_classes(self) -> Optional[int]:
         """Number of classes of a class-conditional family; None for text conditions."""
+
+    def resize_classes(self, num_classes: int) -> None:
+        """Grow (or shrink) the class embedding to ``num_classes`` classes in place, for
+        fine-tuning on another class set (``model.resize_classes``): kept rows unchanged,
+        new rows initialised as the family's upstream code initialises them, the null class
+        still last. Families that cannot resize keep this default, which refuses."""
+        raise ValueError(f"family '{self.name}' cannot resize its class embedding; use a class map "
+                         "(--class-map) that fits its classes")
 
     @property
     @abstractmethod
@@ -326,6 +343,13 @@ class ScaleWiseAdapter(ABC):
         (whose short-pass start logits equal the full pass's: attention is block-causal).
         Checked by :class:`sar_core.testing.AdapterContractTests`."""
         return self.backbone(cond, inputs, schedule, student_forcing=student_forcing)
+
+    def transformer_blocks(self) -> Sequence[nn.Module]:
+        """The backbone's repeated transformer blocks, in order: the units that
+        activation checkpointing (``train.activation_checkpointing``) recomputes. Each is
+        called as a module (``block(*args)``); its inputs and outputs are tensors or
+        objects the block only reads. Default: none (checkpointing is refused)."""
+        return ()
 
     @abstractmethod
     def generate(self, cond: Any, schedule: Schedule, *, cfg: float, top_k: int = 0,

@@ -3,11 +3,19 @@
 Checkpoints are untrusted input: they are read with ``torch.load(weights_only=True)``,
 which refuses arbitrary pickled objects. Writes go to a temporary file in the same folder,
 are fsync'ed, then renamed over the target, so a crash never leaves a truncated file.
+Written files get the permissions of a plain ``open()`` (``0o666`` less the umask), not
+``mkstemp``'s private ``0600``, so a team can read each other's runs. A failed write
+removes its temporary file and raises :class:`WriteError` naming the file and the cause
+(a full disk included, whichever layer reports it); :func:`remove_stale_tmp` clears the
+temporary files a killed process left behind.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,40 +46,98 @@ def load_file(path: str | Path, what: str = "checkpoint") -> Any:
                               "or holds pickled Python objects that weights_only loading refuses.") from exc
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save ``obj`` to ``path`` atomically (temp file, fsync, rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+class WriteError(OSError):
+    """A file could not be written; the message names the file, the cause and the fix."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(path, 'w')`` would give a new file under the current umask."""
+    return 0o666 & ~_umask()
+
+
+def _free_mb(folder: Path) -> float:
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        return shutil.disk_usage(folder).free / 2 ** 20
+    except OSError:
+        return float("nan")
+
+
+def write_error(exc: BaseException, path: Path) -> WriteError:
+    """A one-line WriteError for a failed write of ``path`` (OSError or torch's miniz error)."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    free = _free_mb(path.parent)
+    if code in _DISK_FULL or (code is None and free < 1.0):
+        return WriteError(errno.ENOSPC, f"no space left on the device writing {path} ({free:.0f} MB free): "
+                          "free some space (or lower --keep-last, or choose another --out), then continue "
+                          "with --resume")
+    if code in _NO_ACCESS:
+        return WriteError(code, f"cannot write {path}: {os.strerror(code)}; make the folder writable or "
+                          "choose another --out")
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return WriteError(code or errno.EIO, f"writing {path} failed: {reason} ({free:.0f} MB free)")
+
+
+def _atomic_write(path: str | Path, mode: str, write) -> Path:
+    """Write through ``write(fh)`` into a temp file next to ``path``, fsync, rename."""
+    p = Path(path)
+    tmp = None
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        os.fchmod(fd, file_mode())
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, p)
         _fsync_dir(p.parent)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        if isinstance(exc, WriteError) or not isinstance(exc, (OSError, RuntimeError)):
+            raise
+        raise write_error(exc, p) from exc
     return p
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save ``obj`` to ``path`` atomically (temp file, fsync, rename)."""
+    return _atomic_write(path, "wb", lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    return _atomic_write(path, "w", lambda fh: fh.write(text))
+
+
+_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
+
+
+def remove_stale_tmp(folder: str | Path) -> list[Path]:
+    """Delete the temp files of interrupted atomic writes in ``folder`` (not recursive).
+
+    Call it only while no other process writes there (e.g. under the run-folder lock)."""
+    d = Path(folder)
+    removed = []
+    if not d.is_dir():
+        return removed
+    for f in d.iterdir():
+        if _TMP.match(f.name) and f.is_file():
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
 
 
 def _fsync_dir(d: Path) -> None:

@@ -3,7 +3,9 @@
 A run folder keeps ``checkpoints/step_00001000.pt`` files. Each is written atomically
 (:func:`sar_core.checkpoint_io.atomic_save`: temp file, fsync, rename), so an interrupted
 write leaves the previous checkpoints intact and never a truncated file under the final
-name. Only the newest ``keep_last`` are kept. A checkpoint holds everything a resumed run
+name (:func:`remove_stale_tmp` clears what a killed write left). Only the newest
+``keep_last`` are kept, plus one protected "good" checkpoint when the run has seen a
+non-finite step (see :mod:`sar_core.trainer`). A checkpoint holds everything a resumed run
 needs to continue exactly like an uninterrupted one: model, optimizer, EMA, loss scaler,
 step (the learning rate is a function of it), data position (epoch, batch within the
 epoch, sampler seed), the schedule sampler's state and every RNG (python, numpy, torch
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from sar_core.adapter import CheckpointError
-from sar_core.checkpoint_io import atomic_save, load_file
+from sar_core.checkpoint_io import atomic_save, load_file, remove_stale_tmp
 
 FORMAT = "sar-run-checkpoint"
 VERSION = 1
@@ -53,18 +55,32 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int) -> Path:
-    """Write ``state`` atomically as the checkpoint of ``step``; prune older ones."""
+def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int,
+                    protect: Optional[int] = None) -> Path:
+    """Write ``state`` atomically as the checkpoint of ``step``; prune older ones
+    (never the checkpoint of step ``protect``)."""
     payload = {"format": FORMAT, "version": VERSION, "step": int(step), **state}
     path = atomic_save(payload, checkpoint_path(ckpt_dir, step))
-    prune(ckpt_dir, keep_last)
+    prune(ckpt_dir, keep_last, protect)
     return path
 
 
-def prune(ckpt_dir: str | Path, keep_last: int) -> None:
+def prune(ckpt_dir: str | Path, keep_last: int, protect: Optional[int] = None) -> None:
     found = list_checkpoints(ckpt_dir)
-    for _, p in found[: max(len(found) - keep_last, 0)]:
-        p.unlink(missing_ok=True)
+    for step, p in found[: max(len(found) - keep_last, 0)]:
+        if step != protect:
+            p.unlink(missing_ok=True)
+
+
+def weights_finite(model_state: dict) -> bool:
+    """True when every floating-point tensor of a state dict is finite."""
+    return all(bool(torch.isfinite(v).all()) for v in model_state.values()
+               if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
+def clean_interrupted_writes(ckpt_dir: str | Path) -> list[Path]:
+    """Remove temp files of checkpoint writes that a killed process left behind."""
+    return remove_stale_tmp(ckpt_dir)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -327,6 +327,11 @@ class CodeCacheDataset(Dataset):
         j = i % self.n_src
         return torch.from_numpy(np.array(values[offsets[j]: offsets[j + 1]], dtype=np.float32))
 
+    @property
+    def num_classes(self) -> int:
+        """Largest cached label + 1: the class ids this cache yields (checked against the model)."""
+        return int(self.labels.max()) + 1 if len(self) else 0
+
     def __len__(self) -> int:
         return int(self.meta["num_items"]) if self.flips == "all" else self.n_src
 

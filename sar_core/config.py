@@ -11,7 +11,7 @@ reproduced from its folder alone.
     loss:    registry name (hard | soft | naive), options, gamma, label smoothing
     optim:   AdamW and the learning-rate schedule
     train:   steps, batch, AMP, EMA, seeds, checkpoints, guards, loggers
-    dist:    DDP (default) or FSDP2 under torchrun
+    dist:    DDP (default) or FSDP2 under torchrun, collective timeout
 
 ``None`` in the rollout / loss options means "the registered class's own default" (the
 ``official`` rollout defaults to the official trainer's sampled, guided rollout).
@@ -20,6 +20,7 @@ reproduced from its folder alone.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -43,6 +44,8 @@ class ModelConfig(Section):
                                     "registered schedule sampler (e.g. flexvar-random); default: the adapter's")
     cond_drop: Optional[float] = Field(None, ge=0, le=1, description="class-dropout probability "
                                        "(default: the backbone's own)")
+    resize_classes: bool = Field(False, description="resize the class embedding to the data's class count "
+                                 "(new rows freshly initialised, null class kept last)")
 
 
 class DataConfig(Section):
@@ -61,6 +64,10 @@ class RolloutConfig(Section):
     top_k: Optional[int] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, ge=0, le=1)
     cfg: Optional[float] = Field(None, ge=0)
+    upstream_exact: Optional[bool] = Field(None, description="guided rollouts: the official trainer's 2B-row "
+                                           "teacher pass and its sampling draws (slower; default: false)")
+    reuse_prefix: Optional[bool] = Field(None, description="ssr scales=last: run pass 2 on the last scale with "
+                                         "pass 1's prefix keys / values (default: true; false = less memory)")
 
     def options(self) -> dict:
         return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
@@ -110,6 +117,9 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, gt=0)
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype (CUDA only)")
     compile: bool = False
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="recompute transformer blocks in backward to save activation memory: "
+        "'full' keeps only block inputs, 'selective' keeps matmul / attention outputs")
     ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of the backbone weights (0: off)")
     seed: int = 0
     device: str = "auto"
@@ -118,7 +128,9 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0, description="console line every N steps (metrics.jsonl: every step)")
     max_nonfinite: int = Field(5, gt=0, description="stop after this many consecutive non-finite steps")
     max_nonfinite_total: Optional[int] = Field(None, gt=0, description="... or this many in total")
-    loggers: list[str] = Field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
+    loggers: list[str] = Field(default_factory=lambda: ["console", "jsonl"],
+                               description="console, jsonl, tensorboard (sar[tensorboard]), wandb (sar[wandb]), "
+                               "or a plugin's")
 
 
 class DistConfig(Section):
@@ -126,6 +138,8 @@ class DistConfig(Section):
     backend: Optional[Literal["nccl", "gloo"]] = Field(None, description="default: nccl on CUDA, gloo on CPU")
     find_unused_parameters: Optional[bool] = Field(
         None, description="DDP option; default: on for rollouts whose second pass skips parameters")
+    timeout_s: float = Field(600.0, gt=0, description="seconds a rank waits for the others in a collective "
+                             "before the run stops with an error (a frozen or dead peer rank)")
 
 
 class RunConfig(Section):
@@ -144,6 +158,26 @@ class RunConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_absolute_paths(self, dataset_names: tuple[str, ...] = ()) -> "RunConfig":
+        """A copy whose file paths (checkpoints, data folder, run folder) are absolute, so
+        ``config.yaml`` means the same from any working directory. ``data.name`` stays as
+        it is when it names a registered dataset (``dataset_names``) or no existing path."""
+        cfg = self.model_copy(deep=True)
+        if cfg.model.tokenizer is not None:
+            cfg.model.tokenizer = absolute(cfg.model.tokenizer)
+        if cfg.model.backbone is not None:
+            cfg.model.backbone = absolute(cfg.model.backbone)
+        name = cfg.data.name
+        if name not in dataset_names and Path(os.path.expanduser(name)).exists():
+            cfg.data.name = os.path.abspath(os.path.expanduser(name))
+        cfg.out = absolute(cfg.out)
+        return cfg
+
+
+def absolute(path: str | Path) -> Path:
+    """``~`` expanded, made absolute and normalised (symlinks kept, unlike resolve())."""
+    return Path(os.path.abspath(os.path.expanduser(str(path))))
 
 
 # ----------------------------------------------------------------------------- loading

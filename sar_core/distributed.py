@@ -52,23 +52,51 @@ def env_world() -> tuple[int, int, int]:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda`` / ``cuda:1`` ... -> a device that exists (ValueError if not)."""
     if device in ("auto", "", None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is visible to torch on this machine; "
+                             "use --device cpu (or auto)")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {dev}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}); pick one of them")
     return dev
 
 
-def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistEnv:
-    """Join torchrun's process group (if any) and pick this rank's device."""
+class PeerTimeout(RuntimeError):
+    """A collective did not complete within ``dist.timeout_s``: a peer rank froze or died."""
+
+
+def is_peer_timeout(exc: BaseException) -> bool:
+    """True for the errors a collective raises when another rank stops answering."""
+    if isinstance(exc, PeerTimeout):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        isinstance(exc, dist.DistBackendError) or "timed out" in text or "timeout" in text or "connection closed by peer" in text
+        or "connection reset by peer" in text)
+
+
+def init_distributed(device: str = "auto", backend: Optional[str] = None, timeout_s: float = 600.0) -> DistEnv:
+    """Join torchrun's process group (if any) and pick this rank's device.
+
+    ``timeout_s``: how long a collective waits for the other ranks before failing (a rank
+    that froze then stops the others after this long instead of torch's 30 minutes)."""
     rank, world, local = env_world()
     dev = resolve_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(minutes=30)}
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=float(timeout_s))}
         if backend == "nccl":
             kwargs["device_id"] = dev
         dist.init_process_group(**kwargs)
@@ -238,6 +266,8 @@ class _SyncedModel:
         self.sync, self.last_micro, self.expected, self.calls = sync, last_micro, expected, 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():  # e.g. the null-condition rows of a guided rollout
+            return self.sync.model(*args, **kwargs)
         self.calls += 1
         ddp = self.sync.ddp
         if ddp is not None:

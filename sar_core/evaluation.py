@@ -30,10 +30,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sar_core.eval_inputs import looks_rgb, reference_set, resolve_reference, sample_uint8  # noqa: F401
 from sar_core.generation import to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ALL_METRICS = ("fid", "isc", "kid", "prc")
+#: ``progress(description, total) -> advance(n)``: one call per pass over an image set
+PassProgress = Callable[[str, int], Callable[[int], None]]
+
+
+def _pass(progress: Optional[PassProgress], description: str, total: int) -> Optional[Callable[[int], None]]:
+    return progress(description, total) if progress is not None else None
 
 
 class MissingWeightsError(RuntimeError):
@@ -49,6 +56,7 @@ class FeatureExtractorSpec:
     weights_path: Optional[str] = None          # passed as feature_extractor_weights_path
     layers: dict = field(default_factory=dict)  # metric -> feature layer (default: extractor's)
     classifier: Optional[Callable[[torch.device], torch.nn.Module]] = None  # images -> logits
+    grayscale_only: bool = False                # trained on grayscale images: RGB data gets a warning
 
 
 def get_feature_extractor(name: str, weights_path: str | Path | None = None) -> FeatureExtractorSpec:
@@ -96,25 +104,37 @@ class DatasetImages(Dataset):
 
 
 class FolderImages(Dataset):
-    """Every image file under a folder (recursively), as uint8 (3, H, W) RGB."""
+    """Every image file under a folder (recursively), as uint8 (3, H, W) RGB.
 
-    def __init__(self, folder: str | Path):
+    With ``image_size`` (S or (H, W)), images are resized / centre-cropped as ADM's
+    reference batches were (:func:`sar_core.image_io.adm_center_crop`), so mixed sizes
+    work; without it every image must already have the same size."""
+
+    def __init__(self, folder: str | Path, image_size: int | tuple[int, int] | None = None):
+        from sar_core.image_io import ConversionNotes
+
         root = Path(folder)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
         self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+        from sar_core.data import image_hw
+
+        self.root, self.image_size = root, (None if image_size is None else image_hw(image_size))
+        self.notes = ConversionNotes(f"reference folder {root}")
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
+        from sar_core.image_io import adm_center_crop, open_rgb8
 
-        with Image.open(self.paths[i]) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        img, notes = open_rgb8(self.paths[i])
+        self.notes.add(notes)
+        if self.image_size is not None and img.size[::-1] != self.image_size:
+            img = adm_center_crop(img, self.image_size)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 def as_image_set(x: Any) -> Dataset:
@@ -195,16 +215,26 @@ def layer_for(spec: FeatureExtractorSpec, metric: str) -> str:
 
 
 def extract_features(images: Any, spec: FeatureExtractorSpec, layers: Sequence[str],
-                     device: torch.device | str = "cpu", batch_size: int = 64) -> dict:
-    """{layer: (N, D) float tensor} of an image set, computed by torch-fidelity."""
-    from torch_fidelity.utils import get_featuresdict_from_dataset
+                     device: torch.device | str = "cpu", batch_size: int = 64,
+                     progress: Optional[Callable[[int], None]] = None) -> dict:
+    """{layer: (N, D) float tensor} of an image set, by torch-fidelity's extractor, one
+    batch at a time (``progress(n)`` after each)."""
+    from torch.utils.data import DataLoader
 
     data = as_image_set(images)
     if len(data) == 0:
         raise ValueError("cannot compute features of an empty image set")
     device = torch.device(device)
     fe = _fidelity_extractor(spec, sorted(set(layers)), device)
-    return get_featuresdict_from_dataset(data, fe, batch_size, device.type == "cuda", True, False)
+    out: dict[str, list] = {}
+    with torch.no_grad():
+        for batch in DataLoader(data, batch_size=min(batch_size, len(data)), shuffle=False):
+            feats = fe.convert_features_tuple_to_dict(fe(batch.to(device)))
+            for k, v in feats.items():
+                out.setdefault(k, []).append(v.cpu())
+            if progress is not None:
+                progress(len(batch))
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------ statistics
@@ -231,11 +261,11 @@ def fid_from_statistics(stats_a: dict, stats_b: dict) -> float:
 
 
 def reference_statistics(reference: Any, extractor: FeatureExtractorSpec, device: torch.device | str = "cpu",
-                         batch_size: int = 64) -> dict:
+                         batch_size: int = 64, progress: Optional[Callable[[int], None]] = None) -> dict:
     """FID statistics {'mu', 'sigma'} of an image set in the extractor's FID feature space
     (save them with :func:`save_statistics` to skip the reference pass next time)."""
     layer = layer_for(extractor, "fid")
-    return fid_statistics(extract_features(reference, extractor, [layer], device, batch_size)[layer])
+    return fid_statistics(extract_features(reference, extractor, [layer], device, batch_size, progress)[layer])
 
 
 def load_statistics(path: str | Path) -> dict:
@@ -280,11 +310,13 @@ def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
 def compute_metrics(generated: Any, reference: Any = None, *, extractor: FeatureExtractorSpec,
                     metrics: Sequence[str] = ALL_METRICS, reference_stats: dict | None = None,
                     device: torch.device | str = "cpu", batch_size: int = 64, seed: int = 2020,
-                    kid_subsets: int = 100) -> dict:
+                    kid_subsets: int = 100, progress: Optional[PassProgress] = None) -> dict:
     """Metrics of ``generated`` against ``reference`` (image sets, see :func:`as_image_set`).
 
     FID uses ``reference_stats`` ({'mu', 'sigma'}) when given, else the reference set.
     KID and precision / recall need the reference set itself. Returns a flat dict.
+    ``progress(description, total)`` is called once per feature pass and returns the
+    ``advance(n)`` callback of that pass.
     """
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
@@ -295,8 +327,14 @@ def compute_metrics(generated: Any, reference: Any = None, *, extractor: Feature
     if pair and reference is None:
         raise ValueError(f"metrics {pair} need a reference image set")
     layers = {m: layer_for(extractor, m) for m in metrics}
-    gen = extract_features(generated, extractor, list(layers.values()), device, batch_size)
-    ref = extract_features(reference, extractor, [layers[m] for m in pair], device, batch_size) if pair else {}
+    generated = as_image_set(generated)
+    gen = extract_features(generated, extractor, list(layers.values()), device, batch_size,
+                           _pass(progress, "features of the samples", len(generated)))
+    ref = {}
+    if pair:
+        reference = as_image_set(reference)
+        ref = extract_features(reference, extractor, [layers[m] for m in pair], device, batch_size,
+                               _pass(progress, "features of the reference", len(reference)))
     n_gen = len(next(iter(gen.values())))
     out: dict[str, Any] = {"num_generated": n_gen, "feature_extractor": extractor.name}
     if ref:
@@ -326,7 +364,8 @@ def compute_metrics(generated: Any, reference: Any = None, *, extractor: Feature
 
 @torch.no_grad()
 def class_accuracy(images: Any, labels: torch.Tensor, extractor: FeatureExtractorSpec,
-                   device: torch.device | str = "cpu", batch_size: int = 256) -> float:
+                   device: torch.device | str = "cpu", batch_size: int = 256,
+                   progress: Optional[Callable[[int], None]] = None) -> float:
     """Fraction of generated images the extractor's classifier assigns to their label."""
     if extractor.classifier is None:
         raise ValueError(f"feature extractor '{extractor.name}' has no classifier for class accuracy")
@@ -339,40 +378,31 @@ def class_accuracy(images: Any, labels: torch.Tensor, extractor: FeatureExtracto
     for i in range(0, len(data), batch_size):
         batch = torch.stack([data[j] for j in range(i, min(i + batch_size, len(data)))]).to(device)
         hits += int((net(batch).argmax(-1).cpu() == labels[i:i + batch_size].cpu()).sum())
+        if progress is not None:
+            progress(len(batch))
     return hits / len(data)
 
 
 # ------------------------------------------------------------------------ whole pipeline
-def reference_set(reference: str | Path, split: str, image_size: int | tuple[int, int]) -> Dataset:
-    """A registered dataset name or ``NAME:FOLDER`` (its ``split`` at ``image_size``, S or
-    (H, W)) or a folder of images (used as they are) -> uint8 image set."""
-    from sar_core.data import dataset_at
-    from sar_core.plugins import get_registry
-
-    names = get_registry().names("dataset")
-    if str(reference) in names or dataset_at(str(reference), names) is not None:
-        return DatasetImages(open_dataset(str(reference), split=split, image_size=image_size, deterministic=True))
-    if Path(reference).is_dir():
-        return FolderImages(reference)
-    known = ", ".join(get_registry().names("dataset")) or "none"
-    raise ValueError(f"reference '{reference}' is neither a registered dataset ({known}), NAME:FOLDER, nor a folder")
-
-
 def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSpec,
                      reference: str | Path | None = None, reference_split: str = "val",
                      reference_stats: str | Path | None = None, metrics: Sequence[str] = ALL_METRICS,
                      cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
                      batch_size: int = 32, schedule=None, samples_folder: str | Path | None = None,
-                     samples_npz: str | Path | None = None, progress=None, conditions=None) -> dict:
+                     samples_npz: str | Path | None = None, progress: Optional[PassProgress] = None,
+                     conditions=None) -> dict:
     """Sample ``num_samples`` images and measure them (``sar eval``).
 
     Class-conditional families sample class-balanced. ``conditions`` (a
     :class:`~sar_core.data.Batch` or a dict of payloads, e.g. text features, see
     :func:`sar_core.generation.condition_batch`) conditions the samples instead, cycling
     through its rows; a family without classes needs it. Class accuracy needs classes.
-    Metrics that need the reference *set* (KID, precision / recall) are skipped, with a
-    note, when only ``reference_stats`` are given."""
-    from sar_core.generation import balanced_labels, condition_batch, generate_images, save_folder
+    The reference is opened (and its first image read) before sampling. Samples are held
+    as uint8. ``progress(description, total)`` is called once per pass (sampling, each
+    feature pass, class accuracy). Metrics that need the reference *set* (KID, precision /
+    recall) are skipped, with a note, when only ``reference_stats`` are given."""
+    from sar_core.generation import balanced_labels, condition_batch
+    from sar_core.schedule import Schedule
 
     metrics = _check_metrics(metrics)
     stats = load_statistics(reference_stats) if reference_stats else None
@@ -388,32 +418,38 @@ def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSp
     if n_classes is None and conditions is None:
         raise ValueError(f"family '{adapter.name}' has no classes to sample class-balanced; give condition "
                          "payloads (e.g. --text-features FILE)")
-    from sar_core.schedule import Schedule
-
     schedule = Schedule.parse(schedule) if schedule is not None else adapter.default_schedule
-    opts = dict(schedule=schedule, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
-                progress=progress)
+    size = tuple(adapter.image_size(schedule))
+    used_split = None
+    ref = None
+    if reference is not None:
+        ref = reference_set(reference, reference_split, size)
+        used_split = resolve_reference(reference, reference_split)[1]
     if conditions is not None:
         batch = condition_batch(conditions)
         batch = batch.rows(torch.arange(num_samples) % len(batch))
-        labels = batch.labels
-        images = generate_images(adapter, conditions=batch, **opts)
+        labels, source = batch.labels, dict(conditions=batch)
     else:
         labels = balanced_labels(num_samples, n_classes)
-        images = generate_images(adapter, labels, **opts)
-    if samples_folder:
-        save_folder(images, samples_folder, None if labels is None else labels.tolist())
+        source = dict(labels=labels)
+    images = sample_uint8(adapter, num_samples, schedule=schedule, batch_size=batch_size,
+                          samples_folder=samples_folder, names=labels,
+                          progress=_pass(progress, "sampling", num_samples), cfg=cfg, top_k=top_k, top_p=top_p,
+                          seed=seed, **source)
     if samples_npz:
         write_samples_npz(images, samples_npz)
-    ref = reference_set(reference, reference_split, tuple(images.shape[-2:])) if reference is not None else None
+    if extractor.grayscale_only and (looks_rgb(images) or (ref is not None and looks_rgb(ref[0][None]))):
+        notes.append(f"feature extractor '{extractor.name}' was trained on grayscale images but the data is "
+                     "in colour: its FID is not meaningful (use --feature-extractor inception)")
     device = adapter.device
     report = compute_metrics(images, ref, extractor=extractor, metrics=metrics, reference_stats=stats,
-                             device=device, batch_size=batch_size, seed=seed)
+                             device=device, batch_size=batch_size, seed=seed, progress=progress)
     if extractor.classifier is not None and labels is not None:
-        report["class_accuracy"] = class_accuracy(images, labels, extractor, device)
-    report.update({"family": adapter.name, "schedule": schedule.to_list(), "cfg": cfg, "top_k": top_k, "top_p": top_p, "seed": seed,
-                   "num_classes": n_classes, "image_size": list(images.shape[-2:]),
+        report["class_accuracy"] = class_accuracy(images, labels, extractor, device,
+                                                  progress=_pass(progress, "class accuracy", len(labels)))
+    report.update({"family": adapter.name, "schedule": schedule.to_list(), "cfg": cfg, "top_k": top_k,
+                   "top_p": top_p, "seed": seed, "num_classes": n_classes, "image_size": list(images.shape[-2:]),
                    "reference": str(reference) if reference is not None else None,
-                   "reference_split": reference_split if reference is not None else None,
+                   "reference_split": used_split,
                    "reference_stats": str(reference_stats) if reference_stats else None, "notes": notes})
     return report

@@ -10,7 +10,7 @@ after batch, so a (seed, batch size) pair reproduces the same image set.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -100,11 +100,12 @@ def condition_batch(conditions: Batch | dict, labels: Optional[torch.Tensor] = N
 
 
 @torch.no_grad()
-def generate_images(adapter: ScaleWiseAdapter, labels: torch.Tensor | Batch | None = None, *,
-                    conditions: Batch | dict | None = None, schedule: Schedule | None = None,
-                    cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
-                    batch_size: int = 64, progress: Progress = None, **options: Any) -> torch.Tensor:
-    """One sample per condition -> float (N, 3, H, W) in [0, 1].
+def iter_images(adapter: ScaleWiseAdapter, labels: torch.Tensor | Batch | None = None, *,
+                conditions: Batch | dict | None = None, schedule: Schedule | None = None,
+                cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
+                batch_size: int = 64, **options: Any) -> Iterator[torch.Tensor]:
+    """One sample per condition, batch by batch (float (b, 3, H, W) in [0, 1], CPU), so a
+    caller can stream them; one generator is seeded once and drawn from batch after batch.
 
     Conditions are class ids ``labels`` (N,) (class-conditional families, through
     ``adapter.condition_from_labels``), or ``conditions``: a :class:`~sar_core.data.Batch`
@@ -123,15 +124,26 @@ def generate_images(adapter: ScaleWiseAdapter, labels: torch.Tensor | Batch | No
     schedule = schedule or adapter.default_schedule
     device = adapter.device
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    out = []
     with adapter.inference():
         for i in range(0, n, batch_size):
             rows = slice(i, min(i + batch_size, n))
             cond = adapter.condition_to(make(rows), device)
             result = adapter.generate(cond, schedule, cfg=cfg, top_k=top_k, top_p=top_p, generator=gen, **options)
-            out.append(result.images.float().clamp(0, 1).cpu())
-            if progress is not None:
-                progress(rows.stop - rows.start)
+            yield result.images.float().clamp(0, 1).cpu()
+
+
+def generate_images(adapter: ScaleWiseAdapter, labels: torch.Tensor | Batch | None = None, *,
+                    conditions: Batch | dict | None = None, schedule: Schedule | None = None,
+                    cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, seed: int = 0,
+                    batch_size: int = 64, progress: Progress = None, **options: Any) -> torch.Tensor:
+    """One sample per condition -> float (N, 3, H, W) in [0, 1] (see :func:`iter_images`)."""
+    schedule = schedule or adapter.default_schedule
+    out = []
+    for images in iter_images(adapter, labels, conditions=conditions, schedule=schedule, cfg=cfg, top_k=top_k,
+                              top_p=top_p, seed=seed, batch_size=batch_size, **options):
+        out.append(images)
+        if progress is not None:
+            progress(len(images))
     return torch.cat(out) if out else torch.empty(0, 3, *adapter.image_size(schedule))
 
 

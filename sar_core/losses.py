@@ -9,7 +9,9 @@
   CE of the student-forced logits against ground truth (the paper's failing ablation).
 
 Each CSF loss receives a :class:`~sar_core.rollouts.StudentPass` and returns the
-per-token loss (B, n); the step averages it over the supervised tokens.
+per-token loss (B, n); the step averages it over the supervised tokens. The built-in
+losses go through :func:`~sar_core.rollouts.supervised_loss`, which computes over the
+pass's whole contiguous logits when it has them (no copy of a sliced (B, n, V) view).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import ClassVar, Optional
 
 import torch
 
+from sar_core.rollouts import supervised_loss
 from sar_core.tokens import token_ce, token_kl
 
 
@@ -46,7 +49,8 @@ class HardCSFL(CSFLoss):
     name = "hard"
 
     def __call__(self, sp, bits, label_smoothing=0.0):
-        return token_ce(sp.logits, sp.teacher_codes.detach(), bits, label_smoothing)
+        return supervised_loss(sp, lambda lg, tg: token_ce(lg, tg, bits, label_smoothing),
+                               sp.teacher_codes.detach())
 
 
 class SoftCSFL(CSFLoss):
@@ -60,7 +64,8 @@ class SoftCSFL(CSFLoss):
         self.temperature = float(temperature)
 
     def __call__(self, sp, bits, label_smoothing=0.0):
-        return token_kl(sp.logits, sp.teacher_logits.detach(), bits, self.temperature)
+        return supervised_loss(sp, lambda lg, tg: token_kl(lg, tg, bits, self.temperature),
+                               sp.teacher_logits.detach(), teacher=True)
 
 
 class NaiveStudentForcing(CSFLoss):
@@ -69,7 +74,7 @@ class NaiveStudentForcing(CSFLoss):
     name = "naive"
 
     def __call__(self, sp, bits, label_smoothing=0.0):
-        return token_ce(sp.logits, sp.gt_codes, bits, label_smoothing)
+        return supervised_loss(sp, lambda lg, tg: token_ce(lg, tg, bits, label_smoothing), sp.gt_codes)
 
 
 BUILTIN_LOSSES = {cls.name: cls for cls in (HardCSFL, SoftCSFL, NaiveStudentForcing)}

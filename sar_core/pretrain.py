@@ -133,7 +133,8 @@ def pretrain(family: str, model: dict[str, Any], data: str, image_size: int, out
     val_codes, val_labels = encode_split(trainer.adapter, val_set, trainer.sampler.default)
     validator = Validator(trainer, val_codes, val_labels, eval_every)
     registry.pm.register(validator, name="sar-pretrain-validator")
-    log(f"stage 2: teacher-forcing pretraining for {steps} steps (validation every {eval_every})")
+    log(f"stage 2: teacher-forcing a freshly initialised backbone (pretraining) for {steps} steps "
+        f"(validation every {eval_every})")
     try:
         result = trainer.run()
     finally:

@@ -17,8 +17,19 @@ runs the student-forced pass through the adapter contract only:
 
 Guided sampling asks the adapter (``adapter.guide_logits``) how to guide at scale i of n;
 the default is the official trainer's ramp t_i = cfg * 0.5 * (1 + i / (n - 1)) and
-logits = (1 + t) * cond - t * uncond. The teacher-forced pass then runs on 2B rows
-(condition, then null condition), as upstream.
+logits = (1 + t) * cond - t * uncond. The null-condition rows only steer the detached
+rollout, so by default they run as a separate forward without gradients, and a rollout
+samples only the scales its student pass reads (``needed_scales``), among the top-k
+candidates only (``sampling.sample_candidates``: the same distribution). With
+``upstream_exact=True`` the teacher pass runs on 2B rows (condition, then null
+condition) with gradients and every scale is sampled, exactly as the official trainer
+(same batching, same dropout and sampling draws): the conformance kit's path.
+
+Cost notes: the student pass keeps its logits whole (``StudentPass.full``) so CSF losses
+run over one contiguous tensor (no copy of the logits, no zero-filled gradient); ``ssr``
+with ``scales='last'`` on a family with :attr:`~sar_core.adapter.ScaleWiseAdapter.reuses_prefix`
+runs pass 2 over the last scale only, on pass 1's prefix keys / values
+(:mod:`sar_core.prefix_cache`; ``reuse_prefix=False`` runs the full pass).
 """
 
 from __future__ import annotations
@@ -29,14 +40,21 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
-from sar_core.sampling import sample_logits
+from sar_core.sampling import sample_candidates, sample_logits
 from sar_core.schedule import Schedule
 from sar_core.tokens import group_logits, token_argmax, ungroup_codes
 
 
 @dataclass
 class StudentPass:
-    """What the student-forced pass produced, at the supervised tokens only."""
+    """What the student-forced pass produced, at the supervised tokens only.
+
+    ``full`` (optional) is the whole contiguous logits tensor of pass 2, of which
+    ``logits`` is the view ``full[:, start:start + n]``; losses then compute over ``full``
+    and keep their per-token values at the supervised tokens (see
+    :func:`supervised_loss`). ``teacher_full`` is the teacher logits in the same layout
+    when pass 2 ran over the step's schedule.
+    """
 
     schedule: Schedule            # the schedule pass 2 ran with
     inputs: torch.Tensor          # the inputs pass 2 saw, (B, L2 - first_len, C_in)
@@ -46,6 +64,36 @@ class StudentPass:
     gt_codes: torch.Tensor        # ground truth there (B, n[, d])
     scales: tuple[int, ...]       # scale indices (in the step's schedule) student-forced
     extras: dict = field(default_factory=dict)
+    full: Optional[torch.Tensor] = None          # (B, L2, V) with logits = full[:, start:start+n]
+    start: int = 0
+    teacher_full: Optional[torch.Tensor] = None  # detached (B, L2, V), same layout as full
+
+    def detach(self) -> None:
+        self.logits, self.full = self.logits.detach(), None
+
+
+def _pad_tokens(x: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """(B, n, ...) -> (B, length, ...) with x at tokens start..start+n, zeros elsewhere."""
+    out = x.new_zeros((x.shape[0], length) + tuple(x.shape[2:]))
+    out[:, start:start + x.shape[1]] = x
+    return out
+
+
+def supervised_loss(sp: StudentPass, fn, target: torch.Tensor, teacher: bool = False) -> torch.Tensor:
+    """``fn(logits, target) -> (B, n)`` at the supervised tokens of ``sp``.
+
+    With ``sp.full`` the loss runs over the contiguous full logits against a zero-padded
+    target (``teacher=True``: the target is teacher logits, taken from ``sp.teacher_full``
+    when present) and is then cut to the supervised tokens: per-token values and
+    gradients equal those of ``fn(sp.logits, target)``, without copying the logits."""
+    if sp.full is None:
+        return fn(sp.logits, target)
+    n, L2 = sp.logits.shape[1], sp.full.shape[1]
+    if teacher and sp.teacher_full is not None:
+        padded = sp.teacher_full
+    else:
+        padded = _pad_tokens(target, sp.start, L2)
+    return fn(sp.full, padded)[:, sp.start:sp.start + n]
 
 
 class Rollout:
@@ -62,7 +110,8 @@ class Rollout:
     skips_parameters: ClassVar[bool] = False
 
     def __init__(self, sampling: str = "argmax", top_k: int = 0, top_p: float = 0.0,
-                 cfg: float = 1.0, scales: str = "all"):
+                 cfg: float = 1.0, scales: str = "all", upstream_exact: bool = False):
+        self.upstream_exact = bool(upstream_exact)
         if sampling not in ("argmax", "sample"):
             raise ValueError(f"rollout sampling must be 'argmax' or 'sample', got {sampling!r}")
         if scales not in ("all", "last", "random"):
@@ -75,17 +124,37 @@ class Rollout:
         """True when the teacher pass must run on cond + null rows (guided sampling)."""
         return self.active and self.sampling == "sample" and self.cfg > 1
 
-    def predict(self, adapter, logits_cond: torch.Tensor, logits_uncond: Optional[torch.Tensor],
-                schedule: Schedule, generator: Optional[torch.Generator]) -> list:
-        """Predicted codes per scale from detached teacher logits (B, L, V), scale order.
+    @property
+    def joint_cfg(self) -> bool:
+        """True when the guided teacher pass runs on 2B rows with gradients (upstream)."""
+        return self.uses_cfg and self.upstream_exact
 
-        Sampling makes exactly one multinomial call per scale (rows batch-major), so a
-        seeded generator reproduces the official trainer's draws.
+    def needed_scales(self, schedule: Schedule) -> Optional[list[int]]:
+        """Scales whose predictions the student pass reads (None: every scale)."""
+        return None
+
+    def prefix_length(self, adapter, schedule: Schedule) -> Optional[int]:
+        """Tokens whose pass-1 keys / values pass 2 reuses (None: pass 2 runs in full)."""
+        return None
+
+    def predict(self, adapter, logits_cond: torch.Tensor, logits_uncond: Optional[torch.Tensor],
+                schedule: Schedule, generator: Optional[torch.Generator],
+                scales: Optional[Sequence[int]] = None) -> list:
+        """Predicted codes per scale from detached teacher logits (B, L, V), scale order;
+        ``None`` at scales not in ``scales`` (default: every scale).
+
+        Sampling makes exactly one multinomial call per predicted scale (rows
+        batch-major), so with every scale a seeded generator reproduces the official
+        trainer's draws.
         """
         bits = adapter.bits_per_token
         n = len(schedule)
+        wanted = set(range(n)) if scales is None else set(scales)
         preds = []
         for i in range(n):
+            if i not in wanted:
+                preds.append(None)
+                continue
             sl = schedule.slice(i)
             lg = logits_cond[:, sl].float()
             if self.sampling == "argmax":
@@ -93,11 +162,12 @@ class Rollout:
                 continue
             if logits_uncond is not None:
                 lg = adapter.guide_logits(lg, logits_uncond[:, sl].float(), i, n, self.cfg)
+            draw = sample_logits if self.upstream_exact else sample_candidates
             if bits is None:
-                preds.append(sample_logits(lg, self.top_k, self.top_p, generator))
+                preds.append(draw(lg, self.top_k, self.top_p, generator))
             else:
                 grouped = group_logits(lg, bits)
-                preds.append(ungroup_codes(sample_logits(grouped, self.top_k, self.top_p, generator), bits))
+                preds.append(ungroup_codes(draw(grouped, self.top_k, self.top_p, generator), bits))
         return preds
 
     def transitions(self, schedule: Schedule, rng: random.Random) -> list[int]:
@@ -113,6 +183,8 @@ class Rollout:
 
     def student(self, adapter, model, cond: Any, gt_codes: list, pred_codes: list,
                 schedule: Schedule, teacher_logits: torch.Tensor, rng: random.Random) -> Optional[StudentPass]:
+        """Build and run pass 2. Called with ``prefix=`` (a recorded
+        :class:`~sar_core.prefix_cache.PrefixKV`) only when :meth:`prefix_length` asked."""
         raise NotImplementedError
 
 
@@ -139,21 +211,46 @@ class StaggerScaleRollout(Rollout):
 
     name = "ssr"
 
-    def student(self, adapter, model, cond, gt_codes, pred_codes, schedule, teacher_logits, rng):
+    def __init__(self, sampling: str = "argmax", top_k: int = 0, top_p: float = 0.0,
+                 cfg: float = 1.0, scales: str = "all", upstream_exact: bool = False,
+                 reuse_prefix: bool = True):
+        super().__init__(sampling, top_k, top_p, cfg, scales, upstream_exact)
+        self.reuse_prefix = bool(reuse_prefix)
+
+    def needed_scales(self, schedule):
+        if self.scales == "last" and len(schedule) >= 2 and not self.upstream_exact:
+            return [len(schedule) - 2, len(schedule) - 1]
+        return None
+
+    def prefix_length(self, adapter, schedule):
+        if (self.reuse_prefix and self.scales == "last" and adapter.reuses_prefix and len(schedule) >= 2
+                and not self.joint_cfg):
+            return schedule.offsets[-2]
+        return None
+
+    def student(self, adapter, model, cond, gt_codes, pred_codes, schedule, teacher_logits, rng,
+                prefix=None):
         ks = self.transitions(schedule, rng)
         if not ks:
             return None
         with torch.no_grad():
             inputs = adapter.stagger_inputs(gt_codes, pred_codes, schedule, ks)
-        logits = model(cond, inputs, schedule)
         shifted = [k + 1 for k in ks]
         gt = torch.cat([gt_codes[k] for k in shifted], dim=1)
-        return StudentPass(
-            schedule=schedule, inputs=inputs,
-            logits=_gather_scales(logits, schedule, shifted),
-            teacher_logits=_gather_scales(teacher_logits, schedule, shifted).detach(),
-            teacher_codes=torch.cat([pred_codes[k] for k in shifted], dim=1),
-            gt_codes=gt, scales=tuple(shifted))
+        teacher_codes = torch.cat([pred_codes[k] for k in shifted], dim=1)
+        teacher = _gather_scales(teacher_logits, schedule, shifted).detach()
+        if prefix is not None:  # only the last scale changed: run it alone on pass 1's prefix
+            tail = inputs[:, prefix.length - schedule.first_len:]
+            logits = model(cond, tail, schedule, prefix=prefix.replay())
+            return StudentPass(schedule=schedule, inputs=inputs, logits=logits, teacher_logits=teacher,
+                               teacher_codes=teacher_codes, gt_codes=gt, scales=tuple(shifted))
+        logits = model(cond, inputs, schedule)
+        view = _gather_scales(logits, schedule, shifted)
+        consecutive = list(shifted) == list(range(shifted[0], shifted[-1] + 1))
+        full = dict(full=logits, start=schedule.offsets[shifted[0]],
+                    teacher_full=teacher_logits.detach()) if consecutive else {}
+        return StudentPass(schedule=schedule, inputs=inputs, logits=view, teacher_logits=teacher,
+                           teacher_codes=teacher_codes, gt_codes=gt, scales=tuple(shifted), **full)
 
 
 class OfficialRollout(Rollout):
@@ -166,11 +263,15 @@ class OfficialRollout(Rollout):
     # since the command-line sampling flags never reach it): guided sampling, cfg 1.2,
     # top-k 900, top-p 0.96.
     def __init__(self, sampling: str = "sample", top_k: int = 900, top_p: float = 0.96,
-                 cfg: float = 1.2, scales: str = "last"):
+                 cfg: float = 1.2, scales: str = "last", upstream_exact: bool = False):
         if scales != "last":
             raise ValueError("the official rollout student-forces the last transition only "
                              f"(scales='last'); got scales={scales!r}")
-        super().__init__(sampling, top_k, top_p, cfg, scales)
+        super().__init__(sampling, top_k, top_p, cfg, scales, upstream_exact)
+
+    def needed_scales(self, schedule):
+        n = len(schedule)
+        return None if self.upstream_exact or n < 2 else [n - 2, n - 1]
 
     def student(self, adapter, model, cond, gt_codes, pred_codes, schedule, teacher_logits, rng):
         n = len(schedule)
@@ -182,10 +283,10 @@ class OfficialRollout(Rollout):
             first = schedule.first_len
             inputs = full[:, schedule.offsets[nxt] - first: schedule.offsets[nxt + 1] - first]
         short = schedule.sub([0, nxt])
-        logits = model(cond, inputs, short, student_forcing=True)[:, short.first_len:]
+        full = model(cond, inputs, short, student_forcing=True)
         sl = schedule.slice(nxt)
         return StudentPass(
-            schedule=short, inputs=inputs, logits=logits,
+            schedule=short, inputs=inputs, logits=full[:, short.first_len:], full=full, start=short.first_len,
             teacher_logits=teacher_logits[:, sl].detach(), teacher_codes=pred_codes[nxt],
             gt_codes=gt_codes[nxt], scales=(nxt,),
             extras={"sf_scales": (schedule[cur], schedule[nxt]), "sf_input_codes": pred_codes[cur]})

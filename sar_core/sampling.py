@@ -40,3 +40,33 @@ def sample_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
 def guide(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, t: float) -> torch.Tensor:
     """Classifier-free guidance in VAR's form: (1 + t) * cond - t * uncond."""
     return (1 + t) * cond_logits - t * uncond_logits
+
+
+def candidate_probs(logits: torch.Tensor, top_k: int, top_p: float = 0.0):
+    """(probs (..., k) float32, indices (..., k)) of the top-k / top-p filtered
+    distribution over the k largest logits (descending); None when a row has ties with
+    its k-th value (the full filter keeps all of them)."""
+    vals, idx = logits.topk(top_k, dim=-1, largest=True, sorted=True)
+    if bool((logits == vals[..., -1:]).sum(-1).gt(1).any()):
+        return None
+    if top_p > 0:
+        drop_asc = vals.flip(-1).softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop_asc[..., -1:] = False
+        vals = vals.masked_fill(drop_asc.flip(-1), float("-inf"))
+    return vals.float().softmax(dim=-1), idx
+
+
+def sample_candidates(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Same filtered distribution as :func:`sample_logits`, drawn among the top-k
+    candidates only: one ``topk`` instead of a sort and a multinomial over the whole
+    vocabulary. The draws differ from upstream's stream (rollouts use it unless they are
+    ``upstream_exact``); without a top-k, or with ties at the k-th value, it is
+    :func:`sample_logits`."""
+    vocab = logits.shape[-1]
+    cand = candidate_probs(logits, top_k, top_p) if 0 < top_k < vocab else None
+    if cand is None:
+        return sample_logits(logits, top_k, top_p, generator)
+    probs, idx = cand
+    pick = torch.multinomial(probs.reshape(-1, top_k), num_samples=1, replacement=True, generator=generator)
+    return idx.reshape(-1, top_k).gather(1, pick).reshape(logits.shape[:-1])

@@ -1,7 +1,8 @@
 """One SAR step, family-agnostic: teacher-forced pass, rollout, student-forced pass.
 
     gt codes -> teacher inputs -> model (pass 1) -> L_TF  [backward now: frees pass 1]
-             -> rollout predictions (detached) -> stagger inputs -> model (pass 2)
+             -> rollout predictions (detached, sampled after pass 1 is freed)
+             -> stagger inputs -> model (pass 2)
              -> L_CSF against detached teacher targets -> backward(gamma * L_CSF)
 
 ``L = L_TF + gamma * L_CSF``. With ``backward`` given, the TF loss is back-propagated
@@ -9,6 +10,13 @@ before the student pass is even built, so the step's peak memory stays close to 
 teacher-forcing step; gradients equal those of the single-backward form because the
 student pass only reads detached tensors of pass 1. With ``backward=None`` nothing is
 back-propagated and ``StepResult.total`` keeps its graph (single-backward form).
+
+Guided rollouts run the null-condition rows as a separate forward without gradients
+(they only steer the detached rollout) and only the scales the student pass reads are
+predicted; ``upstream_exact=True`` keeps upstream's single 2B-row pass and its draws. ``ssr`` with ``scales='last'`` on a family that reuses prefixes records pass
+1's prefix keys / values and runs pass 2 over the last scale only; the step then does ONE
+backward of ``L_TF + gamma * L_CSF`` (the CSF gradient flows through the prefix into pass
+1), so pass 1's activations stay alive during the (short) pass 2.
 
 ``model`` is the (possibly DDP/FSDP-wrapped) backbone: ``model(cond, inputs, schedule,
 student_forcing=False) -> logits``. Under DDP the official rollout leaves some parameters
@@ -25,6 +33,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from sar_core.losses import CSFLoss, teacher_forcing_loss
+from sar_core.prefix_cache import PrefixKV
 from sar_core.rollouts import Rollout, StudentPass
 from sar_core.schedule import Schedule
 from sar_core.tokens import cat_codes
@@ -58,34 +67,56 @@ def sar_step(adapter, model, cond: Any, gt_codes: list, schedule: Schedule, roll
     if inputs is None:
         with torch.no_grad():
             inputs = adapter.teacher_inputs(gt_codes, schedule)
-    cond_tf, inputs_tf = cond, inputs
-    if rollout.uses_cfg:
-        cond_tf = adapter.cfg_condition(cond)
-        inputs_tf = torch.cat([inputs, inputs], dim=0)
-
-    logits_all = model(cond_tf, inputs_tf, schedule)
-    logits_tf = logits_all[:B]
+    want_student = rollout.active and csf_loss is not None
+    n_prefix = rollout.prefix_length(adapter, schedule) if want_student else None
+    cache = PrefixKV(n_prefix) if n_prefix else None
+    logits_tf, uncond = _teacher_pass(adapter, model, cond, inputs, schedule, rollout, cache)
     loss_tf = teacher_forcing_loss(logits_tf, cat_codes(gt_codes), bits, label_smoothing)
     teacher = logits_tf.detach()
+    del logits_tf
+    if backward is not None and cache is None:  # frees pass 1 before the rollout and pass 2
+        backward(loss_tf)
+        loss_tf = loss_tf.detach()
     pred = None
     if rollout.active:
         with torch.no_grad():
-            uncond = logits_all[B:].detach() if rollout.uses_cfg else None
-            pred = rollout.predict(adapter, teacher, uncond, schedule, generator)
-    del logits_all, logits_tf
-    if backward is not None:
-        backward(loss_tf)
-        loss_tf = loss_tf.detach()
+            needed = rollout.needed_scales(schedule)
+            extra = {} if needed is None else {"scales": needed}
+            pred = rollout.predict(adapter, teacher, uncond, schedule, generator, **extra)
+    del uncond
 
     sp = None
     loss_csf = torch.zeros((), device=teacher.device)
-    if rollout.active and csf_loss is not None:
-        sp = rollout.student(adapter, model, cond, gt_codes, pred, schedule, teacher, rng)
+    if want_student:
+        extra = {"prefix": cache} if cache is not None else {}
+        sp = rollout.student(adapter, model, cond, gt_codes, pred, schedule, teacher, rng, **extra)
         if sp is not None:
             loss_csf = csf_loss(sp, bits, label_smoothing).mean()
-            if backward is not None:
-                backward(gamma * loss_csf)
-                loss_csf = loss_csf.detach()
-                sp.logits = sp.logits.detach()
+    if backward is not None:
+        if cache is not None:  # one backward over both passes (pass 2 reads pass 1's prefix K/V)
+            backward(loss_tf + gamma * loss_csf if sp is not None else loss_tf)
+            loss_tf = loss_tf.detach()
+        elif sp is not None:
+            backward(gamma * loss_csf)
+        loss_csf = loss_csf.detach()
+        if sp is not None:
+            sp.detach()
     total = loss_tf + gamma * loss_csf
     return StepResult(loss_tf, loss_csf, total, teacher, pred, sp, int(B * (2 if rollout.uses_cfg else 1)))
+
+
+def _teacher_pass(adapter, model, cond, inputs, schedule, rollout, cache):
+    """Pass 1: conditional logits with gradients, and the null-condition logits a guided
+    rollout needs (detached): a separate no-grad forward, or upstream's 2B-row pass
+    (``rollout.joint_cfg``)."""
+    kw = {"prefix": cache.record()} if cache is not None else {}
+    if not rollout.uses_cfg:
+        return model(cond, inputs, schedule, **kw), None
+    if rollout.joint_cfg:
+        logits_all = model(adapter.cfg_condition(cond), torch.cat([inputs, inputs], dim=0), schedule)
+        B = inputs.shape[0]
+        return logits_all[:B], logits_all[B:].detach()
+    logits = model(cond, inputs, schedule, **kw)
+    with torch.no_grad():
+        uncond = model(adapter.null_condition(cond), inputs, schedule)
+    return logits, uncond

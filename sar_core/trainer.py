@@ -11,9 +11,19 @@ so the gradient of an optimizer step equals that of one process on the global ba
 
 Guards: a step whose loss (or, without a loss scaler, gradient norm) is not finite on any
 rank is skipped (no update) with a warning; ``max_nonfinite`` consecutive (or
-``max_nonfinite_total``) such steps stop the run without writing a new checkpoint, so the
-last good one stays the newest. Ctrl-C in a single-process run saves the state of the
-last completed step (resumable exactly); a crash never leaves a partial checkpoint.
+``max_nonfinite_total``) such steps stop the run without writing a new checkpoint. A
+checkpoint is *good* when its weights are finite and it was written before the run's
+first non-finite step; the newest good one is never pruned by keep-last-N, and the stop
+message names its step.
+
+Run folder safety: the run holds ``<out>/.lock`` (:mod:`sar_core.runlock`) and clears
+temp files of interrupted writes on start. SIGTERM / SIGUSR1 (:mod:`sar_core.signals`)
+finish the step under way on every rank (the stop flag rides on the step's all-reduce),
+rank 0 writes a checkpoint, the run ends with status "signalled". Ctrl-C in a
+single-process run saves the state of the last completed step (resumable exactly); so
+does a training-data read error; a crash never leaves a partial checkpoint. A resume
+refuses another model or data and warns on every other changed hyper-parameter
+(:mod:`sar_core.resume_check`).
 """
 
 from __future__ import annotations
@@ -24,29 +34,44 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from sar_core import checkpointing as ckpt
 from sar_core import distributed as D
+from sar_core import nonfinite as guard
+from sar_core import resume_check
+from sar_core.builders import (build_adapter, build_rollout_and_loss, build_schedule_sampler,  # noqa: F401
+                               data_image_size, derived_seed, seed_all)
 from sar_core.checkpoint_io import atomic_write_text
 from sar_core.config import RunConfig
-from sar_core.data import BatchStream, image_hw, is_code_cache, open_training_data
+from sar_core.data import BatchStream, is_code_cache, open_training_data
+from sar_core.runlock import held_run_folder
+from sar_core.signals import StopRequest
 from sar_core.ema import EMA
 from sar_core.optim import build_optimizer, lr_at, set_lr
+from sar_core.activation_ckpt import apply_activation_checkpointing
 from sar_core.sar_step import sar_step
 from sar_core.schedule import Schedule, ScheduleSampler
 
 
 @dataclass
 class TrainResult:
-    status: str                 # "finished" | "nonfinite" | "interrupted"
+    status: str                 # "finished" | "nonfinite" | "interrupted" | "signalled"
     step: int
     out_dir: Path
     checkpoint: Optional[Path]  # newest checkpoint on disk
     message: str = ""
+
+
+class DataReadError(Exception):
+    """The training data could not be read mid-run (a corrupt image, a vanished file)."""
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _console_print(msg: str) -> None:
@@ -57,69 +82,6 @@ def _console_print(msg: str) -> None:
 
 def _silent(msg: str) -> None:
     pass
-
-
-def derived_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------- builders
-def build_adapter(cfg: RunConfig, registry) -> Any:
-    """Load (or, without checkpoint files, build from ``model.overrides``) the adapter."""
-    cls = registry.get("adapter", cfg.model.family)
-    overrides = dict(cfg.model.overrides)
-    if cfg.data.image_size is not None:
-        for key, value in cls.image_size_overrides(image_hw(cfg.data.image_size)).items():
-            overrides.setdefault(key, value)
-    if cfg.model.tokenizer is None and cfg.model.backbone is None:
-        return cls.from_config(cls.config_cls.model_validate(overrides))
-    return cls.load(cfg.model.tokenizer, cfg.model.backbone, overrides=overrides or None)
-
-
-def build_schedule_sampler(adapter, spec: Optional[str], seed: int, registry) -> ScheduleSampler:
-    """None: the adapter's; a registered schedule sampler name; or sides like 1_2_3_4."""
-    if spec is None:
-        return adapter.schedule_sampler(seed)
-    if spec in registry.names("schedule"):
-        return registry.get("schedule", spec)(adapter.default_schedule, seed)
-    try:
-        schedule = Schedule.parse(spec)
-    except ValueError:
-        known = ", ".join(registry.names("schedule")) or "none"
-        raise ValueError(f"model.schedule {spec!r} is neither a schedule like 1_2_3_4 nor a registered "
-                         f"schedule sampler ({known})") from None
-    return ScheduleSampler(schedule, seed)
-
-
-def build_rollout_and_loss(cfg: RunConfig, registry) -> tuple[Any, Any]:
-    rollout_cls = registry.get("rollout", cfg.rollout.name)
-    loss_cls = registry.get("loss", cfg.loss.name)
-    try:
-        rollout = rollout_cls(**cfg.rollout.options())
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"rollout '{cfg.rollout.name}': {exc}") from None
-    try:
-        loss = loss_cls(**cfg.loss.options())
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"loss '{cfg.loss.name}': {exc}") from None
-    return rollout, loss
-
-
-def data_image_size(cfg: RunConfig, adapter, sampler: ScheduleSampler) -> tuple[int, int]:
-    """Pixel (H, W) of training images; checked against what the model encodes."""
-    natural = image_hw(adapter.training_image_size(sampler))
-    if cfg.data.image_size is not None and image_hw(cfg.data.image_size) != natural:
-        asked = "x".join(map(str, image_hw(cfg.data.image_size)))
-        raise ValueError(f"--image-size {asked} does not match the model: family "
-                         f"'{adapter.name}' with schedule {sampler.default} encodes {natural[0]}x{natural[1]} "
-                         "images (change the schedule or the image size)")
-    return natural
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -134,16 +96,18 @@ class Trainer:
                  log: Optional[Callable[[str], None]] = None):
         from sar_core.plugins import get_registry
 
-        self.config = cfg = config
         self.registry = registry or get_registry()
-        self.env = env or D.init_distributed(cfg.train.device, cfg.dist.backend)
+        self.config = cfg = config.with_absolute_paths(tuple(self.registry.names("dataset")))
+        self.env = env or D.init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
         self.log = log or (_console_print if self.env.is_main else _silent)
         self.console = None  # a rich Console the console logger shares (set by the CLI)
         self.out_dir = Path(cfg.out)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.total_steps = cfg.train.steps
         self.step = 0
-        self.nonfinite = {"consecutive": 0, "total": 0}
+        self.nonfinite = guard.fresh_state()
+        self.stop = StopRequest()  # replaced by an installed one while run() runs
+        self._stop_all = False     # some rank got a stop signal (agreed in the step's all-reduce)
         self._dirty = False
         self._snapshot: Optional[dict] = None
         self._check_batch()
@@ -162,20 +126,28 @@ class Trainer:
         seed = cfg.train.seed
         seed_all(seed)  # identical initial weights on every rank
         self.adapter = build_adapter(cfg, self.registry)
+        if cfg.model.backbone is None:
+            self.log("note: no model.backbone given: training a freshly initialised backbone (pretraining)")
         self.rollout, self.csf_loss = build_rollout_and_loss(cfg, self.registry)
         self.sampler = build_schedule_sampler(self.adapter, cfg.model.schedule, seed, self.registry)
+        self.adapter.check_schedule_sampler(self.sampler)  # the model's size rules (e.g. FlexVAR's latent)
         self.adapter.to(env.device)
         self.backbone = self.adapter.backbone
         self.backbone.train()
         if cfg.model.cond_drop is not None:
             self.adapter.condition_dropout = cfg.model.cond_drop
         self.dataset = self._open_data()
+        from sar_core.classes import check_classes, data_num_classes
+
+        check_classes(data_num_classes(self.dataset), self.adapter, cfg.model.resize_classes,
+                      f"--data {cfg.data.name}", self.log)
         self.stream = BatchStream(self.dataset, self.micro_batch, env.rank, env.world_size, seed,
                                   workers=cfg.data.workers, pin_memory=env.device.type == "cuda")
         self._setup_precision()
         find_unused = cfg.dist.find_unused_parameters
         if find_unused is None:
             find_unused = bool(self.rollout.active and self.rollout.skips_parameters)
+        apply_activation_checkpointing(self.adapter.transformer_blocks(), cfg.train.activation_checkpointing)
         self.model = D.wrap_model(self.backbone, env, cfg.dist.strategy, find_unused, cfg.train.compile)
         self.sync = D.GradSync(self.model, self.backbone, env)
         self.optimizer = build_optimizer(self.backbone, cfg.optim, self.adapter.no_decay_keywords, env.device)
@@ -250,7 +222,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        self.nonfinite = dict(state.get("nonfinite") or self.nonfinite)
+        self.nonfinite = {**self.nonfinite, **(state.get("nonfinite") or {})}
         self.sampler.load_state_dict(state["schedule_sampler"])
         data = state["data"]
         same_layout = (data.get("world_size") == self.env.world_size and data.get("micro_batch") == self.micro_batch
@@ -269,10 +241,21 @@ class Trainer:
         state = self.state_dict(snapshot)
         path = None
         if self.env.is_main:
-            path = ckpt.save_checkpoint(state, self.ckpt_dir, self.step, self.config.train.keep_last)
+            guard.mark_saved(self.nonfinite, self.step, ckpt.weights_finite(state["model"]), self.log)
+            state["nonfinite"] = dict(self.nonfinite)
+            path = ckpt.save_checkpoint(state, self.ckpt_dir, self.step, self.config.train.keep_last,
+                                        protect=self.nonfinite["good"])
             self.registry.hook.on_checkpoint_saved(path=path)
         D.barrier(self.env)
         return path
+
+    def _check_resume(self, state: dict) -> None:
+        """Refuse another model / data; warn on every other changed hyper-parameter."""
+        saved = state.get("config")
+        if not isinstance(saved, dict):
+            return
+        for line in resume_check.check(saved, self.config.to_dict(), str(self.out_dir)):
+            self.log(f"[yellow]warning:[/] {line}")
 
     def resume(self) -> bool:
         existing = ckpt.list_checkpoints(self.ckpt_dir)
@@ -285,6 +268,7 @@ class Trainer:
         if state is None:
             self.log(f"[yellow]warning:[/] --resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
             return False
+        self._check_resume(state)
         self.load_state_dict(state)
         self.log(f"resumed from {state['path']} at step {self.step}")
         return True
@@ -301,7 +285,12 @@ class Trainer:
 
     def _micro_step(self, last: bool) -> tuple[torch.Tensor, int]:
         cfg, adapter, dev = self.config, self.adapter, self.env.device
-        batch = self.stream.next().to(dev)
+        try:
+            batch = self.stream.next()
+        except Exception as exc:
+            raise DataReadError(f"reading the training data failed at step {self.step + 1}: {_last_line(exc)}; "
+                                "fix or remove that file, then continue with --resume") from exc
+        batch = batch.to(dev)
         schedule = self.sampler.sample()
         if batch.codes is not None:
             codes = batch.codes
@@ -320,12 +309,12 @@ class Trainer:
     def forward_backward(self) -> torch.Tensor:
         """All micro-steps of one optimizer step, gradients synced across ranks.
 
-        Returns (loss_tf sum, loss_csf sum, non-finite micro-steps, tokens) summed over
-        micro-steps and ranks (float64)."""
+        Returns (loss_tf sum, loss_csf sum, non-finite micro-steps, tokens, ranks asked to
+        stop) summed over micro-steps and ranks (float64)."""
         env, accum = self.env, self.config.train.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         self.sync.begin_step()
-        sums = torch.zeros(4, dtype=torch.float64, device=env.device)
+        sums = torch.zeros(5, dtype=torch.float64, device=env.device)
         for m in range(accum):
             losses, tokens = self._micro_step(m == accum - 1)
             finite = bool(torch.isfinite(losses).all())
@@ -333,6 +322,7 @@ class Trainer:
             sums[2] += 0.0 if finite else 1.0
             sums[3] += tokens
         self.sync.finish()
+        sums[4] = float(self.stop.requested)
         return D.all_reduce_sum(sums, env)
 
     def train_step(self) -> dict:
@@ -344,6 +334,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(env.device)
         t0 = time.perf_counter()
         sums = self.forward_backward()
+        self._stop_all = sums[4].item() > 0
         n = cfg.train.grad_accum * env.world_size
         bad_loss = sums[2].item() > 0
         grad_norm, skipped = self._update(bad_loss)
@@ -404,25 +395,24 @@ class Trainer:
 
     def _guard(self, metrics: dict) -> Optional[str]:
         """Count a skipped step; returns a stop message when the limits are reached."""
-        if not metrics["skipped"]:
-            self.nonfinite["consecutive"] = 0
-            return None
-        self.nonfinite["consecutive"] += 1
-        self.nonfinite["total"] += 1
         t = self.config.train
-        self.log(f"[yellow]warning:[/] step {metrics['step']}: non-finite loss or gradient; update skipped "
-                 f"({self.nonfinite['consecutive']} in a row, {self.nonfinite['total']} in total)")
-        if self.nonfinite["consecutive"] >= t.max_nonfinite:
-            return f"{self.nonfinite['consecutive']} consecutive non-finite steps (max_nonfinite {t.max_nonfinite})"
-        if t.max_nonfinite_total is not None and self.nonfinite["total"] >= t.max_nonfinite_total:
-            return f"{self.nonfinite['total']} non-finite steps in total (max_nonfinite_total {t.max_nonfinite_total})"
-        return None
+        return guard.observe(self.nonfinite, metrics["step"], bool(metrics["skipped"]), t.max_nonfinite,
+                             t.max_nonfinite_total, self.log)
 
     def _write_config(self) -> None:
         if self.env.is_main:
             atomic_write_text(self.config.to_yaml(), self.out_dir / "config.yaml")
 
     def run(self) -> TrainResult:
+        """Lock the run folder, handle stop signals, train; see the module docstring."""
+        with held_run_folder(self.out_dir, self.ckpt_dir, self.env, self.log), StopRequest() as stop:
+            self.stop = stop
+            try:
+                return self._train()
+            finally:
+                self.stop = StopRequest()
+
+    def _train(self) -> TrainResult:
         resumed = self.resume()
         self._write_config()
         hook = self.registry.hook
@@ -432,6 +422,7 @@ class Trainer:
             hook.on_train_start(run=self)
         status, message = "finished", ""
         saved_at = self.step if resumed else None
+        noted = False
         try:
             while self.step < self.total_steps:
                 self.take_snapshot()
@@ -444,18 +435,32 @@ class Trainer:
                     hook.on_step_end(step=self.step, metrics=metrics)
                 stop = self._guard(metrics)
                 if stop:
-                    status, message = "nonfinite", f"stopped at step {self.step}: {stop}"
+                    status, message = "nonfinite", guard.stop_message(self.nonfinite, self.step, stop, self.ckpt_dir)
                     break
                 every = self.config.train.save_every
                 if every and self.step % every == 0 and not metrics["skipped"]:
                     self.save()
                     saved_at = self.step
+                if self.stop.requested and not noted:
+                    noted = True
+                    self.log(f"received {self.stop.name}: writing a checkpoint and stopping (send it again "
+                             "to stop at once)")
+                if self._stop_all:
+                    if saved_at != self.step:
+                        self.save()
+                        saved_at = self.step
+                    status = "signalled"
+                    message = (f"stopped by {self.stop.name} after step {self.step}; checkpoint "
+                               f"{ckpt.checkpoint_path(self.ckpt_dir, self.step)} (continue with --resume)")
+                    break
             if status == "finished":
                 if saved_at != self.step:
                     self.save()
                 self.export()
         except KeyboardInterrupt:
             status, message = "interrupted", self._save_on_interrupt()
+        except DataReadError as exc:
+            raise DataReadError(f"{exc} ({self._save_on_error()})") from exc.__cause__
         finally:
             for lg in loggers:
                 lg.close()
@@ -463,6 +468,20 @@ class Trainer:
                 hook.on_train_end(run=self)
         latest = ckpt.latest_checkpoint(self.ckpt_dir)
         return TrainResult(status, self.step, self.out_dir, latest, message)
+
+    def _save_on_error(self) -> str:
+        """Checkpoint of the last completed step after a data error (single process)."""
+        snap = self._snapshot if self._snapshot and self._snapshot["step"] == self.step else None
+        if self.env.enabled or self._dirty or snap is None or self.step == 0:
+            latest = ckpt.latest_checkpoint(self.ckpt_dir)
+            return f"newest checkpoint: {latest}" if latest else "no checkpoint written"
+        newest = ckpt.list_checkpoints(self.ckpt_dir)
+        if newest and newest[-1][0] == self.step:
+            return f"checkpoint {newest[-1][1]}"
+        try:
+            return f"saved {self.save(snap)}"
+        except Exception as exc:  # e.g. the disk is full too
+            return f"saving the step-{self.step} checkpoint failed too: {_last_line(exc)}"
 
     def _save_on_interrupt(self) -> str:
         if self.env.enabled:
@@ -484,6 +503,8 @@ class Trainer:
             ema = self.ema.state_dict()["shadow"] if self.ema is not None else None
             if main:
                 plain = build_adapter(self.config, self.registry)
+                if plain.num_classes != self.adapter.num_classes:  # model.resize_classes
+                    plain.resize_classes(self.adapter.num_classes)
                 plain.backbone.load_state_dict(full)
                 plain.save(None, self.out_dir / "backbone.pth")
                 if ema is not None:

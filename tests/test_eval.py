@@ -120,7 +120,7 @@ def test_classifier_training_learns_quickly():
 def test_missing_inception_weights_fail_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     start = time.monotonic()
-    with pytest.raises(MissingWeightsError, match="--inception-weights"):
+    with pytest.raises(MissingWeightsError, match="--feature-weights"):
         get_feature_extractor("inception")
     with pytest.raises(MissingWeightsError, match="not found"):
         get_feature_extractor("inception", tmp_path / "nope.pth")
@@ -139,7 +139,7 @@ def test_eval_cli_checks_inception_before_loading_the_model(tmp_path, monkeypatc
     r = CliRunner().invoke(app, ["eval", "-f", "var", "--tokenizer", "missing.pth", "--reference", "digits",
                                  "--feature-extractor", "inception"])
     assert r.exit_code == 2
-    assert "inception-weights" in r.output.replace("\n", "") and "missing.pth" not in r.output
+    assert "feature-weights" in r.output.replace("\n", "") and "missing.pth" not in r.output
 
 
 def test_samples_npz_in_adm_layout(tmp_path):
@@ -191,7 +191,7 @@ def test_eval_cli_report_and_reusable_reference_statistics(tmp_path):
 
     tiny_var().save(tmp_path / "tok.pth", tmp_path / "bb.pth")
     model = ["eval", "-f", "var", "--tokenizer", str(tmp_path / "tok.pth"), "--backbone", str(tmp_path / "bb.pth"),
-             "--device", "cpu", "-n", "12", "--seed", "4"]
+             "--device", "cpu", "-n", "12", "--seed", "4", "--feature-extractor", "digit-classifier"]
     r = CliRunner().invoke(app, model + ["--reference", "digits", "--metrics", "fid,isc",
                                          "--save-reference-stats", str(tmp_path / "ref.npz"),
                                          "--out", str(tmp_path / "a.json")])

@@ -219,7 +219,8 @@ def test_eval_samples_from_text_features_and_refuses_without_them(tmp_path, reg,
 
     torch.save([torch.randn(n, 6) for n in (1, 2, 3)], tmp_path / "t.pt")
     r = toy.invoke("eval", *_model(files), "--text-features", tmp_path / "t.pt", "--reference", "toy-text-images",
-                   "--metrics", "fid,kid", "-n", "6", "--samples-folder", tmp_path / "s", "--out", tmp_path / "r.json")
+                   "--metrics", "fid,kid", "-n", "6", "--feature-extractor", "digit-classifier",
+                   "--samples-folder", tmp_path / "s", "--out", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["num_generated"] == 6 and rep["image_size"] == [4, 8] and math.isfinite(rep["fid"])

@@ -74,7 +74,10 @@ class SelfAttention(nn.Module):
     def kv_caching(self, enable: bool) -> None:
         self.caching, self.cached_k, self.cached_v = enable, None, None
 
-    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor], kv=None) -> torch.Tensor:
+        """``kv``: a :mod:`sar_core.prefix_cache` layer slot that records this pass's
+        prefix keys / values, or prepends recorded ones (then ``attn_bias`` has one row
+        per token of ``x`` and one column per key)."""
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias)
         q, k, v = rearrange(qkv, "b l (three h c) -> three b h l c", three=3, h=self.num_heads)
@@ -87,6 +90,8 @@ class SelfAttention(nn.Module):
                 k = torch.cat((self.cached_k, k), dim=2)
                 v = torch.cat((self.cached_v, v), dim=2)
             self.cached_k, self.cached_v = k, v
+        if kv is not None:
+            k, v = kv(k, v)
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
@@ -114,14 +119,16 @@ class AdaLNSelfAttn(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias: Optional[torch.Tensor],
+                kv=None) -> torch.Tensor:
         if self.shared_aln:  # cond_BD is already shared_ada_lin(cond) viewed (B, 1, 6, C)
             ada = self.ada_gss + cond_BD
         else:
             ada = self.ada_lin(cond_BD).view(-1, 1, 6, self.dim)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
         h = self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1)
-        x = x + self.drop_path(self.attn(h, attn_bias).mul_(gamma1))
+        x = x + self.drop_path(self.attn(h, attn_bias, kv).mul(gamma1))  # not in place: selective
+        # activation checkpointing keeps the projection's output
         h = self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)
         x = x + self.drop_path(self.ffn(h).mul(gamma2))
         return x

@@ -15,6 +15,7 @@ import torch
 from sar_core.adapter import CodeSpace, Generation, ScaleWiseAdapter, CheckpointError
 from sar_core.schedule import Schedule, ScheduleSampler
 
+from sar_adapters.common.classes import resize_class_embedding
 from sar_adapters.common.init import NO_DECAY_KEYWORDS
 
 from . import checkpoint as ckpt
@@ -45,6 +46,7 @@ class FlexVARGeneration(Generation):
 
 class FlexVARAdapter(ScaleWiseAdapter):
     name: ClassVar[str] = "flexvar"
+    reuses_prefix = True  # backbone forward takes prefix= (sar_core.prefix_cache)
     config_cls = FlexVARConfig
     no_decay_keywords = NO_DECAY_KEYWORDS
     case_runner = FlexVARCaseRunner
@@ -100,15 +102,28 @@ class FlexVARAdapter(ScaleWiseAdapter):
         return self.config.infer_schedule
 
     def schedule_sampler(self, seed: int = 0) -> ScheduleSampler:
-        if not self.config.random_schedule:
-            return ScheduleSampler(self.default_schedule, seed)
-        if self.config.latent_side < MAX_SIDE:
-            raise ValueError(
-                f"random_schedule draws FlexVAR's upstream schedules, which end at side {MAX_SIDE}, "
-                f"but image_size {self.config.image_size} gives a {self.config.latent_side}-token latent "
-                f"with this {self.config.tokenizer.downsample}x tokenizer; use image_size >= "
-                f"{MAX_SIDE * self.config.tokenizer.downsample} or a fixed schedule (train_patch_nums)")
-        return FlexVARRandomSchedule(self.default_schedule, seed)
+        sampler = (FlexVARRandomSchedule(self.default_schedule, seed) if self.config.random_schedule
+                   else ScheduleSampler(self.default_schedule, seed))
+        self.check_schedule_sampler(sampler)
+        return sampler
+
+    def check_schedule_sampler(self, sampler: ScheduleSampler) -> None:
+        latent = self.config.latent_side
+        if isinstance(sampler, FlexVARRandomSchedule):
+            if latent < MAX_SIDE:
+                raise ValueError(
+                    f"random_schedule draws FlexVAR's upstream schedules, which end at side {MAX_SIDE}, "
+                    f"but image_size {self.config.image_size} gives a {latent}-token latent "
+                    f"with this {self.config.tokenizer.downsample}x tokenizer; use image_size >= "
+                    f"{MAX_SIDE * self.config.tokenizer.downsample} or a fixed schedule (train_patch_nums)")
+            return
+        self._check(sampler.default)
+        side = max(h for h, _ in sampler.default)
+        if self.config.image_size is not None and side > latent:
+            d = self.config.tokenizer.downsample
+            raise ValueError(f"schedule {sampler.default} ends at side {side}, above the {latent}-token latent "
+                             f"of {self.config.image_size} px images with this {d}x tokenizer; use image_size "
+                             f">= {side * d} or a smaller schedule")
 
     def image_size(self, schedule: Schedule) -> tuple[int, int]:
         h, w = Schedule.parse(schedule)[-1]
@@ -131,6 +146,14 @@ class FlexVARAdapter(ScaleWiseAdapter):
     @property
     def num_classes(self) -> int:
         return int(self.config.backbone.num_classes)
+
+    def resize_classes(self, num_classes: int) -> None:
+        bb = self.backbone
+        # upstream init: every embedding ~ trunc_normal(std = 0.02)
+        bb.class_emb = resize_class_embedding(bb.class_emb, num_classes, 0.02)
+        backbone_cfg = self.config.backbone.model_copy(update={"num_classes": int(num_classes)})
+        self.config = self.config.model_copy(update={"backbone": backbone_cfg})
+        bb.cfg, bb.num_classes = backbone_cfg, int(num_classes)
 
     @property
     def code_space(self) -> CodeSpace:
@@ -187,6 +210,9 @@ class FlexVARAdapter(ScaleWiseAdapter):
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
+    def transformer_blocks(self):
+        return list(self.backbone.blocks)
+
     def generate(self, cond: torch.Tensor, schedule: Schedule, *, cfg: float, top_k: int = 0,
                  top_p: float = 0.0, generator: torch.Generator | None = None,
                  max_pn: int = 16, used_llamagen_cfg: bool = False,

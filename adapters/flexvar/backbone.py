@@ -23,6 +23,7 @@ from torch import nn
 from sar_adapters.common.adaln import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, set_kv_caching
 from sar_adapters.common.conditions import drop_labels
 from sar_adapters.common.init import init_adaln_transformer
+from sar_core.prefix_cache import layer_slot
 from sar_core.schedule import Schedule
 
 from .config import BackboneConfig, OFFICIAL_PATCH_NUMS
@@ -93,10 +94,10 @@ class FlexVAR(nn.Module):
         return self.head(self.head_nm(x_BLC, cond_BD))
 
     def run_blocks(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor,
-                   attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+                   attn_bias: Optional[torch.Tensor], prefix=None) -> torch.Tensor:
         ada = self.shared_ada_lin(cond_BD)
-        for block in self.blocks:
-            x_BLC = block(x_BLC, ada, attn_bias)
+        for i, block in enumerate(self.blocks):
+            x_BLC = block(x_BLC, ada, attn_bias, layer_slot(prefix, i))
         return x_BLC
 
     def kv_caching(self, enable: bool) -> None:
@@ -104,33 +105,48 @@ class FlexVAR(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, cond_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, schedule,
-                student_forcing: bool = False) -> torch.Tensor:
+                student_forcing: bool = False, prefix=None) -> torch.Tensor:
         """Teacher-forcing logits (B, L, V) over ``schedule``.
 
         ``student_forcing=True`` is the official SAR short pass: the first token is the
         class embedding alone (no ``pos_start``); with schedule [1, n] it returns logits
-        for the class token and the n*n student tokens.
+        for the class token and the n*n student tokens. ``prefix``
+        (:mod:`sar_core.prefix_cache`): a record handle stores every layer's keys / values
+        of the first ``length`` tokens; a replay handle takes inputs of the tokens from
+        ``length`` on only and returns their logits (B, L - length, V).
         """
         schedule = Schedule.parse(schedule)
         if schedule.first_len != 1:
             raise ValueError(f"FlexVAR schedules start with a 1x1 scale, got {schedule}")
         B = x_BLCv_wo_first_l.shape[0]
-        want = schedule.total_tokens - 1
+        start = prefix.cache.length if prefix is not None and prefix.replay else 0
+        want = schedule.total_tokens - max(start, 1)
         if x_BLCv_wo_first_l.shape[1] != want:
             raise ValueError(f"inputs have {x_BLCv_wo_first_l.shape[1]} tokens; schedule {schedule} "
                              f"needs {want} (L - 1)")
         dev = x_BLCv_wo_first_l.device
         main_type = _autocast_dtype(dev, self.pos_1LC.dtype)
         with torch.autocast(dev.type, enabled=False):
-            cond_BD = self.class_emb(self.drop_labels(cond_B))
-            first = cond_BD.unsqueeze(1)
-            if not student_forcing:
-                first = first + self.pos_start
+            cond_BD = self.class_emb(self._labels(cond_B, prefix))
             words = self.word_embed(x_BLCv_wo_first_l.to(cond_BD.dtype))
-            x_BLC = torch.cat((first, words), dim=1) + self.positions(schedule)
-        attn_bias = self.mask(schedule, dev).to(main_type)
-        x_BLC = self.run_blocks(x_BLC.to(main_type), cond_BD.to(main_type), attn_bias)
+            if start == 0:
+                first = cond_BD.unsqueeze(1)
+                if not student_forcing:
+                    first = first + self.pos_start
+                words = torch.cat((first, words), dim=1)
+            x_BLC = words + self.positions(schedule)[:, start:]
+        attn_bias = self.mask(schedule, dev)[..., start:, :].to(main_type)
+        x_BLC = self.run_blocks(x_BLC.to(main_type), cond_BD.to(main_type), attn_bias, prefix)
         return self.logits(x_BLC, cond_BD)
+
+    def _labels(self, cond_B: torch.Tensor, prefix) -> torch.Tensor:
+        """Class ids after dropout; a prefix replay reuses the recorded pass's draw."""
+        if prefix is not None and prefix.replay:
+            return prefix.cache.state["labels"]
+        label_B = self.drop_labels(cond_B)
+        if prefix is not None:
+            prefix.cache.state["labels"] = label_B
+        return label_B
 
 
 @torch.no_grad()

@@ -100,13 +100,13 @@ def _sar(adapter, bb, case, s: dict, dev) -> dict:
     out = {}
     argmax = s.get("argmax_variant")
     if argmax is not None:
-        rollout = OfficialRollout(sampling="argmax")
+        rollout = OfficialRollout(sampling="argmax", upstream_exact=True)
         out.update(_sar_variant(adapter, bb, labels, gt, schedule, rollout, loss, gamma, ls, None, "sar"))
     sampled = s.get("sampled_variant")
     if sampled is not None and sampled.get("sf_use_sampling", True):
         rollout = OfficialRollout(sampling="sample", top_k=int(sampled.get("sf_top_k", 900)),
                                   top_p=float(sampled.get("sf_top_p", 0.96)),
-                                  cfg=float(sampled.get("sf_cfg_scale", 1.2)))
+                                  cfg=float(sampled.get("sf_cfg_scale", 1.2)), upstream_exact=True)
         gen = torch.Generator(device=dev)  # upstream never seeds it: the default seed
         res = _sar_variant(adapter, bb, labels, gt, schedule, rollout, loss, gamma, ls, gen, "sar_sampled")
         res["sar_sampled_tf_labels"] = adapter.cfg_condition(labels) if rollout.uses_cfg else labels

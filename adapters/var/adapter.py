@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,6 +13,7 @@ from sar_core.schedule import Schedule
 
 from sar_adapters.common.init import NO_DECAY_KEYWORDS
 
+from sar_adapters.common.classes import resize_class_embedding
 from . import checkpoint as ckpt
 from .backbone import VAR
 from .case import VARCaseRunner
@@ -21,6 +23,7 @@ from .tokenizer import VQVAE
 
 class VARAdapter(ScaleWiseAdapter):
     name = "var"
+    reuses_prefix = True  # backbone forward takes prefix= (sar_core.prefix_cache)
     config_cls = VARConfig
     no_decay_keywords = NO_DECAY_KEYWORDS
     case_runner = VARCaseRunner
@@ -87,6 +90,13 @@ class VARAdapter(ScaleWiseAdapter):
     def num_classes(self) -> int:
         return int(self.config.num_classes)
 
+    def resize_classes(self, num_classes: int) -> None:
+        bb = self.backbone
+        # upstream init_weights: every embedding ~ trunc_normal(std = sqrt(1 / (3 C)))
+        bb.class_emb = resize_class_embedding(bb.class_emb, num_classes, math.sqrt(1 / bb.C / 3))
+        self.config = self.config.model_copy(update={"num_classes": int(num_classes)})
+        bb.cfg, bb.num_classes = self.config, int(num_classes)
+
     @property
     def code_space(self) -> CodeSpace:
         return CodeSpace(vocab_size=int(self.config.vocab_size))
@@ -114,6 +124,9 @@ class VARAdapter(ScaleWiseAdapter):
         return self.tokenizer.training_loss(images, self._sides(schedule))
 
     # ---------------------------------------------------------------- backbone side
+    def transformer_blocks(self):
+        return list(self.backbone.blocks)
+
     def generate(self, cond: Any, schedule: Schedule, *, cfg: float, top_k: int = 0,
                  top_p: float = 0.0, generator: torch.Generator | None = None,
                  **options: Any) -> Generation:

@@ -20,6 +20,7 @@ from torch import nn
 from sar_adapters.common.adaln import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from sar_adapters.common.conditions import drop_labels
 from sar_adapters.common.init import init_adaln_transformer
+from sar_core.prefix_cache import layer_slot
 from sar_core.schedule import Schedule
 
 from .config import VARConfig
@@ -122,31 +123,48 @@ class VAR(nn.Module):
         return self.head(self.head_nm(h.float(), cond_BD).float()).float()
 
     def forward(self, cond_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
-                schedule: Optional[Schedule] = None, student_forcing: bool = False) -> torch.Tensor:
-        """Teacher-forcing logits (B, L, V) float32 for ``schedule`` (default: patch_nums)."""
+                schedule: Optional[Schedule] = None, student_forcing: bool = False,
+                prefix=None) -> torch.Tensor:
+        """Teacher-forcing logits (B, L, V) float32 for ``schedule`` (default: patch_nums).
+
+        ``prefix`` (:mod:`sar_core.prefix_cache`): a record handle stores every layer's
+        keys / values of the first ``length`` tokens; a replay handle takes inputs of the
+        tokens from ``length`` on only and returns their logits (B, L - length, V)."""
         schedule = Schedule(self.patch_nums) if schedule is None else Schedule.parse(schedule)
         B, dev = x_BLCv_wo_first_l.shape[0], x_BLCv_wo_first_l.device
         lvl, rows, bias = self.layout(schedule, dev)
         L = lvl.shape[0]
-        if x_BLCv_wo_first_l.shape[1] != L - self.first_l:
+        start = prefix.cache.length if prefix is not None and prefix.replay else 0
+        if x_BLCv_wo_first_l.shape[1] != L - max(start, self.first_l):
             raise ValueError(f"inputs hold {x_BLCv_wo_first_l.shape[1]} tokens; schedule {schedule} "
-                             f"needs {L - self.first_l} (L - first_len)")
+                             f"needs {L - max(start, self.first_l)} (L - first_len)")
         if cond_B.shape[0] != B:
             raise ValueError(f"{cond_B.shape[0]} conditions for a batch of {B} inputs")
         with _no_autocast(dev):
-            label_B = self.drop_labels(cond_B.long())
+            label_B = self._labels(cond_B, prefix)
             cond_BD = self.class_emb(label_B)
-            sos = cond_BD.unsqueeze(1).expand(B, self.first_l, -1)
-            if not student_forcing:
-                sos = sos + self.pos_start.expand(B, self.first_l, -1)
-            x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
-            x_BLC = x_BLC + (self.lvl_embed(lvl).unsqueeze(0) + self.pos_1LC[:, rows])
+            words = self.word_embed(x_BLCv_wo_first_l.float())
+            if start == 0:
+                sos = cond_BD.unsqueeze(1).expand(B, self.first_l, -1)
+                if not student_forcing:
+                    sos = sos + self.pos_start.expand(B, self.first_l, -1)
+                words = torch.cat((sos, words), dim=1)
+            x_BLC = words + (self.lvl_embed(lvl[start:]).unsqueeze(0) + self.pos_1LC[:, rows[start:]])
         cond_gss = self.shared_ada_lin(cond_BD)
         dtype = compute_dtype(x_BLC)
-        x_BLC, cond_gss, bias = x_BLC.to(dtype), cond_gss.to(dtype), bias.to(dtype)
-        for block in self.blocks:
-            x_BLC = block(x_BLC, cond_gss, bias)
+        x_BLC, cond_gss, bias = x_BLC.to(dtype), cond_gss.to(dtype), bias[..., start:, :].to(dtype)
+        for i, block in enumerate(self.blocks):
+            x_BLC = block(x_BLC, cond_gss, bias, layer_slot(prefix, i))
         return self.get_logits(x_BLC, cond_BD)
+
+    def _labels(self, cond_B: torch.Tensor, prefix) -> torch.Tensor:
+        """Class ids after dropout; a prefix replay reuses the recorded pass's draw."""
+        if prefix is not None and prefix.replay:
+            return prefix.cache.state["labels"]
+        label_B = self.drop_labels(cond_B.long())
+        if prefix is not None:
+            prefix.cache.state["labels"] = label_B
+        return label_B
 
     def _apply(self, fn, recurse=True):  # device/dtype moves invalidate the cached layouts
         self._layout_cache = {}

@@ -1,0 +1,80 @@
+"""Builders of a training run: seeds, the adapter, rollout / loss, schedule sampler, and
+the pixel size of training images checked against the model.
+
+Re-exported by :mod:`sar_core.trainer` (``from sar_core.trainer import build_adapter``
+keeps working)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from sar_core.config import RunConfig
+from sar_core.data import image_hw
+from sar_core.schedule import Schedule, ScheduleSampler
+
+
+def derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- builders
+def build_adapter(cfg: RunConfig, registry) -> Any:
+    """Load (or, without checkpoint files, build from ``model.overrides``) the adapter."""
+    cls = registry.get("adapter", cfg.model.family)
+    overrides = dict(cfg.model.overrides)
+    if cfg.data.image_size is not None:
+        for key, value in cls.image_size_overrides(image_hw(cfg.data.image_size)).items():
+            overrides.setdefault(key, value)
+    if cfg.model.tokenizer is None and cfg.model.backbone is None:
+        return cls.from_config(cls.config_cls.model_validate(overrides))
+    return cls.load(cfg.model.tokenizer, cfg.model.backbone, overrides=overrides or None)
+
+
+def build_schedule_sampler(adapter, spec: Optional[str], seed: int, registry) -> ScheduleSampler:
+    """None: the adapter's; a registered schedule sampler name; or sides like 1_2_3_4."""
+    if spec is None:
+        return adapter.schedule_sampler(seed)
+    if spec in registry.names("schedule"):
+        return registry.get("schedule", spec)(adapter.default_schedule, seed)
+    try:
+        schedule = Schedule.parse(spec)
+    except ValueError:
+        known = ", ".join(registry.names("schedule")) or "none"
+        raise ValueError(f"model.schedule {spec!r} is neither a schedule like 1_2_3_4 nor a registered "
+                         f"schedule sampler ({known})") from None
+    return ScheduleSampler(schedule, seed)
+
+
+def build_rollout_and_loss(cfg: RunConfig, registry) -> tuple[Any, Any]:
+    rollout_cls = registry.get("rollout", cfg.rollout.name)
+    loss_cls = registry.get("loss", cfg.loss.name)
+    try:
+        rollout = rollout_cls(**cfg.rollout.options())
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"rollout '{cfg.rollout.name}': {exc}") from None
+    try:
+        loss = loss_cls(**cfg.loss.options())
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"loss '{cfg.loss.name}': {exc}") from None
+    return rollout, loss
+
+
+def data_image_size(cfg: RunConfig, adapter, sampler: ScheduleSampler) -> tuple[int, int]:
+    """Pixel (H, W) of training images; checked against what the model encodes."""
+    natural = image_hw(adapter.training_image_size(sampler))
+    if cfg.data.image_size is not None and image_hw(cfg.data.image_size) != natural:
+        asked = "x".join(map(str, image_hw(cfg.data.image_size)))
+        raise ValueError(f"--image-size {asked} does not match the model: family "
+                         f"'{adapter.name}' with schedule {sampler.default} encodes {natural[0]}x{natural[1]} "
+                         "images (change the schedule or the image size)")
+    return natural

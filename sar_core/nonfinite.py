@@ -1,0 +1,63 @@
+"""The non-finite guard of ``sar train``: count skipped steps, know the good checkpoint.
+
+A step whose loss or gradient is not finite is skipped by the trainer; the guard counts
+them (in a row and in total) and says when to stop. It also remembers the run's first
+non-finite step and the newest *good* checkpoint: one whose weights are finite and that
+was written before that first non-finite step. Later checkpoints may hold weights that
+were already on their way out (finite but huge); the good one is protected from
+keep-last-N pruning and named in the stop message. The state travels in checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from sar_core import checkpointing as ckpt
+
+
+def fresh_state() -> dict[str, Any]:
+    # first: the run's first non-finite step; good: step of the newest good checkpoint
+    return {"consecutive": 0, "total": 0, "first": None, "good": None}
+
+
+def observe(state: dict, step: int, skipped: bool, max_consecutive: int, max_total: Optional[int],
+            log: Callable[[str], None]) -> Optional[str]:
+    """Count one step; returns a stop reason when a limit is reached."""
+    if not skipped:
+        state["consecutive"] = 0
+        return None
+    state["consecutive"] += 1
+    state["total"] += 1
+    if state["first"] is None:
+        state["first"] = step
+    log(f"[yellow]warning:[/] step {step}: non-finite loss or gradient; update skipped "
+        f"({state['consecutive']} in a row, {state['total']} in total)")
+    if state["consecutive"] >= max_consecutive:
+        return f"{state['consecutive']} consecutive non-finite steps (max_nonfinite {max_consecutive})"
+    if max_total is not None and state["total"] >= max_total:
+        return f"{state['total']} non-finite steps in total (max_nonfinite_total {max_total})"
+    return None
+
+
+def mark_saved(state: dict, step: int, weights_finite: bool, log: Callable[[str], None]) -> None:
+    """Record a checkpoint about to be written at ``step``."""
+    if weights_finite and state["first"] is None:
+        state["good"] = step
+    elif not weights_finite:
+        log(f"[yellow]warning:[/] the weights at step {step} are not finite; this checkpoint is not a good one")
+
+
+def stop_message(state: dict, step: int, reason: str, ckpt_dir: Path) -> str:
+    """One line: why the run stopped and which checkpoint to continue from."""
+    first, good = state["first"], state["good"]
+    msg = f"stopped at step {step}: {reason}; the first non-finite step was {first}"
+    if good is None:
+        return msg + "; no checkpoint was written before it: start again (e.g. with a lower --lr)"
+    path = ckpt.checkpoint_path(ckpt_dir, good)
+    newer = [s for s, _ in ckpt.list_checkpoints(ckpt_dir) if s > good]
+    if not newer:
+        return msg + f"; newest good checkpoint: step {good} ({path}): continue with --resume"
+    return (msg + f"; newest good checkpoint: step {good} ({path}); the newer ones (steps "
+            + ", ".join(map(str, newer)) + ") come after the first non-finite step: delete them to "
+            f"--resume from step {good} (e.g. with a lower --lr)")

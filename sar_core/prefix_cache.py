@@ -1,0 +1,87 @@
+"""Reusing pass 1's keys / values for an unchanged prefix (``ssr`` with ``scales='last'``).
+
+Under the block-causal mask a token of scale k attends only to scales <= k. When the
+student pass changes only the inputs of the last scale, every token before it sees the
+same inputs as in the teacher pass, so its hidden states - and its keys and values in
+every layer - are pass 1's. The student pass then only has to run the last scale's
+tokens, attending to pass 1's prefix keys / values.
+
+Gradients stay those of a full second pass because the prefix keys / values are kept
+*with their graph*: the CSF loss back-propagates through them into pass 1, so the step
+does one backward over both passes (instead of the memory-lean two). The condition that
+pass 1 drew (after condition dropout) is reused as well, so both passes see the same
+row conditions.
+
+A family opts in by setting :attr:`ScaleWiseAdapter.reuses_prefix` and accepting
+``prefix=`` in its backbone's ``forward`` (see :class:`PrefixRecord` /
+:class:`PrefixReplay`). Other families get a full second pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+
+class PrefixKV:
+    """Keys / values (B, H, length, c) of the first ``length`` tokens, per layer."""
+
+    def __init__(self, length: int):
+        self.length = int(length)
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.state: dict[str, Any] = {}  # family-specific per-pass facts (e.g. dropped labels)
+
+    def record(self) -> "PrefixRecord":
+        return PrefixRecord(self)
+
+    def replay(self) -> "PrefixReplay":
+        if not self.kv:
+            raise RuntimeError("PrefixKV.replay(): nothing was recorded (run pass 1 with prefix=record())")
+        return PrefixReplay(self)
+
+
+class PrefixRecord:
+    """Given to pass 1: the backbone runs in full and stores each layer's prefix K/V."""
+
+    replay = False
+
+    def __init__(self, cache: PrefixKV):
+        self.cache = cache
+
+    def layer(self, i: int) -> "_LayerSlot":
+        return _LayerSlot(self.cache, i, replay=False)
+
+
+class PrefixReplay:
+    """Given to pass 2: inputs hold only the tokens from ``length`` on; attention prepends
+    the recorded prefix K/V."""
+
+    replay = True
+
+    def __init__(self, cache: PrefixKV):
+        self.cache = cache
+
+    def layer(self, i: int) -> "_LayerSlot":
+        return _LayerSlot(self.cache, i, replay=True)
+
+
+class _LayerSlot:
+    """What one attention layer sees. The mode is fixed at creation, so an activation
+    checkpoint's recomputation repeats exactly what the first forward did."""
+
+    def __init__(self, cache: PrefixKV, index: int, replay: bool):
+        self.cache, self.index, self.replay = cache, index, replay
+
+    def __call__(self, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys / values the layer attends to."""
+        n = self.cache.length
+        if self.replay:
+            pk, pv = self.cache.kv[self.index]
+            return torch.cat((pk, k_BHLc), dim=2), torch.cat((pv, v_BHLc), dim=2)
+        self.cache.kv[self.index] = (k_BHLc[:, :, :n], v_BHLc[:, :, :n])
+        return k_BHLc, v_BHLc
+
+
+def layer_slot(prefix: Optional[PrefixRecord | PrefixReplay], i: int) -> Optional[_LayerSlot]:
+    return None if prefix is None else prefix.layer(i)
