@@ -149,6 +149,14 @@ class InfinityAdapter(ScaleWiseAdapter):
         schedule_template(schedule, self.config.h_div_w)
         return schedule
 
+    def check_schedule_sampler(self, sampler) -> None:
+        """RoPE tables exist for template schedules only (spec §2.2)."""
+        self.check_schedule(sampler.default)
+
+    def transformer_blocks(self) -> list:
+        """Every CrossAttnBlock (upstream checkpoints 'full-block' the same units)."""
+        return self.backbone.all_blocks()
+
     def image_size(self, schedule: Schedule) -> tuple[int, int]:
         h, w = Schedule.parse(schedule)[-1]
         p = self.config.tokenizer.patch_size * self.config.patch_factor

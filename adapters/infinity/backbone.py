@@ -41,7 +41,7 @@ class HeadNorm(nn.Module):
 
     def forward(self, x, cond_BD):
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, x.shape[-1]).unbind(2)
-        return F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).mul(1 + scale).add_(shift)
+        return F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).mul(1 + scale).add(shift)
 
 
 class Infinity(nn.Module):

@@ -74,9 +74,9 @@ class CrossAttnBlock(nn.Module):
 
     def forward(self, x, table_B16C, ca_kv, bias, rope):
         g1, g2, s1, s2, t1, t2 = (self.ada_gss + table_B16C).unbind(2)
-        x = x + self.drop_path(self.sa(self._ln(x).mul(1 + s1).add_(t1), bias, rope).mul_(g1))
+        x = x + self.drop_path(self.sa(self._ln(x).mul(1 + s1).add(t1), bias, rope).mul(g1))
         x = x + self.ca(self.ca_norm(x), ca_kv)
-        x = x + self.drop_path(self.ffn(self._ln(x).mul(1 + s2).add_(t2)).mul_(g2))
+        x = x + self.drop_path(self.ffn(self._ln(x).mul(1 + s2).add(t2)).mul(g2))
         return x
 
 
