@@ -31,10 +31,11 @@ MODES = ("none", "full", "selective")
 
 _aten = torch.ops.aten
 #: ops whose outputs ``selective`` keeps (everything else is recomputed)
-_SAVED_NAMES = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
-                "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-                "_scaled_dot_product_flash_attention_for_cpu")
-SAVED_OPS = frozenset(getattr(_aten, n).default for n in _SAVED_NAMES if hasattr(_aten, n))
+SAVED_OPS = frozenset((
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+    _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
+))
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
