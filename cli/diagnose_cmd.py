@@ -63,6 +63,9 @@ def diagnose(
     out: Optional[Path] = typer.Option(None, "--out", "-o", rich_help_panel="Output",
                                        help="Write the report as JSON here."),
     plot: Optional[Path] = typer.Option(None, "--plot", rich_help_panel="Output", help="Write a PNG plot here."),
+    maps: Optional[Path] = typer.Option(None, "--maps", rich_help_panel="Output",
+                                        help="Write per-scale difference maps (PNG: where predictions on own "
+                                        "inputs differ from those on ground-truth inputs) here."),
     device: str = DEVICE,
 ) -> None:
     """Measure, per scale, how much the loss grows when the model's input at scale k+1 is
@@ -76,6 +79,10 @@ def diagnose(
         dataset, sched = _data(data, adapter, schedule, split)
         with console.status("teacher- and student-forced passes ..."):
             report = exposure_gap(adapter, dataset, sched, batches or None, batch_size=batch_size, mode=mode)
+            if maps is not None:
+                from sar_core.difference_maps import difference_maps, save_difference_maps
+
+                diff = difference_maps(adapter, dataset, sched, batches or None, batch_size=batch_size)
     except user_errors() as exc:
         fail(console, exc)
     print_gap(console, report)
@@ -85,6 +92,9 @@ def diagnose(
     if plot is not None:
         plot_exposure_gap(report, plot)
         console.print(f"wrote {plot}")
+    if maps is not None:
+        save_difference_maps(diff, maps)
+        console.print(f"wrote difference maps to {maps}/ (scale_KK.png, all_scales.png)")
 
 
 def add_to(app: typer.Typer) -> None:

@@ -60,19 +60,26 @@ def test_shipped_demo_model_is_complete():
 
 
 def test_demo_quick_run_writes_report(tmp_path):
+    """sar demo is the `demo` study preset: paired seeds, intervals and noise in its report."""
     out = tmp_path / "demo"
-    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--steps", "2", "--seeds", "0",
-                                   "--samples-per-class", "3"])
+    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--steps", "1", "--seeds", "0,1",
+                                   "--samples-per-class", "2", "--batch-size", "8",
+                                   "--set", "eval.noise_seeds=[5,6]", "--set", "eval.gap_batches=1",
+                                   "--set", "eval.grid_per_class=1", "--set", "eval.maps=false"])
     assert res.exit_code == 0, res.output
-    for name in ("report.md", "report.html", "results.json", "losses_and_gaps.png", "samples_tf.png", "samples_sar.png"):
+    for name in ("report.md", "report.html", "report.json", "plots/flexvar_gap_and_losses.png",
+                 "flexvar/tf/seed0/grid.png", "flexvar/sar/seed0/grid.png"):
         assert (out / name).is_file(), name
-    results = json.loads((out / "results.json").read_text())
-    assert set(results["arms"]) == {"tf", "sar"}
-    for arm in results["arms"].values():
-        assert len(arm["history"]) == 2
-        for key in ("fid", "class_acc", "gap_mean", "val_loss_tf"):
-            assert torch.isfinite(torch.tensor(arm["summary"][key]["mean"])), key
+    results = json.loads((out / "report.json").read_text())
+    assert results["study"]["name"] == "demo" and results["study"]["seeds"] == [0, 1]
+    fam = results["families"]["flexvar"]
+    assert set(fam["arms"]) == {"tf", "sar"}
+    for key in ("fid", "class_acc", "gap_mean", "val_loss_tf"):
+        d = fam["differences"][key]["sar"]
+        assert d["n"] == 2 and torch.isfinite(torch.tensor([d["mean"], d["low"], d["high"]])).all(), key
+    assert fam["noise"]["fid"]["n"] == 2 and fam["control_flat"]["fid"] in (True, False)
     # the SAR arm really ran a student-forced pass, the control arm did not
-    assert all(h["loss_csf"] > 0 for h in results["arms"]["sar"]["history"])
-    assert all(h["loss_csf"] == 0 for h in results["arms"]["tf"]["history"])
-    assert "| metric | tf | sar | better |" in (out / "report.md").read_text()
+    assert all(h["loss_csf"] > 0 for h in fam["arms"]["sar"]["history"])
+    assert all(h["loss_csf"] == 0 for h in fam["arms"]["tf"]["history"])
+    md = (out / "report.md").read_text()
+    assert "paired difference arm - tf (95% t-interval over seeds)" in md and "noise sd" in md

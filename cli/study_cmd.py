@@ -1,0 +1,137 @@
+"""``sar study``: run a cross-architecture study, or aggregate one (``sar study report DIR``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from sar_cli._shared import fail, user_errors
+
+
+def _load(console: Console, path: Optional[str], preset: Optional[str], models: Optional[Path], sets: list[str]):
+    from sar_core.config import parse_set
+    from sar_core.study_config import load_study, read_families
+    from sar_plugins.studies import preset_path
+
+    if (path is None) == (preset is None):
+        raise ValueError("give a study file (sar study STUDY.yaml) or --preset NAME (one of the two)")
+    file = preset_path(preset) if preset else Path(path)
+    families = read_families(models) if models else None
+    return load_study(file, parse_set(sets), families)
+
+
+def study(
+    target: Optional[str] = typer.Argument(None, help="STUDY.yaml to run, or the word 'report'."),
+    folder: Optional[Path] = typer.Argument(None, help="With 'report': the study folder to aggregate."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A shipped study instead of a file "
+                                         "(student-forcing, rollout-depth, rollout-sampling, gamma-sweep, "
+                                         "infinity-bsc, cross-family, demo)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Study folder (default: runs/study-<name>)."),
+    models: Optional[Path] = typer.Option(None, "--models", help="YAML with a `families` mapping that replaces "
+                                          "the study's (run a preset on your checkpoints)."),
+    arm: Optional[str] = typer.Option(None, "--arm", help="Run only this arm (one cluster job); 'start' "
+                                      "only tokenises the data and evaluates the start model."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run only this training seed."),
+    family: Optional[str] = typer.Option(None, "--family", help="Run only this family label."),
+    sets: list[str] = typer.Option([], "--set", help="Override a study field: --set run.train.steps=50, "
+                                   "--set seeds=[0,1,2], --set eval.samples_per_class=20."),
+    jobs: int = typer.Option(1, "--jobs", help="Train / evaluate this many runs at once as local processes "
+                             "(one thread each; e.g. 2 on a 2-core machine)."),
+    device: str = typer.Option("auto", "--device", help="Device of the evaluations (training: run.train.device)."),
+    threads: Optional[int] = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default)."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved study and exit."),
+) -> None:
+    """Families x arms x seeds from one start checkpoint per family: every arm an ordinary
+    `sar train` run folder, every run evaluated with the same sampling seeds, then a report
+    with paired differences and 95% intervals over seeds, the metric's own noise,
+    exposure-gap curves, sample grids and difference maps (report.md / .html / .json).
+    `sar study report DIR` re-aggregates a folder (e.g. after `--arm` jobs)."""
+    import torch
+
+    console = Console()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if target == "report":
+            if folder is None:
+                raise ValueError("sar study report needs the study folder: sar study report DIR")
+            from sar_core.study_report import write_report
+
+            results = write_report(folder)
+            _summary(console, results)
+            console.print(f"report: {folder / 'report.md'} (also report.html, report.json, plots/)")
+            return
+        if folder is not None:
+            raise ValueError(f"unexpected argument '{folder}' (only `sar study report DIR` takes a folder)")
+        cfg = _load(console, target, preset, models, sets)
+        if print_config:
+            import yaml
+
+            console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), highlight=False)
+            return
+        from sar_core.study import run_study
+
+        dest = out or Path("runs") / f"study-{cfg.name}"
+        if jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {jobs}")
+        results = _run(console, cfg, dest, family, arm, seed, device, jobs)
+    except user_errors() as exc:
+        fail(console, exc)
+    except RuntimeError as exc:  # a run stopped (non-finite) or a local job failed: see its log
+        job_failed(exc)
+    if results is not None:
+        _summary(console, results)
+        console.print(f"report: {dest / 'report.md'} (also report.html, report.json, plots/)")
+    else:
+        console.print(f"done; aggregate with: sar study report {dest}")
+
+
+def job_failed(exc: BaseException) -> None:
+    """One line on stderr, exit status 1 (the run's own log holds the details)."""
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {' '.join(str(exc).split())}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _run(console: Console, cfg, dest: Path, family, arm, seed, device, jobs: int = 1):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from sar_core.study import plan, run_study
+    from sar_core.study_config import START
+
+    runs = [] if arm == START else plan(cfg, family, arm, seed)
+    steps = int(cfg.run.get("train", {}).get("steps", 1000))
+    total = sum(int(cfg.arms[r.arm].get("train", {}).get("steps", steps)) for r in runs)
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn())
+    with Progress(*cols, console=console) as progress:
+        task = progress.add_task(f"study {cfg.name}: optimizer steps", total=total)
+        return run_study(cfg, dest, family=family, arm=arm, seed=seed, device=device, jobs=jobs,
+                         log=lambda m: progress.console.print(m, highlight=False),
+                         advance=lambda n: progress.advance(task, n))
+
+
+def _summary(console: Console, results: dict) -> None:
+    from rich.table import Table
+
+    from sar_core.study import HIGHER_IS_BETTER
+    from sar_core.study_report import LABELS, _diff_cell
+
+    control = results["study"]["control"]
+    for label, fam in results["families"].items():
+        others = [a for a in fam["arms"] if a != control]
+        table = Table(title=f"{label}: arm - {control} (95% interval over seeds)")
+        for col in ["metric", "noise sd", *others, f"{control} - start"]:
+            table.add_column(col)
+        for k, per_arm in fam["differences"].items():
+            nz = fam["noise"][k]
+            table.add_row(LABELS.get(k, k), "deterministic" if nz.get("deterministic") else f"{nz['sd']:.4g}",
+                          *[_diff_cell(per_arm.get(a), HIGHER_IS_BETTER[k]) for a in others],
+                          _diff_cell(fam["control_change"][k], HIGHER_IS_BETTER[k]))
+        console.print(table)
+
+
+def add_to(app: typer.Typer) -> None:
+    app.command("study")(study)

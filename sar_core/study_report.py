@@ -1,0 +1,285 @@
+"""``sar study report DIR``: aggregate a study folder into report.md / report.html / report.json.
+
+Per family and metric: the value of every arm (mean ± sd over training seeds), the paired
+difference arm - control with its 95% t-interval over seeds and whether it excludes 0,
+the metric's own measurement noise (the start model under different sampling seeds), how
+far the control arm moved from the start model (flat: within two noise sd), per-scale
+exposure-gap curves, training-loss curves, sample grids with the same labels and seeds
+side by side and the per-scale difference maps. It states what was measured, whichever
+way it went; nothing is tuned on the outcome.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Optional
+
+from sar_core.checkpoint_io import atomic_write_text
+from sar_core.study import FIXED, HIGHER_IS_BETTER, SAMPLED, RunSpec, plan, read_study
+from sar_core.study_config import START
+from sar_core.study_stats import interval, is_flat, noise, paired_difference
+
+LABELS = {"fid": "FID", "kid_mean": "KID", "precision": "precision", "recall": "recall", "isc_mean": "IS",
+          "class_acc": "class accuracy", "gap_mean": "mean exposure gap (CE)", "val_loss_tf": "val TF loss"}
+
+
+# ----------------------------------------------------------------------------- aggregation
+def _read(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _history(folder: Path) -> list[dict]:
+    p = folder / "metrics.jsonl"
+    if not p.is_file():
+        return []
+    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return [{k: r.get(k) for k in ("step", "loss_tf", "loss_csf")} for r in rows]
+
+
+def _curve(runs: list[dict], key: str) -> dict:
+    cols = list(zip(*[r[key] for r in runs]))
+    return {"mean": [mean(c) for c in cols], "sd": [stdev(c) if len(c) > 1 else 0.0 for c in cols]}
+
+
+def aggregate_family(study, out: Path, label: str) -> dict:
+    start = _read(out / label / START / "eval.json")
+    if start is None:
+        raise FileNotFoundError(f"{out / label / START / 'eval.json'} is missing: run `sar study FILE --out {out} "
+                                "--arm start` (or the whole study) first")
+    metrics = [k for k in HIGHER_IS_BETTER if k in start["metrics"]]
+    noise_seeds = [str(s) for s in study.eval.noise_seeds]
+    fam = {"start": {"metrics": start["metrics"], "gap": start["gap"], "grid": start.get("grid"),
+                     "maps": start.get("maps"), "map_means": start.get("map_means")},
+           "noise": {}, "arms": {}, "differences": {}, "control_change": {}, "control_flat": {}, "missing": []}
+    for k in metrics:
+        if k in SAMPLED:
+            fam["noise"][k] = noise([start["per_sampling_seed"][s][k] for s in noise_seeds])
+        else:
+            fam["noise"][k] = {"n": 0, "mean": start["metrics"][k], "sd": None, "relative": None,
+                               "diff_sd": None, "deterministic": True}
+    for arm in study.arms:
+        runs = {}
+        for spec in plan(study, label, arm):
+            res = _read(spec.folder(out) / "eval.json")
+            if res is None:
+                fam["missing"].append(str(spec.folder(out).relative_to(out)))
+            else:
+                runs[spec.seed] = res
+        if not runs:
+            continue
+        first = runs[min(runs, key=study.seeds.index)]
+        vals = list(runs.values())
+        fam["arms"][arm] = {
+            "seeds": sorted(runs), "runs": {str(s): r["metrics"] for s, r in runs.items()},
+            "summary": {k: interval([r["metrics"][k] for r in vals]) for k in metrics},
+            "gap": _curve(vals, "gap"), "grid": first.get("grid"), "maps": first.get("maps"),
+            "map_means": first.get("map_means"),
+            "history": _history(RunSpec(label, arm, first["seed"]).folder(out)),
+        }
+    control = fam["arms"].get(study.control)
+    for k in metrics:
+        if control is None:
+            break
+        ctl = {s: v[k] for s, v in control["runs"].items()}
+        fam["differences"][k] = {a: paired_difference({s: v[k] for s, v in arm["runs"].items()}, ctl)
+                                 for a, arm in fam["arms"].items() if a != study.control}
+        change = interval([v - start["metrics"][k] for v in ctl.values()])
+        fam["control_change"][k] = change
+        fam["control_flat"][k] = is_flat(change, fam["noise"][k]["sd"])
+    return fam
+
+
+def aggregate(out: str | Path) -> dict:
+    out = Path(out)
+    study = read_study(out)
+    return {"study": study.to_dict(), "families": {f: aggregate_family(study, out, f) for f in study.families}}
+
+
+# ----------------------------------------------------------------------------- plots
+def _plots(results: dict, out: Path) -> dict:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    plots = {}
+    control = results["study"]["control"]
+    for label, fam in results["families"].items():
+        fig = Figure(figsize=(11, 3.8))
+        FigureCanvasAgg(fig)
+        ax1, ax2 = fig.subplots(1, 2)
+        g = fam["start"]["gap"]
+        ax1.plot(range(1, len(g) + 1), g, "k:", label="start model")
+        for arm, a in fam["arms"].items():
+            ax1.errorbar(range(1, len(a["gap"]["mean"]) + 1), a["gap"]["mean"], yerr=a["gap"]["sd"], marker="o",
+                         capsize=3, label=arm)
+            h = [r for r in a["history"] if r.get("loss_tf") is not None]
+            ax2.plot([r["step"] for r in h], [r["loss_tf"] for r in h], label=f"{arm}: L_TF")
+            if any(r.get("loss_csf") for r in h):
+                ax2.plot([r["step"] for r in h], [r["loss_csf"] for r in h], "--", label=f"{arm}: L_CSF")
+        ax1.axhline(0, color="grey", lw=0.5)
+        ax1.set_xticks(range(1, len(g) + 1))
+        ax1.set(xlabel="scale index (input from own prediction one scale below)", ylabel="CE own - CE gt",
+                title=f"{label}: per-scale exposure gap (mean ± sd over seeds)")
+        ax2.set(xlabel="optimizer step (first seed)", ylabel="loss", title="training losses")
+        ax1.legend(fontsize=7)
+        ax2.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "plots" / f"{label}_gap_and_losses.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plots[f"{label}/gap"] = path
+        diffs = {k: v for k, v in fam["differences"].items() if any(d and d["low"] is not None for d in v.values())}
+        if diffs:
+            fig = Figure(figsize=(3.2 * len(diffs), 3.2))
+            FigureCanvasAgg(fig)
+            axes = fig.subplots(1, len(diffs), squeeze=False)[0]
+            for ax, (k, per_arm) in zip(axes, diffs.items()):
+                arms = [a for a, d in per_arm.items() if d and d["low"] is not None]
+                ms = [per_arm[a]["mean"] for a in arms]
+                err = [[m - per_arm[a]["low"] for a, m in zip(arms, ms)], [per_arm[a]["high"] - m for a, m in zip(arms, ms)]]
+                ax.errorbar(ms, range(len(arms)), xerr=err, fmt="o", capsize=3)
+                sd = fam["noise"][k]["sd"]
+                if sd:
+                    ax.axvspan(-2 * sd, 2 * sd, color="tab:orange", alpha=0.2, label="±2 noise sd")
+                    ax.legend(fontsize=6)
+                ax.axvline(0, color="black", lw=0.8)
+                ax.set_yticks(range(len(arms)))
+                ax.set_yticklabels(arms, fontsize=7)
+                ax.set_title(f"{LABELS.get(k, k)}: arm - {control}", fontsize=8)
+            fig.tight_layout()
+            path = out / "plots" / f"{label}_differences.png"
+            fig.savefig(path, dpi=100)
+            plots[f"{label}/diff"] = path
+    return plots
+
+
+# ----------------------------------------------------------------------------- text
+def _num(v: Optional[float], signed: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v:+.4g}" if signed else f"{v:.4g}"
+
+
+def _diff_cell(d: Optional[dict], higher: bool) -> str:
+    if d is None:
+        return "-"
+    if d["low"] is None:
+        return f"{_num(d['mean'], True)} (1 seed: no interval)"
+    verdict = "excludes 0: " + (("better" if (d["mean"] > 0) == higher else "worse") if d["excludes_zero"] else "no")
+    return f"{_num(d['mean'], True)} [{_num(d['low'], True)}, {_num(d['high'], True)}] {verdict}"
+
+
+def family_blocks(label: str, fam: dict, study: dict, plots: dict, out: Path) -> list:
+    control = study["control"]
+    arms = list(fam["arms"])
+    metrics = list(fam["noise"])
+    rows = []
+    for k in metrics:
+        rows.append([LABELS.get(k, k) + (" ↑" if HIGHER_IS_BETTER[k] else " ↓"), _num(fam["start"]["metrics"][k])]
+                    + [f"{_num(fam['arms'][a]['summary'][k]['mean'])} ± {_num(fam['arms'][a]['summary'][k]['sd'])}"
+                       for a in arms])
+    blocks = [("h2", f"family `{label}` ({study['families'][label]['family']})"),
+              ("p", f"Values: mean ± sd over training seeds {study['seeds']} (each run evaluated with sampling "
+                    f"seeds {study['eval']['sampling_seeds']}, {study['eval']['samples_per_class']} samples per "
+                    "class)."),
+              ("table", ["metric", "start"] + arms, rows)]
+    others = [a for a in arms if a != control]
+    if fam["differences"]:
+        rows = [[LABELS.get(k, k)] + [_diff_cell(fam["differences"][k].get(a), HIGHER_IS_BETTER[k]) for a in others]
+                for k in metrics]
+        blocks += [("h3", f"paired difference arm - {control} (95% t-interval over seeds)"),
+                   ("table", ["metric"] + others, rows)]
+    rows = []
+    for k in metrics:
+        nz, ch = fam["noise"][k], fam["control_change"].get(k)
+        flat = fam["control_flat"].get(k)
+        rows.append([LABELS.get(k, k),
+                     "deterministic" if nz.get("deterministic") else
+                     f"{_num(nz['sd'])} ({_num(100 * nz['relative'] if nz['relative'] is not None else None)}% of mean)",
+                     _diff_cell(ch, HIGHER_IS_BETTER[k]) if ch else "-",
+                     {True: "flat", False: "MOVED", None: "-"}[flat]])
+    fid_note = ""
+    nz = fam["noise"].get("fid")
+    if nz and nz["sd"]:
+        five = 0.05 * nz["mean"]
+        fid_note = (f" FID noise: sd {nz['sd']:.4g} = {100 * nz['relative']:.1f}% of its mean with "
+                    f"{study['eval']['samples_per_class']} samples per class, so a 5% FID difference ({five:.4g}) "
+                    f"is {five / nz['sd']:.2f} noise sd ({'above' if five > nz['sd'] else 'BELOW'} the noise) "
+                    f"and {five / nz['diff_sd']:.2f} sd of the difference of two unpaired evaluations.")
+    blocks += [("h3", "measurement noise and the control arm"),
+               ("p", f"Noise: sd of the start model's metric over sampling seeds {study['eval']['noise_seeds']}. "
+                     f"Control change: {control} - start per training seed; flat when its mean lies within "
+                     "2 noise sd." + fid_note),
+               ("table", ["metric", "noise sd", f"{control} - start", "control"], rows)]
+    pics = [(f"{label}/gap", "exposure gap and training losses"), (f"{label}/diff", "paired differences")]
+    blocks += [("img", [(cap, str(plots[key].relative_to(out))) for key, cap in pics if key in plots])]
+    grids = [("start", fam["start"]["grid"])] + [(a, fam["arms"][a]["grid"]) for a in arms]
+    blocks += [("h3", "samples (same labels and sampling seed in every column; column c holds class c)"),
+               ("img", [(c, p) for c, p in grids if p])]
+    maps = [("start", fam["start"].get("maps"))] + [(a, fam["arms"][a].get("maps")) for a in arms]
+    if any(p for _, p in maps):
+        blocks += [("h3", "difference maps: P(argmax on own input != argmax on ground-truth input) per token"),
+                   ("img", [(c, p) for c, p in maps if p])]
+    if fam["missing"]:
+        blocks += [("p", "NOT YET EVALUATED (left out above): " + ", ".join(fam["missing"]))]
+    return blocks
+
+
+def _md(blocks: list) -> str:
+    lines = []
+    for b in blocks:
+        if b[0] in ("h1", "h2", "h3"):
+            lines += ["#" * int(b[0][1]) + " " + b[1], ""]
+        elif b[0] == "p":
+            lines += [b[1], ""]
+        elif b[0] == "table":
+            lines += ["| " + " | ".join(b[1]) + " |", "|" + "---|" * len(b[1])]
+            lines += ["| " + " | ".join(r) + " |" for r in b[2]] + [""]
+        elif b[0] == "img" and b[1]:
+            lines += ["| " + " | ".join(c for c, _ in b[1]) + " |", "|" + "---|" * len(b[1]),
+                      "| " + " | ".join(f"![{c}]({p})" for c, p in b[1]) + " |", ""]
+    return "\n".join(lines)
+
+
+def _html(blocks: list, title: str) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{e(title)}</title><style>body{{font-family:sans-serif;"
+             "max-width:1100px;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+             "padding:3px 7px}figure{display:inline-block;margin:4px}</style>"]
+    for b in blocks:
+        if b[0] in ("h1", "h2", "h3"):
+            parts.append(f"<{b[0]}>{e(b[1])}</{b[0]}>")
+        elif b[0] == "p":
+            parts.append(f"<p>{e(b[1])}</p>")
+        elif b[0] == "table":
+            parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in b[1]) + "</tr>" + "".join(
+                "<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b[2]) + "</table>")
+        elif b[0] == "img":
+            parts.append("<div>" + "".join(f"<figure><img src='{e(p)}' style='max-width:{900 if len(b[1]) < 3 else 260}px'>"
+                                           f"<figcaption>{e(c)}</figcaption></figure>" for c, p in b[1]) + "</div>")
+    return "\n".join(parts)
+
+
+def write_report(out: str | Path) -> dict:
+    """Aggregate ``out`` and write report.md / report.html / report.json / plots; returns
+    the aggregated results (what report.json holds)."""
+    out = Path(out)
+    results = aggregate(out)
+    plots = _plots(results, out)
+    study = results["study"]
+    blocks = [("h1", f"sar study `{study['name']}`")]
+    if study.get("description"):
+        blocks.append(("p", study["description"]))
+    arms = ", ".join(f"`{a}`" for a in study["arms"])
+    blocks.append(("p", f"Arms {arms} (control `{study['control']}`) all start from the same checkpoint of each "
+                        f"family and use the same training seeds {study['seeds']}. Reproduce: "
+                        f"`sar study {out}/study.yaml --out DIR`; one run per job: `--arm NAME --seed S`, "
+                        f"then `sar study report DIR`."))
+    for label, fam in results["families"].items():
+        blocks += family_blocks(label, fam, study, plots, out)
+    atomic_write_text(_md(blocks) + "\n", out / "report.md")
+    atomic_write_text(_html(blocks, f"sar study {study['name']}"), out / "report.html")
+    atomic_write_text(json.dumps(results, indent=2), out / "report.json")
+    return results

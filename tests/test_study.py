@@ -1,0 +1,145 @@
+"""sar study: config validation, interval statistics, a tiny study end to end, and
+`--arm` jobs + `sar study report` reproducing the single-process result exactly."""
+
+import json
+import math
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sar_cli.main import app
+from sar_core.config import ConfigError
+from sar_core.study_config import validate_study
+from sar_core.study_stats import interval, is_flat, noise, paired_difference, t_critical
+from sar_plugins.studies import preset_names, preset_path
+
+TINY = ["--preset", "demo", "--set", "run.train.steps=1", "--set", "run.train.batch_size=8",
+        "--set", "seeds=[0,1]", "--set", "eval.samples_per_class=2", "--set", "eval.noise_seeds=[1000,1001]",
+        "--set", "eval.grid_per_class=1", "--set", "eval.gap_batches=1", "--set", "eval.batch_size=20"]
+
+
+def _out(res) -> str:
+    return " ".join(res.output.split())  # rich wraps long lines
+
+
+def _study(**over):
+    tree = yaml.safe_load(preset_path("demo").read_text())
+    tree.update(over)
+    return tree
+
+
+def test_interval_matches_the_t_table():
+    iv = interval([1.0, 2.0, 3.0])
+    assert iv["mean"] == 2.0 and iv["sd"] == 1.0
+    assert iv["high"] - iv["mean"] == pytest.approx(4.303 / math.sqrt(3))
+    assert iv["excludes_zero"] is False  # 2 - 2.48 < 0
+    assert interval([1.0, 1.5, 2.0])["excludes_zero"] is True
+    assert interval([-1.0, 1.0])["excludes_zero"] is False
+    assert interval([5.0])["low"] is None and t_critical(100) == 1.96
+    d = paired_difference({0: 3.0, 1: 5.0, 2: 9.0}, {0: 1.0, 1: 2.0})
+    assert d["seeds"] == [0, 1] and d["mean"] == 2.5
+    nz = noise([1.0, 1.2, 0.8])
+    assert nz["sd"] == pytest.approx(0.2) and nz["diff_sd"] == pytest.approx(0.2 * math.sqrt(2))
+    assert is_flat({"mean": 0.3}, 0.2) and not is_flat({"mean": 0.5}, 0.2) and is_flat({"mean": 1.0}, None) is None
+
+
+def test_study_validation_names_the_problem():
+    validate_study(_study())
+    with pytest.raises(ConfigError, match="control arm 'nope'"):
+        validate_study(_study(control="nope"))
+    with pytest.raises(ConfigError, match="unknown sections"):
+        validate_study(_study(arms={"tf": {"rollout": {"name": "none"}}, "x": {"optimiser": {}}}))
+    with pytest.raises(ConfigError, match="reserved"):
+        validate_study(_study(arms={"tf": {}, "start": {}}))
+    with pytest.raises(ConfigError, match="seeds repeat"):
+        validate_study(_study(seeds=[0, 0]))
+
+
+def test_every_preset_validates():
+    from sar_core.study_config import load_study
+
+    assert {"student-forcing", "rollout-depth", "rollout-sampling", "gamma-sweep", "infinity-bsc",
+            "cross-family", "demo"} <= set(preset_names())
+    for name in preset_names():
+        study = load_study(preset_path(name))
+        assert study.control in study.arms
+
+
+def test_cli_bad_input_exits_2(tmp_path):
+    res = CliRunner().invoke(app, ["study", "--preset", "no-such"])
+    assert res.exit_code == 2 and "unknown study preset" in _out(res)
+    res = CliRunner().invoke(app, ["study", *TINY, "--set", "control=zzz", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "control arm 'zzz'" in _out(res)
+    res = CliRunner().invoke(app, ["study", *TINY, "--arm", "zzz", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--arm 'zzz' is not in the study" in _out(res)
+    res = CliRunner().invoke(app, ["study", "report", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "not a study folder" in _out(res)
+
+
+def test_unregistered_family_is_a_clear_error(tmp_path):
+    res = CliRunner().invoke(app, ["study", "--preset", "infinity-bsc", "--out", str(tmp_path / "i")])
+    assert res.exit_code == 2 and "adapter 'infinity' is not registered" in _out(res)
+
+
+def _numbers(report: dict) -> dict:
+    return report["families"]
+
+
+def test_study_end_to_end_and_arm_jobs_reproduce_it(tmp_path):
+    run = CliRunner()
+    one = tmp_path / "one"
+    res = run.invoke(app, ["study", *TINY, "--out", str(one)])
+    assert res.exit_code == 0, res.output
+    for name in ("report.md", "report.html", "report.json", "plots/flexvar_gap_and_losses.png",
+                 "plots/flexvar_differences.png", "flexvar/start/grid.png", "flexvar/sar/seed0/grid.png",
+                 "flexvar/start/maps/all_scales.png", "flexvar/tf/seed0/maps/scale_05.png"):
+        assert (one / name).is_file(), name
+    for arm in ("tf", "sar"):
+        for seed in (0, 1):  # every arm x seed is an ordinary sar train run folder
+            folder = one / "flexvar" / arm / f"seed{seed}"
+            cfg = yaml.safe_load((folder / "config.yaml").read_text())
+            assert cfg["model"]["backbone"].endswith("demo/backbone.pth") and cfg["train"]["seed"] == seed
+            assert (folder / "backbone.pth").is_file() and (folder / "metrics.jsonl").is_file()
+    rows = [json.loads(x) for x in (one / "flexvar/sar/seed0/metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss_csf"] > 0  # the SAR arm ran a student pass
+    report = json.loads((one / "report.json").read_text())
+    fam = report["families"]["flexvar"]
+    diff = fam["differences"]["fid"]["sar"]
+    assert diff["n"] == 2 and diff["low"] <= diff["mean"] <= diff["high"]
+    assert fam["noise"]["fid"]["sd"] > 0 and fam["noise"]["fid"]["n"] == 2
+    assert len(fam["arms"]["tf"]["gap"]["mean"]) == 5  # six scales, five transitions
+    md = (one / "report.md").read_text()
+    assert "paired difference arm - tf" in md and "measurement noise" in md and "NOT YET" not in md
+    # the same study as one job per arm / seed, then report
+    two = tmp_path / "two"
+    for extra in (["--arm", "start"], ["--arm", "tf"]):
+        res = run.invoke(app, ["study", *TINY, "--out", str(two), *extra])
+        assert res.exit_code == 0, res.output
+    res = run.invoke(app, ["study", "report", str(two)])
+    assert res.exit_code == 0, res.output
+    assert "NOT YET EVALUATED" in (two / "report.md").read_text()  # the sar runs are missing, and said so
+    # the rest as parallel local jobs (subprocesses running `--arm sar --seed S`), then the report
+    res = run.invoke(app, ["study", *TINY, "--out", str(two), "--jobs", "2"])
+    assert res.exit_code == 0, res.output
+    assert "flexvar/sar/seed1: started as a job" in _out(res) and "flexvar/tf/seed0: started" not in _out(res)
+    assert (two / "flexvar" / "sar" / "seed0.log").is_file()
+    assert _numbers(json.loads((two / "report.json").read_text())) == _numbers(report)
+    # a finished run is skipped; a folder of another study is refused
+    res = run.invoke(app, ["study", *TINY, "--out", str(two), "--arm", "tf", "--seed", "0"])
+    assert res.exit_code == 0 and "done already" in _out(res)
+    res = run.invoke(app, ["study", *TINY, "--set", "run.optim.lr=0.5", "--out", str(two), "--arm", "tf"])
+    assert res.exit_code == 2 and "different study" in _out(res)
+
+
+def test_models_file_replaces_families_with_paths_from_its_folder(tmp_path):
+    from sar_core.study_config import load_study, read_families
+
+    (tmp_path / "ck").mkdir()
+    models = tmp_path / "models.yaml"
+    models.write_text("families:\n  mine: {family: var, tokenizer: ck/vae.pth, backbone: ck/var.pth, data: digits}\n")
+    study = load_study(preset_path("student-forcing"), {"run.train.steps": 7}, read_families(models))
+    assert list(study.families) == ["mine"] and study.run["train"]["steps"] == 7
+    assert study.families["mine"].tokenizer == (tmp_path / "ck" / "vae.pth").resolve()
+    res = CliRunner().invoke(app, ["study", "--preset", "gamma-sweep", "--models", str(models), "--print-config"])
+    assert res.exit_code == 0 and "mine:" in res.output and "gamma-0.01" in res.output
