@@ -51,7 +51,7 @@ def diagnose(
     backbone: Optional[Path] = BACKBONE,
     random_backbone: bool = RANDOM_BACKBONE,
     data: str = typer.Option(..., "--data", rich_help_panel="Data", envvar="SAR_DATA",
-                             help="Dataset name, image folder, or code cache folder."),
+                             help="Dataset name, NAME:FOLDER, image folder, or code cache folder."),
     split: str = typer.Option("val", "--split", rich_help_panel="Data",
                               help="Split of a dataset (ignored for a code cache)."),
     schedule: Optional[str] = SCHEDULE,

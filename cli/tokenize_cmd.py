@@ -58,7 +58,8 @@ def tokenize(
                                             help="Backbone checkpoint: only its schedule is used (without it, "
                                             "pass --schedule to match the backbone you will train)."),
     data: str = typer.Option(..., "--data", rich_help_panel="Data",
-                             help="A registered dataset name (e.g. digits) or an image folder."),
+                             help="A registered dataset name (e.g. digits), NAME:FOLDER "
+                                  "(e.g. textimages:/data/captioned) or an image folder."),
     split: str = typer.Option("train", "--split", rich_help_panel="Data", help="Dataset split to encode."),
     image_size: Optional[str] = typer.Option(None, "--image-size", rich_help_panel="Data",
                                              help="S pixels a side or HxW; must match the schedule "

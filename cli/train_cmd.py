@@ -105,7 +105,8 @@ def train(
     backbone: Optional[Path] = typer.Option(None, "--backbone", help="Backbone checkpoint to post-train."),
     schedule: Optional[str] = typer.Option(None, "--schedule",
                                            help="Training schedule (1_2_3_4) or a schedule sampler (flexvar-random)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Dataset name, image folder, or code cache folder."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset name, NAME:FOLDER (e.g. "
+                                       "textimages:/data/captioned), image folder, or code cache folder."),
     split: Optional[str] = typer.Option(None, "--split", help="Dataset split."),
     image_size: Optional[str] = typer.Option(None, "--image-size",
                                              help="Training image size: S pixels a side, or HxW (e.g. 256x512)."),

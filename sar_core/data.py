@@ -266,6 +266,15 @@ def size_option(image_size: int | tuple[int, int] | list) -> int | tuple[int, in
     return h if h == w else (h, w)
 
 
+def dataset_at(spec: str, names) -> Optional[tuple[str, str]]:
+    """``NAME:FOLDER`` with NAME a registered dataset -> (NAME, FOLDER): the dataset reads
+    that folder (its ``root`` option), e.g. ``--data textimages:/data/captioned``."""
+    name, sep, root = str(spec).partition(":")
+    if sep and name in names and root:
+        return name, root
+    return None
+
+
 def open_training_data(spec: str, split: str, image_size: Optional[tuple[int, int]], options: dict, registry,
                        adapter=None, schedule=None) -> Dataset:
     """A code cache folder, a registered dataset name, or an image folder (read by the
@@ -280,8 +289,11 @@ def open_training_data(spec: str, split: str, image_size: Optional[tuple[int, in
         opts["image_size"] = size_option(image_size)
     if str(spec) in registry.names("dataset"):
         return registry.get("dataset", str(spec))(**opts)
+    at = dataset_at(spec, registry.names("dataset"))
+    if at is not None:
+        return registry.get("dataset", at[0])(**{**opts, "root": at[1]})
     if Path(spec).is_dir():
         return registry.get("dataset", "imagefolder")(root=str(spec), **opts)
     known = ", ".join(registry.names("dataset")) or "none"
-    raise ValueError(f"--data '{spec}' is neither a registered dataset ({known}), an image folder, "
-                     "nor a code cache folder")
+    raise ValueError(f"--data '{spec}' is neither a registered dataset ({known}), NAME:FOLDER, an image "
+                     "folder, nor a code cache folder")

@@ -15,18 +15,20 @@ from sar_core.generation import to_uint8
 
 
 def resolve_reference(reference: str | Path, split: str) -> tuple[str, Optional[str]]:
-    """(what to read, the split actually used): a registered dataset name and its split, or
-    a folder, ``folder/<split>`` when that sub-folder exists (split None otherwise)."""
+    """(what to read, the split actually used): a registered dataset name (or NAME:FOLDER)
+    and its split, or a folder, ``folder/<split>`` when that sub-folder exists (split None otherwise)."""
     from sar_core.plugins import get_registry
 
+    from sar_core.data import dataset_at
+
     reg = get_registry()
-    if str(reference) in reg.names("dataset"):
+    if str(reference) in reg.names("dataset") or dataset_at(str(reference), reg.names("dataset")):
         return str(reference), split
     base = Path(reference)
     if base.is_dir():
         return (str(base / split), split) if split and (base / split).is_dir() else (str(base), None)
     known = ", ".join(reg.names("dataset")) or "none"
-    raise ValueError(f"reference '{reference}' is neither a registered dataset ({known}) nor a folder")
+    raise ValueError(f"reference '{reference}' is neither a registered dataset ({known}), NAME:FOLDER, nor a folder")
 
 
 def reference_set(reference: str | Path, split: str, image_size: int | tuple[int, int]) -> Dataset:
@@ -34,13 +36,14 @@ def reference_set(reference: str | Path, split: str, image_size: int | tuple[int
     of images (``folder/<split>`` if present; resized / centre-cropped to ``image_size`` as
     ADM's reference batches) -> uint8 image set. The first image is read at once, so a bad
     reference fails before any sampling."""
-    from sar_core.data import image_hw
+    from sar_core.data import dataset_at, image_hw
     from sar_core.evaluation import DatasetImages, FolderImages, open_dataset
     from sar_core.plugins import get_registry
 
     hw = image_hw(image_size)
     where, used = resolve_reference(reference, split)
-    if where in get_registry().names("dataset"):
+    names = get_registry().names("dataset")
+    if where in names or dataset_at(where, names):
         data = DatasetImages(open_dataset(where, split=used, image_size=hw, deterministic=True))
     else:
         data = FolderImages(where, hw)

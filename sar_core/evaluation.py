@@ -162,8 +162,9 @@ def _accepts(factory: Callable, name: str) -> bool:
 
 def open_dataset(spec: str | Path, split: str = "train", image_size: int | tuple[int, int] | None = None,
                  deterministic: bool = False, **options) -> Dataset:
-    """A registered dataset name, or a folder (read by the registered ``imagefolder``
-    dataset) -> a dataset of (image (3, H, W) in [-1, 1], target) items.
+    """A registered dataset name, ``NAME:FOLDER`` (that dataset reading FOLDER), or a folder
+    (read by the registered ``imagefolder`` dataset) -> a dataset of (image (3, H, W) in
+    [-1, 1], target) items.
 
     ``image_size`` is an int (square) or an (H, W) pair; factories get an int for square
     sizes and the pair otherwise.
@@ -177,13 +178,18 @@ def open_dataset(spec: str | Path, split: str = "train", image_size: int | tuple
         from sar_core.data import size_option
 
         opts["image_size"] = size_option(image_size)
+    from sar_core.data import dataset_at
+
+    at = dataset_at(spec, reg.names("dataset"))
     if str(spec) in reg.names("dataset"):
         factory = reg.get("dataset", str(spec))
+    elif at is not None:
+        factory, opts["root"] = reg.get("dataset", at[0]), at[1]
     elif Path(spec).is_dir():
         factory, opts["root"] = reg.get("dataset", "imagefolder"), str(spec)
     else:
         known = ", ".join(reg.names("dataset")) or "none"
-        raise ValueError(f"'{spec}' is neither a registered dataset ({known}) nor an existing folder")
+        raise ValueError(f"'{spec}' is neither a registered dataset ({known}), NAME:FOLDER, nor an existing folder")
     if deterministic and _accepts(factory, "augment"):
         opts["augment"] = False
     return factory(**opts)

@@ -1,0 +1,25 @@
+"""The ``infinity`` family: Infinity (FoundationVision/Infinity) with its BSQ-VAE tokenizer.
+
+Bitwise codes, text conditions (pre-computed T5 features), non-square template
+schedules, and Bitwise Self-Correction as a training option. Registered through the
+``sar`` entry-point group like any third-party plugin.
+"""
+
+from sar_core.hookspecs import hookimpl
+
+from .adapter import InfinityAdapter
+from .config import InfinityConfig
+
+__all__ = ["InfinityAdapter", "InfinityConfig"]
+
+
+@hookimpl
+def register_adapters(register):
+    register("infinity", InfinityAdapter)
+
+
+@hookimpl
+def register_datasets(register):
+    from .data import textimages
+
+    register("textimages", textimages)

@@ -1,0 +1,289 @@
+"""The Infinity adapter: BSQ-VAE tokenizer + Infinity transformer behind the sar contract.
+
+Codes are bits: one int64 (B, h*w, d) tensor per scale. The input of scale k+1 is the
+running sum of every coarser scale's codes (trilinear at the last grid) resized to scale
+k+1, so a stagger input replaces the codes at k on top of the history below k. With
+Bitwise Self-Correction on (``bsc_layers`` > 0) ``encode`` in training mode returns the
+clean labels plus the corrupted history they were re-quantised against (:class:`BitCodes`);
+teacher and stagger inputs are then built on that history, so BSC and SAR compose.
+
+The condition is text: ``batch.conditions["text_features"]`` (a Padded (B, N, Ct5) with
+lengths) -> upstream's compact layout (see :mod:`.text`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+
+from sar_core.adapter import CheckpointError, CodeSpace, Generation, ScaleWiseAdapter
+from sar_core.schedule import Schedule
+
+from . import bsq
+from . import checkpoint as ckpt
+from .backbone import Infinity, init_weights
+from .case import InfinityCaseRunner
+from .config import BackboneConfig, InfinityConfig, TokenizerConfig
+from .patchify import TokenGrid
+from .sampler import generate, to_uint8_bgr
+from .templates import schedule_template
+from .text import cat_text, padded_to_compact, text_condition
+from .tokenizer import BSQVAE, init_tokenizer
+
+TEXT_KEY = "text_features"
+NO_DECAY = ("cfg_uncond", "pos_start", "lvl_embed", "scale_mul", "ada_gss", "mat_q")
+
+
+def tokenizer_side(fn):
+    @functools.wraps(fn)
+    def wrapped(self, *args, **kwargs):
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            return fn(self, *args, **kwargs)
+    return wrapped
+
+
+class InfinityGeneration(Generation):
+    """``Generation`` plus the decoder input and upstream's uint8 BGR image."""
+
+    def __init__(self, codes, images, guided_logits, summed, raw_images):
+        super().__init__(codes, images, guided_logits)
+        self.summed_codes, self.raw_images = summed, raw_images
+
+    @property
+    def uint8_bgr(self) -> torch.Tensor:
+        return to_uint8_bgr(self.raw_images)
+
+
+def apply_overrides(cfg: dict, overrides: Optional[dict]) -> dict:
+    """Merge overrides (nested, dotted ``backbone.depth`` or bare field names)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
+    out.setdefault("tokenizer", {})
+    out.setdefault("backbone", {})
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and key in ("tokenizer", "backbone"):
+            out[key].update(value)
+        elif "." in key:
+            part, name = key.split(".", 1)
+            out.setdefault(part, {})[name] = value
+        elif key in InfinityConfig.model_fields:
+            out[key] = value
+        elif key in TokenizerConfig.model_fields:
+            out["tokenizer"][key] = value
+        elif key in BackboneConfig.model_fields:
+            out["backbone"][key] = value
+        else:
+            out[key] = value
+    return out
+
+
+class InfinityAdapter(ScaleWiseAdapter):
+    name: ClassVar[str] = "infinity"
+    config_cls = InfinityConfig
+    no_decay_keywords = NO_DECAY
+    case_runner = InfinityCaseRunner
+
+    # ---------------------------------------------------------------- construction
+    @staticmethod
+    def _build(config: InfinityConfig) -> tuple[BSQVAE, Infinity]:
+        return BSQVAE(config.tokenizer), Infinity(config.backbone, config.token_bits, config.h_div_w)
+
+    def __init__(self, config: InfinityConfig, tokenizer, backbone):
+        super().__init__(config, tokenizer, backbone)
+        self.grid = TokenGrid(config.patch_factor)
+
+    @classmethod
+    def from_config(cls, config: InfinityConfig | dict) -> "InfinityAdapter":
+        if isinstance(config, dict):
+            config = InfinityConfig(**config)
+        tok, bb = cls._build(config)
+        init_tokenizer(tok)
+        init_weights(bb)
+        return cls(config, tok, bb)
+
+    @classmethod
+    def load(cls, tokenizer_path, backbone_path=None, overrides: dict | None = None) -> "InfinityAdapter":
+        if tokenizer_path is None:
+            raise CheckpointError("the infinity family needs a tokenizer checkpoint (e.g. infinity_vae_d32reg.pth)")
+        tok_sd = ckpt.read_tokenizer(tokenizer_path)
+        raw = {"tokenizer": ckpt.infer_tokenizer(tok_sd)}
+        bb_sd = None
+        if backbone_path is not None:
+            bb_sd = ckpt.read_backbone(backbone_path)
+            raw["backbone"] = ckpt.infer_backbone(bb_sd)
+            # Infinity-8B: the transformer sees pixel_unshuffle(2) of the tokenizer's bits
+            raw["spatial_patchify"] = ckpt.backbone_bits(bb_sd) == 4 * raw["tokenizer"]["codebook_dim"]
+        try:
+            config = InfinityConfig(**apply_overrides(raw, overrides))
+        except ValueError as exc:
+            raise CheckpointError(f"invalid Infinity configuration from {tokenizer_path}"
+                                  f"{' / ' + str(backbone_path) if backbone_path else ''}: {exc}") from exc
+        if bb_sd is not None and ckpt.backbone_bits(bb_sd) != config.token_bits:
+            raise CheckpointError(
+                f"backbone {backbone_path} predicts {ckpt.backbone_bits(bb_sd)} bits per token, but tokenizer "
+                f"{tokenizer_path} has d = {config.tokenizer.codebook_dim} ({config.token_bits} bits per token "
+                f"with spatial_patchify={config.spatial_patchify}); use the tokenizer the backbone was trained "
+                "with (e.g. infinity_vae_d32reg.pth for infinity_2b_reg.pth)")
+        tok, bb = cls._build(config)
+        ckpt.load_tokenizer_state(tok, tok_sd, tokenizer_path)
+        if bb_sd is not None:
+            ckpt.load_backbone_state(bb, bb_sd, backbone_path)
+        else:
+            init_weights(bb)
+        return cls(config, tok, bb)
+
+    def save(self, tokenizer_path, backbone_path, layout: str = "plain") -> None:
+        if tokenizer_path is not None:
+            ckpt.write_tokenizer(self.tokenizer, tokenizer_path)
+        if backbone_path is not None:
+            ckpt.write_backbone(self.backbone, backbone_path, layout)
+
+    # ---------------------------------------------------------------- schedules
+    @property
+    def default_schedule(self) -> Schedule:
+        return self.config.train_schedule
+
+    def check_schedule(self, schedule) -> Schedule:
+        schedule = Schedule.parse(schedule)
+        schedule_template(schedule, self.config.h_div_w)
+        return schedule
+
+    def check_schedule_sampler(self, sampler) -> None:
+        """RoPE tables exist for template schedules only (spec §2.2)."""
+        self.check_schedule(sampler.default)
+
+    def transformer_blocks(self) -> list:
+        """Every CrossAttnBlock (upstream checkpoints 'full-block' the same units)."""
+        return self.backbone.all_blocks()
+
+    def image_size(self, schedule: Schedule) -> tuple[int, int]:
+        h, w = Schedule.parse(schedule)[-1]
+        p = self.config.tokenizer.patch_size * self.config.patch_factor
+        return h * p, w * p
+
+    @classmethod
+    def image_size_overrides(cls, size: tuple[int, int]) -> dict:
+        h, w = size
+        return {"h_div_w": float(h) / float(w)}
+
+    # ---------------------------------------------------------------- model facts
+    @property
+    def num_classes(self) -> None:
+        return None
+
+    @property
+    def code_space(self) -> CodeSpace:
+        return CodeSpace(bits=int(self.config.token_bits))
+
+    # ---------------------------------------------------------------- conditions
+    def condition(self, batch) -> dict:
+        feats = batch.conditions.get(TEXT_KEY)
+        if feats is None:
+            names = ", ".join(sorted(batch.conditions)) or "none"
+            raise ValueError(f"family 'infinity' is text-conditioned: the batch needs '{TEXT_KEY}' "
+                             f"(pre-computed T5 features, see docs/infinity.md); it has: {names}")
+        return self.text_condition(padded_to_compact(feats.values, feats.lengths), feats.lengths)
+
+    def text_condition(self, kv_compact: torch.Tensor, lens) -> dict:
+        ct5 = self.config.backbone.text_channels
+        if kv_compact.shape[-1] != ct5:
+            raise ValueError(f"text features are {kv_compact.shape[-1]}-wide but the backbone expects "
+                             f"Ct5 = {ct5} (use the text encoder the checkpoint was trained with)")
+        return text_condition(kv_compact, lens)
+
+    def null_condition(self, cond: dict) -> dict:
+        return {**cond, "null": torch.ones_like(cond["null"])}
+
+    def cfg_condition(self, cond: dict) -> dict:
+        return cat_text([cond, self.null_condition(cond)])
+
+    # ---------------------------------------------------------------- guidance
+    def guidance_scale(self, step: int, num_steps: int, cfg: float) -> float:
+        """Upstream guides every scale with the same cfg (cfg_list = [cfg] * K): t = cfg - 1."""
+        return float(cfg) - 1.0
+
+    def guide_logits(self, cond_logits, uncond_logits, step, num_steps, cfg):
+        """(cfg * cond + (1 - cfg) * uncond) / tau, tau from the config (upstream divides
+        both branches by tau before mixing)."""
+        t = self.guidance_scale(step, num_steps, cfg)
+        return ((1 + t) * cond_logits - t * uncond_logits) / self.config.tau
+
+    # ---------------------------------------------------------------- tokenizer side
+    @property
+    def bsc_active(self) -> bool:
+        return self.config.bsc_layers > 0 and self.backbone.training
+
+    @tokenizer_side
+    def encode(self, images: torch.Tensor, schedule: Schedule) -> bsq.BitCodes:
+        schedule = self.check_schedule(schedule)
+        q = self.quantise(self.tokenizer.features(images), schedule)
+        return bsq.BitCodes(q.labels, q.history if self.bsc_active else None)
+
+    def quantise(self, features, schedule: Schedule, flip_masks=None) -> bsq.Quantised:
+        """The training quantisation on the tokenizer grid; bits and inputs returned on the
+        transformer's (identical without spatial patchify; ``fhat`` stays on the tokenizer's)."""
+        c, g = self.config, self.grid
+        layers = c.bsc_layers if (self.bsc_active or flip_masks is not None) else 0
+        masks = None if flip_masks is None else [g.to_tok(torch.as_tensor(m), schedule[k])
+                                                 for k, m in enumerate(flip_masks)]
+        q = bsq.multiscale(features, g.tok_schedule(schedule), masks, layers, c.bsc_strength, c.bsc_requant)
+        if g.f == 1:
+            return q
+
+        def model(xs):
+            return [g.to_model(x, schedule[k]) for k, x in enumerate(xs)]
+
+        return bsq.Quantised(model(q.labels), model(q.history), g.inputs_to_model(q.inputs, schedule), q.fhat,
+                             model(q.flip_masks))
+
+    def _tok_bits(self, bits: list, schedule: Schedule) -> list:
+        return [None if b is None else self.grid.to_tok(b, schedule[k]) for k, b in enumerate(bits)]
+
+    def _history(self, codes: list) -> list:
+        if self.bsc_active and not (isinstance(codes, bsq.BitCodes) and codes.history is not None):
+            raise ValueError("Bitwise Self-Correction re-quantises tokenizer features, so it trains on images, "
+                             "not on a code cache: pass an image dataset or set model.overrides.bsc_layers=0")
+        return bsq.history_of(codes)
+
+    @tokenizer_side
+    def teacher_inputs(self, codes: list, schedule: Schedule) -> torch.Tensor:
+        schedule = Schedule.parse(schedule)
+        x = bsq.next_inputs(self._tok_bits(self._history(codes), schedule), self.grid.tok_schedule(schedule))
+        return self.grid.inputs_to_model(x, schedule)
+
+    @tokenizer_side
+    def stagger_inputs(self, gt_codes: list, pred_codes: list, schedule: Schedule,
+                       scales: Sequence[int]) -> torch.Tensor:
+        schedule = Schedule.parse(schedule)
+        chosen = sorted(set(int(k) for k in scales))
+        bad = [k for k in chosen if not 0 <= k <= len(schedule) - 2]
+        if bad:
+            raise ValueError(f"stagger scales {bad} out of range for a {len(schedule)}-scale schedule")
+        pred = self._tok_bits([pred_codes[k] if k in chosen else None for k in range(len(schedule))], schedule)
+        x = bsq.next_inputs(self._tok_bits(self._history(gt_codes), schedule), self.grid.tok_schedule(schedule),
+                            {k: pred[k] for k in chosen})
+        return self.grid.inputs_to_model(x, schedule)
+
+    @tokenizer_side
+    def decode(self, codes: list, schedule: Schedule) -> torch.Tensor:
+        schedule = Schedule.parse(schedule)
+        bits = self._tok_bits(list(codes), schedule)
+        return self.tokenizer.decode_map(bsq.summed_codes(bits, self.grid.tok_schedule(schedule)))
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(self, cond: dict, schedule: Schedule, *, cfg: float, top_k: int = 0, top_p: float = 0.0,
+                 generator: torch.Generator | None = None, tau=None, cfg_insertion_layer: Optional[int] = None,
+                 gt_leak: Sequence[torch.Tensor] = (), **options: Any) -> InfinityGeneration:
+        if options:
+            raise TypeError(f"unknown Infinity sampling options: {sorted(options)}")
+        schedule = self.check_schedule(schedule)
+        top_k = int(top_k) or int(self.config.backbone.top_k)   # upstream: 0 -> the model's default
+        insertion = self.config.cfg_insertion_layer if cfg_insertion_layer is None else int(cfg_insertion_layer)
+        tau = self.config.tau if tau is None else tau
+        out = generate(self.backbone, cond, self.null_condition(cond), schedule, cfg, tau, top_k, float(top_p),
+                       generator, insertion, gt_leak, self.grid)
+        with torch.autocast(self.device.type, enabled=False):
+            raw = self.tokenizer.decode_map(out.summed)
+        return InfinityGeneration(out.bits, raw.add(1).div(2), out.guided_logits, out.summed, raw)
