@@ -78,8 +78,9 @@ def test_cli_bad_input_exits_2(tmp_path):
 
 
 def test_unregistered_family_is_a_clear_error(tmp_path):
-    res = CliRunner().invoke(app, ["study", "--preset", "infinity-bsc", "--out", str(tmp_path / "i")])
-    assert res.exit_code == 2 and "adapter 'infinity' is not registered" in _out(res)
+    res = CliRunner().invoke(app, ["study", "--preset", "demo", "--set", "families.flexvar.family=nosuch",
+                                   "--out", str(tmp_path / "i")])
+    assert res.exit_code == 2 and "adapter 'nosuch' is not registered" in _out(res)
 
 
 def _numbers(report: dict) -> dict:
