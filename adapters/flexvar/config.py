@@ -17,6 +17,7 @@ from typing import Optional
 
 from pydantic import BaseModel, model_validator
 
+from sar_adapters.common.overrides import merge_overrides
 from sar_core.adapter import AdapterConfig, CheckpointError
 from sar_core.schedule import Schedule
 
@@ -181,22 +182,7 @@ def apply_overrides(cfg: dict, overrides: Optional[dict]) -> dict:
 
     Keys may be nested dicts, dotted (``backbone.depth``) or bare field names of one
     sub-config (``depth``, ``ch_mult``, ``cond_drop_rate``)."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
-    out.setdefault("tokenizer", {})
-    out.setdefault("backbone", {})
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and key in ("tokenizer", "backbone"):
-            out[key].update(value)
-        elif "." in key:
-            part, field = key.split(".", 1)
-            out.setdefault(part, {})[field] = value
-        elif key in TokenizerConfig.model_fields:
-            out["tokenizer"][key] = value
-        elif key in BackboneConfig.model_fields:
-            out["backbone"][key] = value
-        else:
-            out[key] = value
-    return out
+    return merge_overrides(cfg, overrides, {"tokenizer": TokenizerConfig, "backbone": BackboneConfig})
 
 
 def infer_flexvar_config(tokenizer_sd: dict, backbone_sd: Optional[dict], overrides: Optional[dict] = None,

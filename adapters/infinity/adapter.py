@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
+from sar_adapters.common.overrides import merge_overrides
 from sar_core.adapter import CheckpointError, CodeSpace, Generation, ScaleWiseAdapter
 from sar_core.schedule import Schedule
 
@@ -57,25 +58,10 @@ class InfinityGeneration(Generation):
 
 
 def apply_overrides(cfg: dict, overrides: Optional[dict]) -> dict:
-    """Merge overrides (nested, dotted ``backbone.depth`` or bare field names)."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
-    out.setdefault("tokenizer", {})
-    out.setdefault("backbone", {})
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and key in ("tokenizer", "backbone"):
-            out[key].update(value)
-        elif "." in key:
-            part, name = key.split(".", 1)
-            out.setdefault(part, {})[name] = value
-        elif key in InfinityConfig.model_fields:
-            out[key] = value
-        elif key in TokenizerConfig.model_fields:
-            out["tokenizer"][key] = value
-        elif key in BackboneConfig.model_fields:
-            out["backbone"][key] = value
-        else:
-            out[key] = value
-    return out
+    """Merge overrides (nested, dotted ``backbone.depth`` or bare field names; top-level
+    fields of InfinityConfig first)."""
+    return merge_overrides(cfg, overrides, {"tokenizer": TokenizerConfig, "backbone": BackboneConfig},
+                           top=InfinityConfig)
 
 
 class InfinityAdapter(ScaleWiseAdapter):
