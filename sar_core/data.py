@@ -208,6 +208,20 @@ class AspectGrouped(Dataset):
         raise NotImplementedError
 
 
+def size_buckets(paths: list, sizes: list) -> list[tuple[int, int]]:
+    """The pixel (H, W) of ``sizes`` nearest in h/w to every image (read from its header
+    only): the bucket an :class:`AspectGrouped` image dataset resizes it into."""
+    from PIL import Image
+
+    sizes = [tuple(int(v) for v in hw) for hw in sizes]
+    out = []
+    for p in paths:
+        with Image.open(p) as img:
+            r = img.height / img.width
+        out.append(min(sizes, key=lambda hw: abs(hw[0] / hw[1] - r)))
+    return out
+
+
 class GroupedBatchSampler(Sampler):
     """This rank's micro-batches of ``(epoch, index)`` keys, each batch from one group.
 
