@@ -57,3 +57,24 @@ def test_grouped_stream_resumes_bit_exactly_with_workers():
 def test_no_group_large_enough_is_a_clear_error():
     with pytest.raises(ValueError, match="too few in any one size group"):
         BatchStream(Mixed(2, 2), micro_batch=3, rank=0, world_size=1, seed=0)
+
+
+def test_imagefolder_buckets_mixed_ratios_only(tmp_path):
+    from PIL import Image
+
+    from sar_plugins.datasets import AspectImageFolder, ImageFolderDataset, imagefolder
+
+    for name, (w, h) in {"sq": (20, 20), "wide": (40, 30), "sq2": (24, 24), "wide2": (32, 24)}.items():
+        (tmp_path / "mixed" / "a").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (w, h), (200, 10, 10)).save(tmp_path / "mixed" / "a" / f"{name}.png")
+    (tmp_path / "square" / "a").mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(tmp_path / "square" / "a" / "x.png")
+    sizes = [[16, 16], [12, 16], [16, 12]]
+    assert type(imagefolder(str(tmp_path / "square"), image_size=16, image_sizes=sizes)) is ImageFolderDataset
+    ds = imagefolder(str(tmp_path / "mixed"), image_size=16, image_sizes=sizes)
+    assert isinstance(ds, AspectImageFolder)
+    groups = {p.stem: ds.group_of(i) for i, (p, _) in enumerate(ds.items)}
+    assert groups == {"sq": (16, 16), "sq2": (16, 16), "wide": (12, 16), "wide2": (12, 16)}
+    stream = BatchStream(ds, micro_batch=2, rank=0, world_size=1, seed=1)
+    shapes = {tuple(stream.next().images.shape[-2:]) for _ in range(2)}
+    assert shapes == {(16, 16), (12, 16)}
