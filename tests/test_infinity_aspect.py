@@ -70,3 +70,26 @@ def test_mixed_ratios_train_per_template_and_resume_bit_exactly(tmp_path, data, 
     for s in (3, 4):
         for k in ("loss", "loss_tf", "loss_csf", "grad_norm"):
             assert a[s][k] == b[s][k], (s, k)
+
+
+
+def test_template_sizes_and_schedules():
+    from sar_adapters.infinity.templates import TEMPLATES
+    from sar_core.schedule import ScheduleSampler
+    from test_infinity_contract import TestInfinityContract
+
+    adapter = TestInfinityContract().make_adapter()   # h/w 0.75, 0.06M, 2 px a token
+    sampler = adapter.schedule_sampler()
+    sizes = adapter.training_image_sizes(sampler)
+    assert sizes[0] == (30, 40) and (32, 32) in sizes and len(sizes) == len(set(sizes)) == len(TEMPLATES)
+    sched = adapter.schedule_for_image_size((32, 32), sampler.default)
+    assert list(sched) == list(TEMPLATES[1.0][:7]) and adapter.image_size(sched) == (32, 32)
+    with pytest.raises(ValueError, match="match no Infinity template"):
+        adapter.schedule_for_image_size((32, 30), sampler.default)
+    # the official rollout's [scale 0, scale k] pass of another template still finds its levels
+    assert adapter.backbone.levels([(1, 1), (16, 16)]) == [0, 6]
+    # families that train one size refuse other sizes (the contract's default)
+    one = toy.ToyAdapter.from_config(toy.ToyConfig())
+    assert one.training_image_sizes(ScheduleSampler(one.default_schedule)) == [one.image_size(one.default_schedule)]
+    with pytest.raises(ValueError, match="resize the data to one size"):
+        one.schedule_for_image_size((3, 5), one.default_schedule)
