@@ -15,6 +15,12 @@ crop otherwise, then values in [-1, 1]. Randomness comes
 from torch's global RNG, which the trainer seeds per item. Every PIL mode is read as 8-bit
 RGB correctly (:mod:`sar_core.image_io`: 16-bit scaled, not clipped; alpha on white);
 each kind of conversion, and upscaling of small images, is said once per dataset.
+
+Mixed aspect ratios: when the trainer passes ``image_sizes`` (models that train several
+sizes, e.g. Infinity's templates) and some image is nearer in h/w to another size than to
+``image_size``, every image goes to its nearest size (read from its header): resized to
+cover ``resize_ratio`` times it, keeping its aspect, then cropped to it, one size per batch
+(:class:`sar_core.data.AspectGrouped`). Otherwise every image goes to ``image_size``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
-from sar_core.data import image_hw, size_option
+from sar_core.data import AspectGrouped, image_hw, size_buckets, size_option
 from sar_core.image_io import ConversionNotes, open_rgb8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -55,16 +61,17 @@ def scan_folder(root: Path, class_map: Optional[dict[str, int]] = None) -> tuple
     return items, classes
 
 
-def build_transform(image_size: int | tuple[int, int], augment: bool, resize_ratio: float = 1.125,
+def build_transform(image_size: int | tuple[int, int], augment: bool, resize_ratio: Optional[float] = 1.125,
                     hflip: bool = True):
     """``image_size`` S or (H, W): the shorter side goes to round(ratio * max(H, W)), then a
-    (H, W) crop."""
+    (H, W) crop (no resize for ``resize_ratio=None``)."""
     from torchvision import transforms as T
 
     h, w = image_hw(image_size)
-    resize = T.Resize(round(resize_ratio * max(h, w)), interpolation=T.InterpolationMode.LANCZOS)
     crop = T.RandomCrop((h, w)) if augment else T.CenterCrop((h, w))
-    steps = [resize, crop]
+    steps = [crop]
+    if resize_ratio is not None:
+        steps.insert(0, T.Resize(round(resize_ratio * max(h, w)), interpolation=T.InterpolationMode.LANCZOS))
     if augment and hflip:
         steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
@@ -76,7 +83,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int | tuple[int, int] = 256,
                  augment: Optional[bool] = None, hflip: bool = True, resize_ratio: float = 1.125,
-                 class_map: str | Path | None = None):
+                 class_map: str | Path | None = None, buckets: Optional[list] = None):
         from sar_core.classes import read_class_map
 
         base = Path(root)
@@ -88,6 +95,8 @@ class ImageFolderDataset(Dataset):
         self.image_size = size_option(image_size)
         self.augment = (split == "train") if augment is None else bool(augment)
         self.transform = build_transform(self.image_size, self.augment, resize_ratio, hflip)
+        self.buckets, self.resize_ratio = buckets, resize_ratio  # per-item (H, W), or None
+        self.bucket_tf = {hw: build_transform(hw, self.augment, None, hflip) for hw in set(buckets or ())}
         self.notes = ConversionNotes(f"image folder {self.root}")
 
     @property
@@ -105,7 +114,18 @@ class ImageFolderDataset(Dataset):
         if min(img.size) < side:
             notes.append(f"images smaller than {side} px a side upscaled")
         self.notes.add(notes)
-        return self.transform(img), torch.tensor(label, dtype=torch.int64)
+        if self.buckets is None:
+            return self.transform(img), torch.tensor(label, dtype=torch.int64)
+        return self._bucketed(img, self.buckets[i]), torch.tensor(label, dtype=torch.int64)
+
+    def _bucketed(self, img, hw: tuple[int, int]) -> torch.Tensor:
+        """Resize to cover ``resize_ratio`` x (H, W) keeping the aspect, then crop."""
+        from PIL import Image
+
+        h, w = hw
+        s = self.resize_ratio * max(h / img.height, w / img.width)
+        img = img.resize((max(w, round(img.width * s)), max(h, round(img.height * s))), Image.LANCZOS)
+        return self.bucket_tf[hw](img)
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset(root={str(self.root)!r}, n={len(self)}, classes={len(self.classes)}, "
@@ -114,11 +134,25 @@ class ImageFolderDataset(Dataset):
 
 def imagefolder(root: str, split: str = "train", image_size: int | tuple[int, int] = 256,
                 augment: Optional[bool] = None, hflip: bool = True, resize_ratio: float = 1.125,
-                class_map: Optional[str] = None, **_) -> ImageFolderDataset:
+                class_map: Optional[str] = None, image_sizes: Optional[list] = None, **_) -> ImageFolderDataset:
     """Factory registered as dataset ``imagefolder`` (``class_map``: a file, see
-    :mod:`sar_core.classes`)."""
-    return ImageFolderDataset(root, split=split, image_size=image_size, augment=augment, hflip=hflip,
-                              resize_ratio=resize_ratio, class_map=class_map)
+    :mod:`sar_core.classes`; ``image_sizes``: see the module text)."""
+    kw = dict(split=split, image_size=image_size, augment=augment, hflip=hflip, resize_ratio=resize_ratio,
+              class_map=class_map)
+    ds = ImageFolderDataset(root, **kw)
+    if not image_sizes:
+        return ds
+    buckets = size_buckets([p for p, _ in ds.items], image_sizes)
+    if set(buckets) <= {image_hw(ds.image_size)}:
+        return ds
+    return AspectImageFolder(root, **kw, buckets=buckets)
+
+
+class AspectImageFolder(ImageFolderDataset, AspectGrouped):
+    """An image folder of mixed aspect ratios: each image in its size bucket."""
+
+    def group_of(self, index: int) -> tuple[int, int]:
+        return self.buckets[index]
 
 
 #: registered by the ``core`` plugin (name -> factory)

@@ -200,6 +200,21 @@ class ScaleWiseAdapter(ABC):
         size under many schedules (FlexVAR) return their configured size."""
         return tuple(self.image_size(sampler.default))
 
+    def training_image_sizes(self, sampler: ScheduleSampler) -> list[tuple[int, int]]:
+        """Every pixel (H, W) this model can train images at for ``sampler`` (e.g. one per
+        aspect-ratio template). With more than one, the trainer passes them to the dataset
+        as the ``image_sizes`` option, so a dataset of mixed aspect ratios can bucket its
+        items (:class:`sar_core.data.AspectGrouped`, one bucket per batch). Default: the
+        one training size."""
+        return [tuple(self.training_image_size(sampler))]
+
+    def schedule_for_image_size(self, size: tuple[int, int], schedule: Schedule) -> Schedule:
+        """The schedule to train a batch of pixel ``size`` (one of ``training_image_sizes``
+        other than the default) with, given the step's drawn ``schedule``. Default: refuse,
+        the model trains one image size."""
+        raise ValueError(f"this model trains {'x'.join(map(str, self.image_size(schedule)))} images only, "
+                         f"not {size[0]}x{size[1]}; resize the data to one size")
+
     @classmethod
     def image_size_overrides(cls, size: tuple[int, int]) -> dict:
         """Config overrides that make a fresh / loaded model train at pixel ``size``

@@ -12,6 +12,11 @@ Determinism: the order of an epoch is a function of (seed, epoch) (a
 by (seed, epoch, index) inside the item fetch, whatever worker process fetches it. A run
 resumed at (epoch, batch) therefore sees exactly the batches an uninterrupted run sees,
 with any number of DataLoader workers.
+
+Size groups: a dataset that subclasses :class:`AspectGrouped` names a group per item
+(e.g. the aspect-ratio bucket an image falls into, read from its header) and then every
+micro-batch holds items of ONE group (:class:`GroupedBatchSampler`), with the same
+determinism, rank-disjointness and resumability. Other datasets are sampled as before.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Hashable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -192,21 +197,98 @@ class ResumableSampler(Sampler):
         return iter([(self.epoch, i) for i in indices])
 
 
+class AspectGrouped(Dataset):
+    """Base of datasets whose items fall into size groups; a batch draws from one group.
+
+    ``group_of(index)`` returns a hashable, orderable key (e.g. ``(H, W)`` of the item's
+    bucket), computed cheaply (no image decode): the sampler asks it for every item once.
+    """
+
+    def group_of(self, index: int) -> Hashable:
+        raise NotImplementedError
+
+
+def size_buckets(paths: list, sizes: list) -> list[tuple[int, int]]:
+    """The pixel (H, W) of ``sizes`` nearest in h/w to every image (read from its header
+    only): the bucket an :class:`AspectGrouped` image dataset resizes it into."""
+    from PIL import Image
+
+    sizes = [tuple(int(v) for v in hw) for hw in sizes]
+    out = []
+    for p in paths:
+        with Image.open(p) as img:
+            r = img.height / img.width
+        out.append(min(sizes, key=lambda hw: abs(hw[0] / hw[1] - r)))
+    return out
+
+
+class GroupedBatchSampler(Sampler):
+    """This rank's micro-batches of ``(epoch, index)`` keys, each batch from one group.
+
+    Per epoch, from (seed, epoch) only: one permutation of all items (as
+    ``DistributedSampler``), split by group in that order, cut into global batches of
+    ``micro_batch * world`` (remainders dropped), whose order is shuffled; rank ``r`` takes
+    rows ``[r * micro_batch, (r + 1) * micro_batch)`` of each. Every rank thus gets distinct
+    items and the same number of batches, and batch ``k`` of every rank is of one group.
+    """
+
+    def __init__(self, dataset: AspectGrouped, micro_batch: int, rank: int, world_size: int, seed: int):
+        self.groups = [dataset.group_of(i) for i in range(len(dataset))]
+        self.micro_batch, self.rank, self.world, self.seed = micro_batch, rank, world_size, int(seed)
+        self.epoch, self.start = 0, 0
+        self.batches_per_epoch = sum(n // (micro_batch * world_size) for n in self._counts().values())
+
+    def _counts(self) -> dict:
+        counts: dict = {}
+        for g in self.groups:
+            counts[g] = counts.get(g, 0) + 1
+        return counts
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches (item indices) of ``epoch``, in order."""
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.groups), generator=gen).tolist()
+        by_group: dict = {}
+        for i in order:
+            by_group.setdefault(self.groups[i], []).append(i)
+        step, mb = self.micro_batch * self.world, self.micro_batch
+        glob = [items[k:k + step] for g in sorted(by_group) for items in [by_group[g]]
+                for k in range(0, len(items) - step + 1, step)]
+        perm = torch.randperm(len(glob), generator=gen).tolist()
+        return [glob[j][self.rank * mb:(self.rank + 1) * mb] for j in perm]
+
+    def __len__(self) -> int:
+        return max(self.batches_per_epoch - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batches = self.epoch_batches(self.epoch)[self.start:]
+        return iter([[(self.epoch, i) for i in b] for b in batches])
+
+
 class BatchStream:
     """Endless micro-batches across epochs with a resumable position (epoch, batch)."""
 
     def __init__(self, dataset: Dataset, micro_batch: int, rank: int, world_size: int, seed: int,
                  workers: int = 0, pin_memory: bool = False):
-        per_rank = len(dataset) // world_size
-        self.batches_per_epoch = per_rank // micro_batch
+        self.micro_batch, self.grouped = micro_batch, isinstance(dataset, AspectGrouped)
+        common = dict(num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed))
+        if self.grouped:
+            self.sampler = GroupedBatchSampler(dataset, micro_batch, rank, world_size, seed)
+            self.batches_per_epoch = self.sampler.batches_per_epoch
+            self.loader = DataLoader(SeededItems(dataset, seed), batch_sampler=self.sampler, **common)
+        else:
+            self.batches_per_epoch = len(dataset) // world_size // micro_batch
+            self.sampler = ResumableSampler(dataset, rank, world_size, seed)
+            self.loader = DataLoader(SeededItems(dataset, seed), batch_size=micro_batch, sampler=self.sampler,
+                                     drop_last=True, **common)
         if self.batches_per_epoch < 1:
-            raise ValueError(f"the dataset has {len(dataset)} items: too few for {world_size} rank(s) x "
+            per = "in any one size group " if self.grouped else ""
+            raise ValueError(f"the dataset has {len(dataset)} items: too few {per}for {world_size} rank(s) x "
                              f"micro-batch {micro_batch}; lower --batch-size or add data")
-        self.micro_batch = micro_batch
-        self.sampler = ResumableSampler(dataset, rank, world_size, seed)
-        self.loader = DataLoader(SeededItems(dataset, seed), batch_size=micro_batch, sampler=self.sampler,
-                                 drop_last=True, num_workers=workers, collate_fn=collate,
-                                 pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
         self.epoch, self.batch = 0, 0
         self._it: Optional[Iterator] = None
 
@@ -221,7 +303,7 @@ class BatchStream:
         if self.batch >= self.batches_per_epoch:
             self.epoch, self.batch, self._it = self.epoch + 1, 0, None
         if self._it is None:
-            self.sampler.set_position(self.epoch, self.batch * self.micro_batch)
+            self.sampler.set_position(self.epoch, self.batch if self.grouped else self.batch * self.micro_batch)
             self._it = iter(self.loader)
         b = next(self._it)
         self.batch += 1

@@ -161,10 +161,15 @@ class Trainer:
         if is_code_cache(cfg.data.name):
             if type(self.sampler) is not ScheduleSampler:
                 raise ValueError("a code cache holds one schedule; a random training schedule needs images")
+            self._train_hw = None
             return open_training_data(cfg.data.name, cfg.data.split, None, cfg.data.options, self.registry,
                                       self.adapter, self.sampler.default)
         size = data_image_size(cfg, self.adapter, self.sampler)
-        return open_training_data(cfg.data.name, cfg.data.split, size, cfg.data.options, self.registry)
+        self._train_hw, options = tuple(size), dict(cfg.data.options)
+        sizes = self.adapter.training_image_sizes(self.sampler)
+        if len(sizes) > 1 and cfg.data.image_size is None:  # mixed aspect ratios may be bucketed
+            options.setdefault("image_sizes", [list(hw) for hw in sizes])
+        return open_training_data(cfg.data.name, cfg.data.split, size, options, self.registry)
 
     def _setup_precision(self) -> None:
         amp, dev = self.config.train.amp, self.env.device
@@ -292,6 +297,8 @@ class Trainer:
                                 "fix or remove that file, then continue with --resume") from exc
         batch = batch.to(dev)
         schedule = self.sampler.sample()
+        if batch.images is not None and tuple(batch.images.shape[-2:]) != self._train_hw:
+            schedule = adapter.schedule_for_image_size(tuple(batch.images.shape[-2:]), schedule)
         if batch.codes is not None:
             codes = batch.codes
         else:

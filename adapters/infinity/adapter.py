@@ -29,7 +29,7 @@ from .case import InfinityCaseRunner
 from .config import BackboneConfig, InfinityConfig, TokenizerConfig
 from .patchify import TokenGrid
 from .sampler import generate, to_uint8_bgr
-from .templates import schedule_template
+from .templates import TEMPLATES, nearest_ratio, schedule_template
 from .text import cat_text, padded_to_compact, text_condition
 from .tokenizer import BSQVAE, init_tokenizer
 
@@ -147,6 +147,24 @@ class InfinityAdapter(ScaleWiseAdapter):
         h, w = Schedule.parse(schedule)[-1]
         p = self.config.tokenizer.patch_size * self.config.patch_factor
         return h * p, w * p
+
+    def training_image_sizes(self, sampler) -> list[tuple[int, int]]:
+        """The default size first, then every other template's, cut to the default length."""
+        n, sizes = len(sampler.default), [tuple(self.training_image_size(sampler))]
+        for grids in TEMPLATES.values():
+            hw = tuple(self.image_size(Schedule(grids[:n])))
+            if hw not in sizes:
+                sizes.append(hw)
+        return sizes
+
+    def schedule_for_image_size(self, size: tuple[int, int], schedule: Schedule) -> Schedule:
+        """The template nearest ``size``'s h/w, cut to the drawn schedule's length."""
+        h, w = size
+        picked = Schedule(TEMPLATES[nearest_ratio(h / w)][: len(schedule)])
+        if tuple(self.image_size(picked)) != (h, w):
+            raise ValueError(f"{h}x{w} images match no Infinity template of {len(schedule)} scales; "
+                             "use the image_sizes the trainer gives the dataset (docs/infinity.md)")
+        return picked
 
     @classmethod
     def image_size_overrides(cls, size: tuple[int, int]) -> dict:

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
+from sar_core.data import AspectGrouped, size_buckets
+
 PAYLOAD = "text_features"
 
 
@@ -58,7 +60,7 @@ def _size(image_size) -> tuple[int, int]:
 
 class TextImageFolder(Dataset):
     def __init__(self, root: str | Path, image_size=256, manifest: str = "captions.jsonl",
-                 features: Optional[str] = None):
+                 features: Optional[str] = None, buckets: Optional[list] = None):
         from sar_core.checkpoint_io import load_file
 
         self.root = Path(root)
@@ -66,6 +68,7 @@ class TextImageFolder(Dataset):
             raise FileNotFoundError(f"textimages folder not found: {self.root}")
         self.rows = read_manifest(self.root, manifest)
         self.size = _size(image_size)
+        self.buckets = buckets  # per-item (H, W), or None: every item at ``size``
         table = features or ("features.pt" if (self.root / "features.pt").is_file() else None)
         self.table = load_file(self.root / table, what="text features") if table else None
         missing = [r["image"] for r in self.rows if self._has(r) is False]
@@ -96,7 +99,7 @@ class TextImageFolder(Dataset):
         from PIL import Image
         from torchvision import transforms as T
 
-        h, w = self.size
+        h, w = self.buckets[i] if self.buckets is not None else self.size
         tf = T.Compose([T.CenterCrop((h, w)), T.ToTensor()])
         with Image.open(self.root / self.rows[i]["image"]) as img:
             x = tf(_cover(img.convert("RGB"), h, w))
@@ -111,7 +114,22 @@ def _cover(img, h: int, w: int):
     return img.resize((max(w, round(img.width * s)), max(h, round(img.height * s))), Image.BICUBIC)
 
 
+class AspectTextImageFolder(TextImageFolder, AspectGrouped):
+    """A textimages folder of mixed aspect ratios: each image in its size bucket."""
+
+    def group_of(self, index: int) -> tuple[int, int]:
+        return self.buckets[index]
+
+
 def textimages(root: str, split: str = "train", image_size=256, manifest: str = "captions.jsonl",
-               features: Optional[str] = None, **_) -> TextImageFolder:
-    """Factory registered as dataset ``textimages``."""
-    return TextImageFolder(root, image_size, manifest, features)
+               features: Optional[str] = None, image_sizes: Optional[list] = None, **_) -> TextImageFolder:
+    """Factory registered as dataset ``textimages``. With ``image_sizes`` (given by the
+    trainer for models that train several sizes) images whose nearest size is not
+    ``image_size`` are bucketed, one bucket per batch; otherwise all go to ``image_size``."""
+    ds = TextImageFolder(root, image_size, manifest, features)
+    if not image_sizes:
+        return ds
+    buckets = size_buckets([ds.root / r["image"] for r in ds.rows], image_sizes)
+    if set(buckets) <= {ds.size}:
+        return ds
+    return AspectTextImageFolder(root, image_size, manifest, features, buckets)

@@ -84,12 +84,13 @@ def scale_levels(schedule: Schedule, prefer: float | None = None) -> tuple[float
     except ValueError:
         if prefer is None:
             raise
-        ratio, grids = nearest_ratio(prefer), TEMPLATES[nearest_ratio(prefer)]
         scales = list(Schedule.parse(schedule).scales)
-        idx = [grids.index(hw) if hw in grids else -1 for hw in scales]
-        if min(idx) < 0 or idx != sorted(set(idx)):
-            raise
-        return ratio, idx
+        for ratio in [nearest_ratio(prefer)] + list(TEMPLATES):  # the preferred one, then any
+            grids = TEMPLATES[ratio]
+            idx = [grids.index(hw) if hw in grids else -1 for hw in scales]
+            if min(idx) >= 0 and idx == sorted(set(idx)):
+                return ratio, idx
+        raise
 
 
 def rope_grid(schedule: Schedule, prefer: float | None = None) -> tuple[int, int]:
