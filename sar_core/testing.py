@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from sar_core.adapter import CheckpointError, CodeSpace, ScaleWiseAdapter
-from sar_core.data import Batch
+from sar_core.data import Batch, Padded
 from sar_core.losses import BUILTIN_LOSSES
 from sar_core.rollouts import BUILTIN_ROLLOUTS
 from sar_core.sar_step import sar_step
@@ -83,6 +83,15 @@ def default_batch(adapter: ScaleWiseAdapter, batch_size: int, generator: torch.G
     if adapter.num_classes is not None:
         labels = torch.randint(0, int(adapter.num_classes), (batch_size,), generator=generator)
     return Batch(labels=labels, images=images)
+
+
+def text_feature_batch(adapter: ScaleWiseAdapter, batch_size: int, generator: torch.Generator,
+                       name: str, dim: int, max_len: int = 4) -> Batch:
+    """Random images plus one payload ``name`` of random features (n_i, dim), 1 <= n_i <= max_len:
+    a ``make_batch`` for text-conditioned families."""
+    lengths = torch.randint(1, max_len + 1, (batch_size,), generator=generator)
+    feats = [torch.randn(int(n), dim, generator=generator) for n in lengths]
+    return Batch(images=random_images(adapter, batch_size, generator), conditions={name: Padded.pad(feats)})
 
 
 def same_codes(a: list, b: list) -> bool:

@@ -8,11 +8,9 @@ from sar_adapters.flexvar.sampler import guidance_scale as flexvar_guidance
 from sar_adapters.var import VARAdapter, VARConfig
 from sar_core.sampling import guide
 from sar_core.testing import AdapterContractTests
-from sar_core.data import Batch, Padded
-from sar_core.testing import random_images
+from sar_core.testing import text_feature_batch
 from toy_adapter import ToyAdapter, ToyConfig
 from toy_bits_adapter import PAYLOAD, ToyBitsAdapter, ToyBitsConfig
-import torch
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -64,7 +62,4 @@ class TestToyBitsContract(AdapterContractTests):
         return ToyBitsAdapter.from_config(ToyBitsConfig())
 
     def make_batch(self, adapter, batch_size, generator):
-        lengths = torch.randint(1, 5, (batch_size,), generator=generator)
-        feats = [torch.randn(int(n), adapter.config.text_dim, generator=generator) for n in lengths]
-        return Batch(images=random_images(adapter, batch_size, generator),
-                     conditions={PAYLOAD: Padded.pad(feats)})
+        return text_feature_batch(adapter, batch_size, generator, PAYLOAD, adapter.config.text_dim)

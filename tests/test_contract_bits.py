@@ -18,11 +18,10 @@ from torch import nn
 
 from sar_core.adapter import AdapterConfig, CheckpointError, CodeSpace, Generation, ScaleWiseAdapter
 from sar_core.checkpoint_io import atomic_save, load_file
-from sar_core.data import Batch, Padded
 from sar_core.sampling import sample_logits
 from sar_core.schedule import Schedule
 from sar_core.testing import (AdapterContractTests, code_shape, input_slice, random_codes, random_images,
-                              wrong_codes)
+                              text_feature_batch, wrong_codes)
 from sar_core.tokens import group_logits
 
 
@@ -177,10 +176,7 @@ class TestBitsTextNonSquareContract(AdapterContractTests):
         return BitsAdapter.from_config(BitsConfig())
 
     def make_batch(self, adapter, batch_size, generator):
-        lengths = torch.randint(1, 5, (batch_size,), generator=generator)
-        feats = [torch.randn(int(n), adapter.config.text_dim, generator=generator) for n in lengths]
-        return Batch(images=random_images(adapter, batch_size, generator),
-                     conditions={"text_features": Padded.pad(feats)})
+        return text_feature_batch(adapter, batch_size, generator, "text_features", adapter.config.text_dim)
 
 
 # ------------------------------------------------------------------ helpers, both code spaces
