@@ -72,9 +72,14 @@ def prune(ckpt_dir: str | Path, keep_last: int, protect: Optional[int] = None) -
             p.unlink(missing_ok=True)
 
 
-def weights_finite(model_state: dict) -> bool:
-    """True when every floating-point tensor of a state dict is finite."""
-    return all(bool(torch.isfinite(v).all()) for v in model_state.values()
+def weights_finite(model_state: dict, buffers: frozenset[str] = frozenset()) -> bool:
+    """True when every floating-point tensor of a state dict is finite. Entries named in
+    ``buffers`` may hold infinities (an additive attention mask's -inf is by design) and
+    fail only on NaN."""
+    def ok(name: str, v: torch.Tensor) -> bool:
+        return not bool(torch.isnan(v).any()) if name in buffers else bool(torch.isfinite(v).all())
+
+    return all(ok(k, v) for k, v in model_state.items()
                if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 

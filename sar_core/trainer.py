@@ -246,7 +246,8 @@ class Trainer:
         state = self.state_dict(snapshot)
         path = None
         if self.env.is_main:
-            guard.mark_saved(self.nonfinite, self.step, ckpt.weights_finite(state["model"]), self.log)
+            buffers = frozenset(n for n, _ in self.adapter.backbone.named_buffers())
+            guard.mark_saved(self.nonfinite, self.step, ckpt.weights_finite(state["model"], buffers), self.log)
             state["nonfinite"] = dict(self.nonfinite)
             path = ckpt.save_checkpoint(state, self.ckpt_dir, self.step, self.config.train.keep_last,
                                         protect=self.nonfinite["good"])

@@ -176,6 +176,28 @@ def test_a_checkpoint_with_nonfinite_weights_is_not_good(tmp_path, monkeypatch):
     assert tr.nonfinite["good"] == 1 and any("not finite" in m for m in logs)
     assert [s for s, _ in ckpt.list_checkpoints(tr.ckpt_dir)] == [1, 2]  # keep_last 1, the good one kept
     assert ckpt.weights_finite({"a": torch.ones(2)}) and not ckpt.weights_finite({"a": torch.tensor([math.nan])})
+    mask = {"attn_bias": torch.tensor([0.0, -math.inf])}  # an additive attention mask is -inf by design
+    assert ckpt.weights_finite(mask, frozenset({"attn_bias"})) and not ckpt.weights_finite(mask)
+    assert not ckpt.weights_finite({"attn_bias": torch.tensor([math.nan])}, frozenset({"attn_bias"}))
+
+
+def test_var_checkpoint_with_its_mask_buffer_is_good(tmp_path):
+    """VAR keeps a -inf attention-mask buffer; its checkpoints are still good ones."""
+    from sar_core.config import build_config
+    from sar_core.plugins import get_registry
+    from sar_core.trainer import Trainer
+
+    tiny = {"vocab_size": 16, "Cvae": 8, "ch": 32, "ch_mult": [1, 1], "num_res_blocks": 1, "using_sa": False,
+            "using_mid_sa": False, "depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": 10,
+            "patch_nums": [1, 2]}
+    cfg = build_config({"model": {"family": "var", "overrides": tiny},
+                        "data": {"name": "digits", "image_size": 4, "workers": 0},
+                        "train": {"steps": 1, "batch_size": 2, "save_every": 1, "loggers": []},
+                        "out": str(tmp_path / "run")})
+    tr = Trainer(cfg, get_registry())
+    assert any(torch.isinf(b).any() for b in tr.backbone.buffers())
+    tr.run()
+    assert tr.nonfinite["good"] == 1
 
 
 # ----------------------------------------------------------------------------- 10. errors
