@@ -23,7 +23,10 @@ def pretrain(
     tokenizer_lr: float = typer.Option(2e-3, "--tokenizer-lr", help="Tokenizer fit learning rate."),
     steps: int = typer.Option(3000, "--steps", help="Teacher-forcing steps of the backbone."),
     batch_size: int = typer.Option(64, "--batch-size", help="Batch of both stages."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak lr (cosine decay to 1% after warm-up)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak lr (cosine decay to --lr-end after warm-up)."),
+    lr_end: Optional[float] = typer.Option(None, "--lr-end", help="Final lr of the cosine decay (default: "
+                                           "1% of --lr). Set it to the lr you will post-train with, so that "
+                                           "continuing at that lr does not anneal the model further."),
     warmup_steps: int = typer.Option(100, "--warmup-steps", help="Linear warm-up steps of the backbone."),
     eval_every: int = typer.Option(100, "--eval-every", help="Validate the TF loss every N steps."),
     seed: int = typer.Option(0, "--seed", help="Seed of weights, data order and splits."),
@@ -51,7 +54,8 @@ def pretrain(
             raise ValueError(f"{model_config} must hold a mapping of model config fields")
         args = ["-f", family, "--model-config", model_config, "--data", data, "--image-size", image_size,
                 "--tokenizer-steps", tokenizer_steps, "--tokenizer-lr", tokenizer_lr, "--steps", steps,
-                "--batch-size", batch_size, "--lr", lr, "--warmup-steps", warmup_steps,
+                "--batch-size", batch_size, "--lr", lr, *(["--lr-end", lr_end] if lr_end is not None else []),
+                "--warmup-steps", warmup_steps,
                 "--eval-every", eval_every, "--seed", seed, "--out", out]
         if threads:
             args += ["--threads", threads]
@@ -59,6 +63,7 @@ def pretrain(
         with Progress(console=console, transient=True) as progress:
             summary = run_pretrain(family, model, data, image_size, out, tokenizer_steps=tokenizer_steps,
                                    tokenizer_lr=tokenizer_lr, steps=steps, batch_size=batch_size, lr=lr,
+                                   lr_end=lr_end,
                                    warmup_steps=warmup_steps, eval_every=eval_every, seed=seed,
                                    device=device, command=command, progress=progress, log=console.print)
     except user_errors() as exc:

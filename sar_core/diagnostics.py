@@ -44,6 +44,18 @@ class _Sums:
     def __init__(self, K: int):
         self.v = {key: [0.0] * K for key in ("tf_ce", "tf_acc", "sf_ce", "sf_acc")}
         self.n = [0] * K
+        # per image: token-weighted TF CE and the mean over scales >= 1 of the CE gap
+        self.img_tf: list[torch.Tensor] = []
+        self.img_gap: list[torch.Tensor] = []
+
+    def per_image_se(self) -> dict:
+        """Standard error over images of the TF loss and of the mean gap: how much either
+        would move on another draw of as many images (the noise of a deterministic metric)."""
+        out = {}
+        for key, parts in (("val_loss_tf", self.img_tf), ("mean_gap_ce", self.img_gap)):
+            x = torch.cat(parts) if parts else torch.zeros(0)
+            out[key] = float(x.std() / len(x) ** 0.5) if len(x) > 1 else None
+        return out
 
     def add(self, key: str, k: int, values_Bn: torch.Tensor) -> None:
         self.v[key][k] += float(values_Bn.double().sum())
@@ -59,21 +71,27 @@ def _one_batch(adapter, codes: list, cond: Any, schedule: Schedule, mode: str,
     codes = [c.to(dev) for c in codes]
     target = cat_codes(codes)
     logits_tf = adapter.forward(cond, adapter.teacher_inputs(codes, schedule), schedule).float()
-    preds = []
+    preds, tf_ce_k = [], []
     for k in range(K):
         sl = schedule.slice(k)
         lg = logits_tf[:, sl]
-        sums.add("tf_ce", k, token_ce(lg, target[:, sl], bits))
+        tf_ce_k.append(token_ce(lg, target[:, sl], bits).double())
+        sums.add("tf_ce", k, tf_ce_k[-1])
         sums.add("tf_acc", k, _token_acc(lg, target[:, sl], bits))
         sums.n[k] += target[:, sl].shape[0] * target[:, sl].shape[1]
         preds.append(token_argmax(lg, bits) if predict is None else predict(lg, codes[k]))
+    sums.img_tf.append(torch.cat(tf_ce_k, 1).mean(1).cpu())
+    gap_B = torch.zeros(target.shape[0], dtype=torch.float64, device=target.device)
     groups = [list(range(K - 1))] if mode == "joint" else [[k] for k in range(K - 1)]
     for ks in groups:
         logits_sf = adapter.forward(cond, adapter.stagger_inputs(codes, preds, schedule, ks), schedule).float()
         for k in ks:
             sl = schedule.slice(k + 1)
-            sums.add("sf_ce", k + 1, token_ce(logits_sf[:, sl], target[:, sl], bits))
+            sf = token_ce(logits_sf[:, sl], target[:, sl], bits)
+            sums.add("sf_ce", k + 1, sf)
             sums.add("sf_acc", k + 1, _token_acc(logits_sf[:, sl], target[:, sl], bits))
+            gap_B += (sf.double() - tf_ce_k[k + 1]).mean(1) / (K - 1)
+    sums.img_gap.append(gap_B.cpu())
 
 
 def _split_batch(adapter, batch: Any, schedule: Schedule) -> tuple[list, Any, int]:
@@ -139,7 +157,8 @@ def _report(adapter, schedule: Schedule, mode: str, n_samples: int, sums: _Sums)
     return {"family": adapter.name, "schedule": schedule.to_list(), "mode": mode, "num_samples": n_samples,
             "scales": rows,
             "mean_gap_ce": sum(r["gap_ce"] for r in gaps) / len(gaps),
-            "mean_gap_acc": sum(r["gap_acc"] for r in gaps) / len(gaps)}
+            "mean_gap_acc": sum(r["gap_acc"] for r in gaps) / len(gaps),
+            "standard_error": sums.per_image_se()}
 
 
 def plot_exposure_gap(report: dict, path) -> None:

@@ -310,11 +310,14 @@ def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
 def compute_metrics(generated: Any, reference: Any = None, *, extractor: FeatureExtractorSpec,
                     metrics: Sequence[str] = ALL_METRICS, reference_stats: dict | None = None,
                     device: torch.device | str = "cpu", batch_size: int = 64, seed: int = 2020,
-                    kid_subsets: int = 100, progress: Optional[PassProgress] = None) -> dict:
+                    kid_subsets: int = 100, progress: Optional[PassProgress] = None,
+                    reference_features: Optional[dict] = None) -> dict:
     """Metrics of ``generated`` against ``reference`` (image sets, see :func:`as_image_set`).
 
     FID uses ``reference_stats`` ({'mu', 'sigma'}) when given, else the reference set.
-    KID and precision / recall need the reference set itself. Returns a flat dict.
+    KID and precision / recall need the reference set itself. ``reference_features``
+    ({layer: features}, e.g. from :func:`reference_features_for`) replaces extracting them
+    again when one reference serves many evaluations. Returns a flat dict.
     ``progress(description, total)`` is called once per feature pass and returns the
     ``advance(n)`` callback of that pass.
     """
@@ -324,14 +327,16 @@ def compute_metrics(generated: Any, reference: Any = None, *, extractor: Feature
 
     metrics = _check_metrics(metrics)
     pair = [m for m in metrics if m in ("kid", "prc") or (m == "fid" and reference_stats is None)]
-    if pair and reference is None:
+    if pair and reference is None and reference_features is None:
         raise ValueError(f"metrics {pair} need a reference image set")
     layers = {m: layer_for(extractor, m) for m in metrics}
     generated = as_image_set(generated)
     gen = extract_features(generated, extractor, list(layers.values()), device, batch_size,
                            _pass(progress, "features of the samples", len(generated)))
     ref = {}
-    if pair:
+    if pair and reference_features is not None:
+        ref = {layers[m]: reference_features[layers[m]] for m in pair}
+    elif pair:
         reference = as_image_set(reference)
         ref = extract_features(reference, extractor, [layers[m] for m in pair], device, batch_size,
                                _pass(progress, "features of the reference", len(reference)))
@@ -360,6 +365,13 @@ def compute_metrics(generated: Any, reference: Any = None, *, extractor: Feature
         out["precision"], out["recall"] = prc["precision"], prc["recall"]
         out["f_score"] = prc["f_score"]
     return out
+
+
+def reference_features_for(reference: Any, extractor: FeatureExtractorSpec, metrics: Sequence[str],
+                           device: torch.device | str = "cpu", batch_size: int = 64) -> dict:
+    """The reference's features at every layer ``metrics`` need, extracted once."""
+    layers = list(dict.fromkeys(layer_for(extractor, m) for m in _check_metrics(metrics)))
+    return extract_features(as_image_set(reference), extractor, layers, device, batch_size, None)
 
 
 @torch.no_grad()

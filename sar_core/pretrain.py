@@ -89,7 +89,7 @@ def encode_split(adapter, dataset, schedule, batch_size: int = 256) -> tuple[lis
 
 def pretrain(family: str, model: dict[str, Any], data: str, image_size: int, out: Path, *,
              tokenizer_steps: int = 600, tokenizer_lr: float = 2e-3, steps: int = 3000,
-             batch_size: int = 64, lr: float = 1e-3, warmup_steps: int = 100, eval_every: int = 100,
+             batch_size: int = 64, lr: float = 1e-3, lr_end: Optional[float] = None, warmup_steps: int = 100, eval_every: int = 100,
              seed: int = 0, device: str = "auto", command: str = "", progress=None,
              log: Callable[[str], None] = print) -> dict:
     """Run both stages; return the summary also written to ``out/pretrain.json``."""
@@ -123,7 +123,7 @@ def pretrain(family: str, model: dict[str, Any], data: str, image_size: int, out
         "model": {"family": family, "tokenizer": str(tok_path), "overrides": overrides},
         "data": {"name": data, "image_size": image_size, "workers": 0},
         "rollout": {"name": "none"},
-        "optim": {"lr": lr, "lr_end": lr * 0.01, "lr_schedule": "cosine", "warmup_steps": warmup_steps},
+        "optim": {"lr": lr, "lr_end": lr * 0.01 if lr_end is None else lr_end, "lr_schedule": "cosine", "warmup_steps": warmup_steps},
         "train": {"steps": steps, "batch_size": batch_size, "seed": seed, "device": device,
                   "save_every": max(steps // 4, 1), "keep_last": 1, "log_every": eval_every,
                   "loggers": ["console", "jsonl"]},

@@ -152,6 +152,30 @@ class FamilyContext:
         e = study.eval
         self.extractor = get_feature_extractor(e.feature_extractor, e.extractor_weights)
         self.reference = reference_set(e.reference, e.reference_split, size)
+        self._ref_features: Optional[dict] = None
+
+    def reference_features(self) -> dict:
+        """Features of the reference, extracted once per study folder (``<family>/reference_
+        features.pt``, keyed by reference, split, extractor, size and metrics) and shared
+        by every evaluation and every job process."""
+        from sar_core.checkpoint_io import atomic_save
+        from sar_core.evaluation import reference_features_for
+
+        if self._ref_features is not None:
+            return self._ref_features
+        e = self.study.eval
+        key = {"reference": str(e.reference), "split": e.reference_split, "extractor": e.feature_extractor,
+               "weights": str(e.extractor_weights), "size": list(self.start.image_size(self.schedule)),
+               "metrics": sorted(e.metrics), "count": len(self.reference)}
+        path = self.out / self.label / "reference_features.pt"
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("key") == key:
+                self._ref_features = saved["features"]
+                return self._ref_features
+        self._ref_features = reference_features_for(self.reference, self.extractor, e.metrics, self.start.device)
+        atomic_save({"key": key, "features": {k: v.cpu() for k, v in self._ref_features.items()}}, path)
+        return self._ref_features
 
     def ensure_cache(self) -> None:
         from sar_core.code_cache import build_code_cache
@@ -183,7 +207,7 @@ def _sampled_metrics(adapter, ctx: FamilyContext, seed: int) -> dict:
     images = generate_images(adapter, labels, cfg=e.cfg, top_k=e.top_k, top_p=e.top_p, seed=seed,
                              batch_size=e.batch_size)
     m = compute_metrics(images, ctx.reference, extractor=ctx.extractor, metrics=e.metrics,
-                        device=adapter.device, seed=seed)
+                        device=adapter.device, seed=seed, reference_features=ctx.reference_features())
     row = {k: float(m[k]) for k in SAMPLED if k in m}
     if ctx.extractor.classifier is not None:
         row["class_acc"] = class_accuracy(images, labels, ctx.extractor, adapter.device)
@@ -199,7 +223,10 @@ def _fixed_metrics(adapter, ctx: FamilyContext) -> dict:
         gap = exposure_gap(adapter, ctx.val, ctx.schedule, e.gap_batches or None, batch_size=e.batch_size)
     counts = ctx.schedule.token_counts
     val = sum(r["tf_ce"] * n for r, n in zip(gap["scales"], counts)) / sum(counts)
+    se = gap["standard_error"]
     return {"gap_mean": gap["mean_gap_ce"], "val_loss_tf": val,
+            "standard_error": {"gap_mean": se["mean_gap_ce"], "val_loss_tf": se["val_loss_tf"],
+                               "num_images": gap["num_samples"]},
             "gap": [r["gap_ce"] for r in gap["scales"][1:]], "gap_acc": [r["gap_acc"] for r in gap["scales"][1:]]}
 
 
@@ -341,12 +368,29 @@ def run_study(study: StudyConfig, out: str | Path, *, family: Optional[str] = No
         if jobs <= 1:
             for spec in (r for r in runs if r.family == label):
                 run_one(study, out, spec, ctx, registry, log, advance)
+    failure: Optional[RuntimeError] = None
     if jobs > 1 and main and (runs or starts):
         from sar_core.study_jobs import run_jobs
 
-        run_jobs(out, starts + runs, jobs, device, log, advance)
-    if report and main and family is None and arm is None and seed is None:
+        try:
+            run_jobs(out, starts + runs, jobs, device, log, advance)
+        except RuntimeError as exc:  # the other jobs finished: report what they measured, then fail
+            failure = exc
+    whole = report and main and family is None and arm is None and seed is None
+    if whole and failure is not None and all(_start_done(out, s) for s in starts):
+        from sar_core.study_report import write_report
+
+        write_report(out)
+        log(f"wrote a partial report to {out} (the failed runs are listed as not yet evaluated); "
+            "fix the cause and run the same command again: finished runs are kept")
+    if failure is not None:
+        raise failure
+    if whole:
         from sar_core.study_report import write_report
 
         return write_report(out)
     return None
+
+
+def _start_done(out: Path, spec: RunSpec) -> bool:
+    return (out / spec.family / START / "eval.json").is_file()

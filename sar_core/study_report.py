@@ -3,7 +3,8 @@
 Per family and metric: the value of every arm (mean ± sd over training seeds), the paired
 difference arm - control with its 95% t-interval over seeds and whether it excludes 0,
 the metric's own measurement noise (the start model under different sampling seeds), how
-far the control arm moved from the start model (flat: within two noise sd), per-scale
+far the control arm moved from the start model (flat: within two noise sd; for the
+deterministic val-set metrics the noise is their standard error over the val images), per-scale
 exposure-gap curves, training-loss curves, sample grids with the same labels and seeds
 side by side and the per-scale difference maps. It states what was measured, whichever
 way it went; nothing is tuned on the outcome.
@@ -57,9 +58,12 @@ def aggregate_family(study, out: Path, label: str) -> dict:
     for k in metrics:
         if k in SAMPLED:
             fam["noise"][k] = noise([start["per_sampling_seed"][s][k] for s in noise_seeds])
-        else:
-            fam["noise"][k] = {"n": 0, "mean": start["metrics"][k], "sd": None, "relative": None,
-                               "diff_sd": None, "deterministic": True}
+        else:  # deterministic given the val set: its noise is the standard error over val images
+            se = start.get("standard_error", {})
+            sd, n_img = se.get(k), se.get("num_images", 0)
+            m = start["metrics"][k]
+            fam["noise"][k] = {"n": n_img, "mean": m, "sd": sd, "relative": sd / abs(m) if sd and m else None,
+                               "diff_sd": None if sd is None else sd * 2 ** 0.5, "deterministic": True}
     for arm in study.arms:
         runs = {}
         for spec in plan(study, label, arm):
@@ -196,8 +200,8 @@ def family_blocks(label: str, fam: dict, study: dict, plots: dict, out: Path) ->
         nz, ch = fam["noise"][k], fam["control_change"].get(k)
         flat = fam["control_flat"].get(k)
         rows.append([LABELS.get(k, k),
-                     "deterministic" if nz.get("deterministic") else
-                     f"{_num(nz['sd'])} ({_num(100 * nz['relative'] if nz['relative'] is not None else None)}% of mean)",
+                     ("SE " if nz.get("deterministic") else "")
+                     + f"{_num(nz['sd'])} ({_num(100 * nz['relative'] if nz['relative'] is not None else None)}% of mean)",
                      _diff_cell(ch, HIGHER_IS_BETTER[k]) if ch else "-",
                      {True: "flat", False: "MOVED", None: "-"}[flat]])
     fid_note = ""
@@ -209,7 +213,9 @@ def family_blocks(label: str, fam: dict, study: dict, plots: dict, out: Path) ->
                     f"is {five / nz['sd']:.2f} noise sd ({'above' if five > nz['sd'] else 'BELOW'} the noise) "
                     f"and {five / nz['diff_sd']:.2f} sd of the difference of two unpaired evaluations.")
     blocks += [("h3", "measurement noise and the control arm"),
-               ("p", f"Noise: sd of the start model's metric over sampling seeds {study['eval']['noise_seeds']}. "
+               ("p", f"Noise: sd of the start model's metric over sampling seeds {study['eval']['noise_seeds']}; "
+                     "for the metrics computed on the fixed validation set (val TF loss, exposure gap) the "
+                     "standard error (SE) over its images instead. "
                      f"Control change: {control} - start per training seed; flat when its mean lies within "
                      "2 noise sd." + fid_note),
                ("table", ["metric", "noise sd", f"{control} - start", "control"], rows)]

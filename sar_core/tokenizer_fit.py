@@ -43,7 +43,11 @@ def reconstruction_mse(adapter, loader, schedule: Schedule, max_batches: int = 8
         recon = adapter.decode(codes, schedule)
         total += torch.mean((recon - images) ** 2).item() * images.shape[0]
         n += images.shape[0]
-        used.update(codes[-1].unique().tolist())
+        last = codes[-1]
+        if last.dim() == 3:  # bitwise codes (B, l, bits): a code is a row of bits
+            used.update(map(tuple, last.reshape(-1, last.shape[-1]).tolist()))
+        else:
+            used.update(last.unique().tolist())
     return total / max(n, 1), len(used)
 
 

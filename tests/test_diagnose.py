@@ -67,6 +67,28 @@ def test_gap_equals_a_manual_computation(var, data, report):
         assert row["input_error"] == pytest.approx(1 - (preds[k] == codes[k]).float().mean().item(), abs=1e-6)
 
 
+def test_standard_errors_equal_a_manual_computation(var, data, report):
+    """The noise of the deterministic val metrics: sd over images / sqrt(n)."""
+    sched = var.default_schedule
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    labels = torch.stack([data[i][1] for i in range(len(data))])
+    codes = var.encode(images, sched)
+    target = cat_codes(codes)
+    with torch.no_grad():
+        tf = var.forward(labels, var.teacher_inputs(codes, sched), sched)
+        per_tok = token_ce(tf, target, None)
+        preds = [token_argmax(tf[:, sched.slice(k)], None) for k in range(len(sched))]
+        gaps = []
+        for k in range(len(sched) - 1):
+            sf = var.forward(labels, var.stagger_inputs(codes, preds, sched, [k]), sched)
+            sl = sched.slice(k + 1)
+            gaps.append((token_ce(sf[:, sl], target[:, sl], None) - per_tok[:, sl]).mean(1))
+    n = len(data)
+    se = report["standard_error"]
+    assert se["val_loss_tf"] == pytest.approx(per_tok.mean(1).std().item() / n ** 0.5, rel=1e-4)
+    assert se["mean_gap_ce"] == pytest.approx(torch.stack(gaps).mean(0).std().item() / n ** 0.5, rel=1e-4)
+
+
 def test_random_model_has_a_nonzero_gap_and_report_shape(report):
     assert report["num_samples"] == 6 and report["schedule"] == [1, 2, 3, 4, 6, 8]
     assert report["scales"][0]["sf_ce"] is None

@@ -83,3 +83,32 @@ def test_registered_through_entry_point():
     reg = build_registry()
     ds = reg.get("dataset", "digits")(split="val", image_size=16, unused_option=1)
     assert len(ds) == 179 and ds[0][0].shape == (3, 16, 16)
+
+
+def test_digits_aug_is_a_fixed_label_preserving_enlargement():
+    from sar_core.evaluation import get_feature_extractor
+    from sar_plugins.digits import AugmentedDigits, digits_aug
+
+    aug, raw = digits_aug("val", 16), DigitsDataset("val", 16)
+    assert len(aug) == 8 * len(raw) and len(digits_aug("train", 16)) == 64 * 1618
+    n = len(raw)
+    x, y = aug[n + 3]
+    assert int(y) == int(raw[3][1])                        # copy 1 of image 3 keeps its label
+    assert torch.equal(x, AugmentedDigits("val", 16)[n + 3][0])  # the same image in every process
+    assert not torch.equal(x, aug[3][0]) and not torch.equal(x, raw[3][0])  # copies differ
+    assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    with pytest.raises(IndexError):
+        aug[len(aug)]
+    # label-preserving: the digit classifier (trained on raw digits) still reads the warped ones
+    net = get_feature_extractor("digit-classifier").classifier("cpu")
+    idx = range(n, n + 200)
+    images = torch.stack([aug[i][0] for i in idx]).add(1).div(2).mul(255).round().to(torch.uint8)
+    labels = torch.stack([aug[i][1] for i in idx])
+    acc = (net(images).argmax(-1) == labels).float().mean()
+    assert acc > 0.85, acc
+
+
+def test_digits_aug_is_registered():
+    from sar_core.evaluation import open_dataset
+
+    assert len(open_dataset("digits-aug", "val", 16)) == 8 * 179

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from sar_cli.main import app
 from sar_core.pretrain import flattened
-from sar_plugins.demo import ASSETS
+from sar_plugins.demo import MINIS
 
 TINY_MODEL = """
 tokenizer: {codebook_size: 32, codebook_embed_dim: 8, ch: 32, ch_mult: [1, 1], z_channels: 32, num_res_blocks: 1}
@@ -52,11 +52,47 @@ def test_pretrain_cli_reports_bad_model_config(tmp_path):
     assert res.exit_code == 2 and "model config not found" in res.output
 
 
-def test_shipped_demo_model_is_complete():
-    summary = json.loads((ASSETS / "pretrain.json").read_text())
-    assert summary["command"].startswith("sar pretrain")
+TINY_OTHERS = {
+    "var": ("{vocab_size: 32, Cvae: 8, ch: 32, ch_mult: [1, 1], num_res_blocks: 1, using_sa: false, "
+            "using_mid_sa: false, depth: 1, embed_dim: 32, num_heads: 2, num_classes: 10, patch_nums: [1, 2, 4, 8]}",
+            {"patch_nums": [1, 2, 4, 8]}),
+    "infinity": ("{tokenizer: {codebook_dim: 6, base_ch: 24, ch_mult: [1, 1], num_res_blocks: 1, patch_size: 2}, "
+                 "backbone: {depth: 1, embed_dim: 32, num_heads: 2, block_chunks: 1, mlp_hidden: 64, text_channels: 16, "
+                 "text_maxlen: 4}, schedule: [[1, 1], [2, 2], [4, 4], [6, 6], [8, 8]], stand_in_classes: 10}",
+                 {"schedule": [[1, 1], [2, 2], [4, 4], [6, 6], [8, 8]], "stand_in_classes": 10}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_OTHERS))
+def test_pretrain_fits_every_shipped_family(tmp_path, family):
+    """VAR and Infinity (its BSQ tokenizer too) pretrain from nothing, reload and sample."""
+    text, overrides = TINY_OTHERS[family]
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text(text)
+    out = tmp_path / "pre"
+    res = CliRunner().invoke(app, ["pretrain", "-f", family, "--model-config", str(cfg), "--data", "digits-aug",
+                                   "--image-size", "16", "--tokenizer-steps", "3", "--steps", "2",
+                                   "--eval-every", "2", "--batch-size", "8", "--lr-end", "1e-4",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "pretrain.json").read_text())
+    assert "--lr-end" in summary["command"] and summary["tokenizer"]["codes_used_last_scale"] >= 1
+    from sar_core.generation import generate_images, load_adapter
+
+    adapter = load_adapter(family, out / "tokenizer.pth", out / "backbone.pth", overrides=overrides)
+    imgs = generate_images(adapter, torch.tensor([1, 7]), cfg=1.5, seed=0)
+    assert imgs.shape == (2, 3, 16, 16) and 0 <= imgs.min() and imgs.max() <= 1
+
+
+@pytest.mark.parametrize("family", ["flexvar", "var", "infinity"])
+def test_shipped_miniature_is_complete(family):
+    """Every shipped miniature: its files, the command that made it, its best backbone kept."""
+    folder = MINIS / family
+    summary = json.loads((folder / "pretrain.json").read_text())
+    assert summary["command"].startswith(f"sar pretrain -f {family} ") and summary["family"] == family
     assert summary["backbone"]["best_val_loss_tf"] == min(c["val_loss_tf"] for c in summary["val_curve"])
-    assert (ASSETS / "tokenizer.pth").is_file() and (ASSETS / "backbone.pth").is_file()
+    assert (folder / "tokenizer.pth").is_file() and (folder / "backbone.pth").is_file()
+    assert (folder / "model.yaml").is_file() and (folder / "README.md").is_file()
 
 
 def test_demo_quick_run_writes_report(tmp_path):
@@ -65,7 +101,8 @@ def test_demo_quick_run_writes_report(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--out", str(out), "--steps", "1", "--seeds", "0,1",
                                    "--samples-per-class", "2", "--batch-size", "8",
                                    "--set", "eval.noise_seeds=[5,6]", "--set", "eval.gap_batches=1",
-                                   "--set", "eval.grid_per_class=1", "--set", "eval.maps=false"])
+                                   "--set", "eval.grid_per_class=1", "--set", "eval.maps=false",
+                                   "--set", "eval.reference_split=val"])
     assert res.exit_code == 0, res.output
     for name in ("report.md", "report.html", "report.json", "plots/flexvar_gap_and_losses.png",
                  "flexvar/tf/seed0/grid.png", "flexvar/sar/seed0/grid.png"):
@@ -78,6 +115,9 @@ def test_demo_quick_run_writes_report(tmp_path):
         d = fam["differences"][key]["sar"]
         assert d["n"] == 2 and torch.isfinite(torch.tensor([d["mean"], d["low"], d["high"]])).all(), key
     assert fam["noise"]["fid"]["n"] == 2 and fam["control_flat"]["fid"] in (True, False)
+    # the val-set metrics are judged against their standard error over the val images
+    assert fam["noise"]["val_loss_tf"]["deterministic"] and fam["noise"]["val_loss_tf"]["sd"] > 0
+    assert fam["control_flat"]["val_loss_tf"] in (True, False)
     # the SAR arm really ran a student-forced pass, the control arm did not
     assert all(h["loss_csf"] > 0 for h in fam["arms"]["sar"]["history"])
     assert all(h["loss_csf"] == 0 for h in fam["arms"]["tf"]["history"])

@@ -16,7 +16,8 @@ from sar_plugins.studies import preset_names, preset_path
 
 TINY = ["--preset", "demo", "--set", "run.train.steps=1", "--set", "run.train.batch_size=8",
         "--set", "seeds=[0,1]", "--set", "eval.samples_per_class=2", "--set", "eval.noise_seeds=[1000,1001]",
-        "--set", "eval.grid_per_class=1", "--set", "eval.gap_batches=1", "--set", "eval.batch_size=20"]
+        "--set", "eval.grid_per_class=1", "--set", "eval.gap_batches=1", "--set", "eval.batch_size=20",
+        "--set", "eval.reference_split=val"]
 
 
 def _out(res) -> str:
@@ -100,7 +101,7 @@ def test_study_end_to_end_and_arm_jobs_reproduce_it(tmp_path):
         for seed in (0, 1):  # every arm x seed is an ordinary sar train run folder
             folder = one / "flexvar" / arm / f"seed{seed}"
             cfg = yaml.safe_load((folder / "config.yaml").read_text())
-            assert cfg["model"]["backbone"].endswith("demo/backbone.pth") and cfg["train"]["seed"] == seed
+            assert cfg["model"]["backbone"].endswith("minis/flexvar/backbone.pth") and cfg["train"]["seed"] == seed
             assert (folder / "backbone.pth").is_file() and (folder / "metrics.jsonl").is_file()
     rows = [json.loads(x) for x in (one / "flexvar/sar/seed0/metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss_csf"] > 0  # the SAR arm ran a student pass
@@ -144,3 +145,36 @@ def test_models_file_replaces_families_with_paths_from_its_folder(tmp_path):
     assert study.families["mine"].tokenizer == (tmp_path / "ck" / "vae.pth").resolve()
     res = CliRunner().invoke(app, ["study", "--preset", "gamma-sweep", "--models", str(models), "--print-config"])
     assert res.exit_code == 0 and "mine:" in res.output and "gamma-0.01" in res.output
+
+
+def test_a_failed_job_does_not_stop_the_others_and_is_named(tmp_path, monkeypatch):
+    """--jobs N: a failing run is reported with its exit code and log; the other runs finish
+    and keep their results; running again starts only the failed one."""
+    import sys
+
+    from sar_core import study_jobs
+    from sar_core.study import RunSpec
+
+    specs = [RunSpec("f", "tf", 0), RunSpec("f", "sar", 0), RunSpec("f", "tf", 1)]
+    broken = {"sar"}
+
+    def fake_command(out, spec, device):
+        done = study_jobs._done(out, spec)
+        if spec.arm in broken:
+            return [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
+        return [sys.executable, "-c", f"import pathlib; p = pathlib.Path({str(done)!r}); "
+                "p.parent.mkdir(parents=True, exist_ok=True); p.write_text('{}')"]
+
+    monkeypatch.setattr(study_jobs, "job_command", fake_command)
+    logs: list[str] = []
+    with pytest.raises(RuntimeError) as err:
+        study_jobs.run_jobs(tmp_path, specs, 2, "cpu", logs.append, poll_s=0.02)
+    log_file = tmp_path / "f" / "sar" / "seed0.log"
+    assert "f/sar/seed0 (exit 3" in str(err.value) and str(log_file) in str(err.value)
+    assert "boom" in log_file.read_text()
+    assert (tmp_path / "f/tf/seed0/eval.json").is_file() and (tmp_path / "f/tf/seed1/eval.json").is_file()
+    broken.clear()
+    logs.clear()
+    study_jobs.run_jobs(tmp_path, specs, 2, "cpu", logs.append, poll_s=0.02)
+    assert [m for m in logs if "started" in m] == [f"f/sar/seed0: started as a job (log: {log_file})"]
+    assert (tmp_path / "f/sar/seed0/eval.json").is_file()

@@ -8,7 +8,11 @@ clean labels plus the corrupted history they were re-quantised against (:class:`
 teacher and stagger inputs are then built on that history, so BSC and SAR compose.
 
 The condition is text: ``batch.conditions["text_features"]`` (a Padded (B, N, Ct5) with
-lengths) -> upstream's compact layout (see :mod:`.text`).
+lengths) -> upstream's compact layout (see :mod:`.text`). With ``stand_in_classes`` = N > 0
+the model is also class-conditional: class c is a fixed pseudo-prompt of
+``stand_in_tokens`` standard-normal feature rows drawn from a constant seed (a frozen
+"text encoder" of N prompts), so miniatures train on labelled data and studies sample by
+class; the backbone and its checkpoints are unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .text import cat_text, padded_to_compact, text_condition
 from .tokenizer import BSQVAE, init_tokenizer
 
 TEXT_KEY = "text_features"
+STAND_IN_SEED = 20251206  # fixed: changing it changes what every stand-in class means
 NO_DECAY = ("cfg_uncond", "pos_start", "lvl_embed", "scale_mul", "ada_gss", "mat_q")
 
 
@@ -78,6 +83,7 @@ class InfinityAdapter(ScaleWiseAdapter):
     def __init__(self, config: InfinityConfig, tokenizer, backbone):
         super().__init__(config, tokenizer, backbone)
         self.grid = TokenGrid(config.patch_factor)
+        self._stand_in: Optional[torch.Tensor] = None
 
     @classmethod
     def from_config(cls, config: InfinityConfig | dict) -> "InfinityAdapter":
@@ -173,8 +179,26 @@ class InfinityAdapter(ScaleWiseAdapter):
 
     # ---------------------------------------------------------------- model facts
     @property
-    def num_classes(self) -> None:
-        return None
+    def num_classes(self) -> Optional[int]:
+        return self.config.stand_in_classes or None
+
+    def stand_in_features(self) -> torch.Tensor:
+        """(classes, tokens, Ct5) float32: the pseudo-prompt of every stand-in class."""
+        c = self.config
+        g = torch.Generator().manual_seed(STAND_IN_SEED)
+        return torch.randn(c.stand_in_classes, c.stand_in_tokens, c.backbone.text_channels, generator=g)
+
+    def condition_from_labels(self, labels: torch.Tensor) -> dict:
+        if self.num_classes is None:
+            return super().condition_from_labels(labels)
+        labels = torch.as_tensor(labels).long().cpu()
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1} (stand_in_classes)")
+        if self._stand_in is None:
+            self._stand_in = self.stand_in_features()
+        feats = self._stand_in[labels].to(self.device)
+        lens = torch.full((len(labels),), self.config.stand_in_tokens, dtype=torch.int64)
+        return text_condition(feats.flatten(0, 1), lens)
 
     @property
     def code_space(self) -> CodeSpace:
@@ -183,6 +207,8 @@ class InfinityAdapter(ScaleWiseAdapter):
     # ---------------------------------------------------------------- conditions
     def condition(self, batch) -> dict:
         feats = batch.conditions.get(TEXT_KEY)
+        if feats is None and self.num_classes is not None and batch.labels is not None:
+            return self.condition_from_labels(batch.labels)
         if feats is None:
             names = ", ".join(sorted(batch.conditions)) or "none"
             raise ValueError(f"family 'infinity' is text-conditioned: the batch needs '{TEXT_KEY}' "
@@ -274,6 +300,9 @@ class InfinityAdapter(ScaleWiseAdapter):
         schedule = Schedule.parse(schedule)
         bits = self._tok_bits(list(codes), schedule)
         return self.tokenizer.decode_map(bsq.summed_codes(bits, self.grid.tok_schedule(schedule)))
+
+    def tokenizer_training_loss(self, images: torch.Tensor, schedule: Schedule) -> tuple[torch.Tensor, dict]:
+        return self.tokenizer.training_loss(images, self.grid.tok_schedule(self.check_schedule(schedule)))
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()

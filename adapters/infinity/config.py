@@ -75,6 +75,9 @@ class BackboneConfig(BaseModel):
     def _derive(self) -> "BackboneConfig":
         if self.mlp_hidden is None:
             self.mlp_hidden = ffn_width(self.embed_dim)
+        if self.mlp_hidden < 1:
+            raise ValueError(f"the default FFN width round(4 * {self.embed_dim} / 256) * 256 is 0 for so "
+                             "narrow a model; set backbone.mlp_hidden")
         if self.text_pool_heads is None:
             self.text_pool_heads = self.text_channels // (64 if self.embed_dim > 4096 else 128) or 1
         if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
@@ -101,6 +104,9 @@ class InfinityConfig(AdapterConfig):
     cfg_insertion_layer: int = 0       # 0: guidance on logits (shipped); -n: hidden state after block depth-n
     spatial_patchify: bool = False     # Infinity-8B: the tokenizer grid is 2x the transformer's
     tau: float = 1.0                   # sampling temperature; divides guided logits (upstream scripts: 0.5 for 2B)
+    # class-conditional stand-in for text (miniatures, studies): class c -> a fixed pseudo-prompt
+    stand_in_classes: int = 0          # 0: off (text features required)
+    stand_in_tokens: int = 2           # feature rows per pseudo-prompt
 
     @model_validator(mode="after")
     def _check(self) -> "InfinityConfig":
@@ -109,6 +115,10 @@ class InfinityConfig(AdapterConfig):
             raise ValueError(f"h_div_w must be > 0, got {self.h_div_w}")
         if self.schedule is not None:
             schedule_template(Schedule(self.schedule), self.h_div_w)
+        if self.stand_in_classes < 0 or self.stand_in_tokens < 1:
+            raise ValueError("stand_in_classes must be >= 0 and stand_in_tokens >= 1")
+        if self.stand_in_tokens > self.backbone.text_maxlen:
+            raise ValueError(f"stand_in_tokens {self.stand_in_tokens} exceeds text_maxlen {self.backbone.text_maxlen}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.bsc_layers < 0 or not 0 <= self.bsc_strength <= 1:

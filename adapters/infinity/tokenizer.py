@@ -178,6 +178,33 @@ class BSQVAE(nn.Module):
         """(B, 3, H, W) in [-1, 1] -> float32 features (B, d, H/p, W/p)."""
         return self.encoder(images_B3HW.float()).float()
 
+    def training_loss(self, images_B3HW: torch.Tensor, schedule, beta: float = 0.25) -> tuple[torch.Tensor, dict]:
+        """Loss for fitting the tokenizer from scratch (``sar pretrain``; not upstream's
+        recipe, which adds entropy terms and a GAN): multi-scale residual BSQ as in
+        :func:`.bsq.multiscale` but straight-through (the unit-sphere projection keeps its
+        gradient), L1 + MSE reconstruction of the summed codes, and ``beta`` times a
+        commitment MSE of the features to the summed codes and of every projected residual
+        to its binary corner."""
+        from einops import rearrange
+
+        from .bsq import area, up
+
+        f = self.features(images_B3HW).unsqueeze(2)
+        H, W = schedule[-1]
+        S, corner = torch.zeros_like(f), f.new_zeros(())
+        for k, hw in enumerate(schedule):
+            r = f - S.detach()
+            if k < len(schedule) - 1:
+                r = area(r, hw)
+            u = F.normalize(r, dim=1, eps=1e-12)
+            zq = torch.where(u > 0, 1.0, -1.0).to(u) / self.d ** 0.5
+            corner = corner + F.mse_loss(u, zq)
+            S = S + up(u + (zq - u).detach(), (H, W))
+        commit = F.mse_loss(f, S.detach()) + corner / len(schedule)
+        rec = self.decoder(rearrange(S, "b d 1 h w -> b d h w"))
+        l1, l2 = F.l1_loss(rec, images_B3HW), F.mse_loss(rec, images_B3HW)
+        return l1 + l2 + beta * commit, {"rec_l1": l1.item(), "rec_mse": l2.item(), "commit": commit.item()}
+
     def decode_map(self, summed_BdHW: torch.Tensor) -> torch.Tensor:
         """Accumulated codes (B, d, H, W) -> images clamped to [-1, 1]."""
         # upstream feeds the decoder a channels-last map (its codes come from (B, h, w, d) bits);
