@@ -31,11 +31,28 @@ def fail(console: Console, exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
+def parse_overrides(pairs: Optional[list[str]]) -> Optional[dict]:
+    """``--override KEY=VALUE`` pairs -> {KEY: YAML value} (None when there are none)."""
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--override wants KEY=VALUE (e.g. patch_nums=[1,2,3,4,6,8]), got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--override {key.strip()}: {value!r} is not a YAML value ({exc})") from None
+    return out or None
+
+
 def load_model(console: Console, family: str, tokenizer: Path, backbone: Optional[Path], device: str,
-               random_backbone: Optional[bool] = None):
+               random_backbone: Optional[bool] = None, overrides: Optional[list[str]] = None):
     """Load a model. ``random_backbone`` (False / True) is the answer to "may the backbone be
     freshly initialised?": False requires ``--backbone``; True with no file says so once;
-    None (commands that only use the tokenizer) loads whatever is given."""
+    None (commands that only use the tokenizer) loads whatever is given. ``overrides``:
+    the ``--override KEY=VALUE`` strings (adapter config fields the files do not hold)."""
     from sar_core.generation import load_adapter
 
     if random_backbone is False and backbone is None:
@@ -47,7 +64,7 @@ def load_model(console: Console, family: str, tokenizer: Path, backbone: Optiona
         console.print("[yellow]warning:[/] --random-backbone: using a freshly initialised, untrained "
                       "backbone; its outputs are noise", highlight=False)
     with console.status(f"loading {family} from {tokenizer}" + (f" + {backbone}" if backbone else "")):
-        return load_adapter(family, tokenizer, backbone, device=device)
+        return load_adapter(family, tokenizer, backbone, device=device, overrides=parse_overrides(overrides))
 
 
 @contextmanager
@@ -118,6 +135,9 @@ TOKENIZER = typer.Option(..., "--tokenizer", envvar="SAR_TOKENIZER", rich_help_p
                          help="Tokenizer checkpoint (upstream layout).")
 BACKBONE = typer.Option(None, "--backbone", envvar="SAR_BACKBONE", rich_help_panel="Model",
                         help="Backbone checkpoint (upstream layout); required unless --random-backbone.")
+OVERRIDE = typer.Option(None, "--override", rich_help_panel="Model", metavar="KEY=VALUE",
+                        help="Adapter config field the checkpoint files do not hold, as YAML, repeatable "
+                        "(e.g. --override patch_nums=[1,2,3,4,6,8]; see each miniature's README).")
 RANDOM_BACKBONE = typer.Option(False, "--random-backbone",
                                help="Use a freshly initialised backbone on purpose (smoke tests; outputs are noise).",
                                rich_help_panel="Model")

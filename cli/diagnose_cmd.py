@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sar_cli._shared import (
+    OVERRIDE,
     BACKBONE, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, user_errors,
 )
 
@@ -66,6 +67,7 @@ def diagnose(
     maps: Optional[Path] = typer.Option(None, "--maps", rich_help_panel="Output",
                                         help="Write per-scale difference maps (PNG: where predictions on own "
                                         "inputs differ from those on ground-truth inputs) here."),
+    override: Optional[list[str]] = OVERRIDE,
     device: str = DEVICE,
 ) -> None:
     """Measure, per scale, how much the loss grows when the model's input at scale k+1 is
@@ -75,7 +77,7 @@ def diagnose(
 
     console = Console()
     try:
-        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone)
+        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone, override)
         dataset, sched = _data(data, adapter, schedule, split)
         with console.status("teacher- and student-forced passes ..."):
             report = exposure_gap(adapter, dataset, sched, batches or None, batch_size=batch_size, mode=mode)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sar_cli._shared import (
+    OVERRIDE,
     BACKBONE, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY,
     SCHEDULE, TOKENIZER, fail, load_model, pass_progress, user_errors,
 )
@@ -79,6 +80,7 @@ def evaluate(
         help="Also save the reference set's FID mu / sigma (.npz) for reuse."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", rich_help_panel="Output",
                                        help="Write the report as JSON here."),
+    override: Optional[list[str]] = OVERRIDE,
     device: str = DEVICE,
 ) -> None:
     """Sample N images class-balanced (or conditioned on --text-features) from the model and
@@ -100,7 +102,7 @@ def evaluate(
             raise ValueError("--save-reference-stats needs --reference")
         # resolve the extractor first: a missing weights file fails before any sampling
         extractor = get_feature_extractor(feature_extractor, weights)
-        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone)
+        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone, override)
         conditions = None
         if text_features is not None:
             from sar_core.checkpoint_io import load_file

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from sar_cli._shared import (
+    OVERRIDE,
     BACKBONE, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY,
     SCHEDULE, TOKENIZER, fail, load_model, progress_bar, user_errors,
 )
@@ -57,6 +58,7 @@ def sample(
                                        help="Images per grid row (default: per class, or square)."),
     folder: Optional[Path] = typer.Option(None, "--folder", rich_help_panel="Output",
                                           help="Write one PNG per sample into this folder."),
+    override: Optional[list[str]] = OVERRIDE,
     device: str = DEVICE,
 ) -> None:
     """Sample class-conditional (or text-conditional) images from a model.
@@ -73,7 +75,7 @@ def sample(
             raise ValueError("pass exactly one of --labels, --per-class, --text-features")
         if grid is None and folder is None:
             raise ValueError("nothing to write: pass --grid FILE.png and/or --folder DIR")
-        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone)
+        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone, override)
         sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
         opts = dict(schedule=sched, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
         if text_features is not None:

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from sar_cli._shared import (
+    OVERRIDE,
     BACKBONE, CONFIG, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, progress_bar, user_errors,
 )
 
@@ -74,6 +75,7 @@ def tokenize(
                                    help="Replace an existing cache folder."),
     batch_size: int = typer.Option(64, "--batch-size", rich_help_panel="Run", help="Images per encoder batch."),
     workers: int = typer.Option(0, "--workers", rich_help_panel="Run", help="DataLoader worker processes."),
+    override: Optional[list[str]] = OVERRIDE,
     device: str = DEVICE,
 ) -> None:
     """Encode every image of a dataset split with the model's tokenizer into a memory-mapped
@@ -87,7 +89,7 @@ def tokenize(
 
     console = Console()
     try:
-        adapter = load_model(console, family, tokenizer, backbone, device)
+        adapter = load_model(console, family, tokenizer, backbone, device, overrides=override)
         sched = cache_schedule(adapter, schedule)
         h, w = adapter.image_size(sched)
         if image_size is not None and image_hw(parse_image_size(image_size)) != (h, w):

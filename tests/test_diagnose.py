@@ -43,14 +43,19 @@ def test_oracle_predictions_give_exactly_zero_gap(var, data):
             assert row["gap_ce"] == 0.0 and row["gap_acc"] == 0.0
 
 
-def test_gap_equals_a_manual_computation(var, data, report):
+def _teacher_forced(var, data):
+    """(schedule, labels, codes, target, TF logits) of the whole data, computed by hand."""
     sched = var.default_schedule
     images = torch.stack([data[i][0] for i in range(len(data))])
     labels = torch.stack([data[i][1] for i in range(len(data))])
     codes = var.encode(images, sched)
-    target = cat_codes(codes)
     with torch.no_grad():
         tf = var.forward(labels, var.teacher_inputs(codes, sched), sched)
+    return sched, labels, codes, cat_codes(codes), tf
+
+
+def test_gap_equals_a_manual_computation(var, data, report):
+    sched, labels, codes, target, tf = _teacher_forced(var, data)
     preds = [token_argmax(tf[:, sched.slice(k)], None) for k in range(len(sched))]
     for k in (0, 3):
         with torch.no_grad():
@@ -69,13 +74,8 @@ def test_gap_equals_a_manual_computation(var, data, report):
 
 def test_standard_errors_equal_a_manual_computation(var, data, report):
     """The noise of the deterministic val metrics: sd over images / sqrt(n)."""
-    sched = var.default_schedule
-    images = torch.stack([data[i][0] for i in range(len(data))])
-    labels = torch.stack([data[i][1] for i in range(len(data))])
-    codes = var.encode(images, sched)
-    target = cat_codes(codes)
+    sched, labels, codes, target, tf = _teacher_forced(var, data)
     with torch.no_grad():
-        tf = var.forward(labels, var.teacher_inputs(codes, sched), sched)
         per_tok = token_ce(tf, target, None)
         preds = [token_argmax(tf[:, sched.slice(k)], None) for k in range(len(sched))]
         gaps = []

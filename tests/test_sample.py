@@ -101,3 +101,47 @@ def test_condition_payloads_go_through_adapter_condition(model_files):
     assert len(condition_batch({"ids": feats})) == 3
     with pytest.raises(ValueError, match="exactly one"):
         generate_images(adapter, labels, conditions={"ids": feats})
+
+
+def readme_command(text: str, prog: str) -> list[str]:
+    """The first ``prog ...`` command of a README code block (continuation lines joined)."""
+    import shlex
+
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip().startswith(prog + " "))
+    parts = []
+    for ln in lines[start:]:
+        parts.append(ln.strip().rstrip("\\"))
+        if not ln.rstrip().endswith("\\"):
+            break
+    return shlex.split(" ".join(parts))
+
+
+@pytest.mark.parametrize("family", ["flexvar", "var", "infinity"])
+def test_shipped_miniatures_sample_with_the_command_their_readme_gives(family, tmp_path):
+    """Each miniature's README sampling command (with its --override flags) works as written."""
+    from sar_plugins.demo import MINIS
+
+    args = readme_command((MINIS / family / "README.md").read_text(), "sar sample")
+    assert args[:3] == ["sar", "sample", "-f"] and args[3] == family
+    root = str(MINIS.parent.parent.parent)  # the paths in the README are relative to the repository
+    args = [a.replace("plugins/", root + "/plugins/", 1) if a.startswith("plugins/") else a for a in args[2:]]
+    args = [str(tmp_path / a) if a.endswith(".png") else a for a in args]
+    args[args.index("--per-class") + 1] = "1"
+    res = CliRunner().invoke(app, args + ["--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert Image.open(tmp_path / "grid.png").size[0] >= 10 * 16
+
+
+def test_override_flag_reaches_the_adapter_and_rejects_bad_pairs(model_files):
+    from sar_cli._shared import parse_overrides
+
+    assert parse_overrides(["patch_nums=[1,2,4]", "tau=1.5", "name=abc"]) == {
+        "patch_nums": [1, 2, 4], "tau": 1.5, "name": "abc"}
+    assert parse_overrides(None) is None
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["patch_nums"])
+    res = run(model_files, "--labels", "1", "--grid", "x.png", "--override", "patch_nums=[1,2]")
+    assert res.exit_code == 2 and "patch_nums" in res.output  # the file holds 1+4+16 positions
+    res = run(model_files, "--labels", "1", "--grid", "x.png", "--override", "oops")
+    assert res.exit_code == 2 and "KEY=VALUE" in res.output

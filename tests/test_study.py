@@ -178,3 +178,28 @@ def test_a_failed_job_does_not_stop_the_others_and_is_named(tmp_path, monkeypatc
     study_jobs.run_jobs(tmp_path, specs, 2, "cpu", logs.append, poll_s=0.02)
     assert [m for m in logs if "started" in m] == [f"f/sar/seed0: started as a job (log: {log_file})"]
     assert (tmp_path / "f/sar/seed0/eval.json").is_file()
+
+
+def test_cross_family_preset_runs_every_shipped_miniature(tmp_path):
+    """The cross-family preset, shrunk to 1 step and a few samples, end to end on FlexVAR,
+    VAR and Infinity (its class stand-in): every family's tables and pictures exist."""
+    out = tmp_path / "cf"
+    small = ["--set", "run.train.steps=1", "--set", "run.train.batch_size=4", "--set", "seeds=[0,1]",
+             "--set", "eval.samples_per_class=2", "--set", "eval.noise_seeds=[1000,1001]",
+             "--set", "eval.grid_per_class=1", "--set", "eval.gap_batches=1", "--set", "eval.batch_size=20",
+             "--set", "eval.reference_split=val"]
+    res = CliRunner().invoke(app, ["study", "--preset", "cross-family", *small, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["families"]) == {"flexvar", "var", "infinity"}
+    md = (out / "report.md").read_text()
+    for label, fam in report["families"].items():
+        assert set(fam["arms"]) == {"tf", "sar"} and not fam["missing"], label
+        for key in ("fid", "precision", "class_acc", "gap_mean", "val_loss_tf"):
+            d = fam["differences"][key]["sar"]
+            assert d["n"] == 2 and d["low"] <= d["mean"] <= d["high"], (label, key)
+            assert fam["control_flat"][key] in (True, False), (label, key)
+        for name in (f"plots/{label}_gap_and_losses.png", f"{label}/start/grid.png", f"{label}/sar/seed0/grid.png",
+                     f"{label}/start/maps/all_scales.png", f"{label}/sar/seed0/maps/all_scales.png"):
+            assert (out / name).is_file(), name
+        assert f"family `{label}`" in md
