@@ -60,7 +60,7 @@ def sample_candidates(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Same filtered distribution as :func:`sample_logits`, drawn among the top-k
     candidates only: one ``topk`` instead of a sort and a multinomial over the whole
-    vocabulary. The draws differ from upstream's stream (rollouts use it unless they are
+    vocabulary, and an inverse-CDF draw (:func:`inverse_cdf_draw`) instead of a multinomial. The draws differ from upstream's stream (rollouts use it unless they are
     ``upstream_exact``); without a top-k, or with ties at the k-th value, it is
     :func:`sample_logits`."""
     vocab = logits.shape[-1]
@@ -68,5 +68,18 @@ def sample_candidates(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
     if cand is None:
         return sample_logits(logits, top_k, top_p, generator)
     probs, idx = cand
-    pick = torch.multinomial(probs.reshape(-1, top_k), num_samples=1, replacement=True, generator=generator)
+    pick = inverse_cdf_draw(probs.reshape(-1, top_k), generator)
     return idx.reshape(-1, top_k).gather(1, pick).reshape(logits.shape[:-1])
+
+
+def inverse_cdf_draw(probs_NK: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs_NK`` drawn with probability proportional to it: one
+    uniform per row against the row's cumulative sum (a ``searchsorted``; on CPU several
+    times cheaper than ``torch.multinomial``, whose draws it does not reproduce).
+    Zero-probability entries are never drawn: (N, 1) int64."""
+    cdf = probs_NK.cumsum(-1)
+    u = torch.rand(probs_NK.shape[0], 1, generator=generator, device=probs_NK.device, dtype=cdf.dtype)
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    # rounding can put u * total on the total itself: fall back to the last entry with mass
+    last = probs_NK.shape[-1] - 1 - (probs_NK.flip(-1) > 0).int().argmax(-1, keepdim=True)
+    return torch.minimum(pick, last)
