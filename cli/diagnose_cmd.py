@@ -80,11 +80,15 @@ def diagnose(
         adapter = load_model(console, family, tokenizer, backbone, device, random_backbone, override)
         dataset, sched = _data(data, adapter, schedule, split)
         with console.status("teacher- and student-forced passes ..."):
-            report = exposure_gap(adapter, dataset, sched, batches or None, batch_size=batch_size, mode=mode)
+            with_maps = maps is not None and mode == "per_scale"  # one set of passes for both
+            report = exposure_gap(adapter, dataset, sched, batches or None, batch_size=batch_size, mode=mode,
+                                  maps=with_maps)
             if maps is not None:
                 from sar_core.difference_maps import difference_maps, save_difference_maps
 
-                diff = difference_maps(adapter, dataset, sched, batches or None, batch_size=batch_size)
+                diff = ({"family": adapter.name, "schedule": report["schedule"], "num_samples": report["num_samples"],
+                         "maps": report.pop("maps")} if with_maps else
+                        difference_maps(adapter, dataset, sched, batches or None, batch_size=batch_size))
     except user_errors() as exc:
         fail(console, exc)
     print_gap(console, report)

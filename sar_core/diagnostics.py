@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+from einops import rearrange
 from torch.utils.data import DataLoader, Dataset
 
 from sar_core.data import Batch, collate
@@ -47,6 +48,7 @@ class _Sums:
         # per image: token-weighted TF CE and the mean over scales >= 1 of the CE gap
         self.img_tf: list[torch.Tensor] = []
         self.img_gap: list[torch.Tensor] = []
+        self.maps: Optional[list[torch.Tensor]] = None  # per-token argmax disagreement sums
 
     def per_image_se(self) -> dict:
         """Standard error over images of the TF loss and of the mean gap: how much either
@@ -90,6 +92,8 @@ def _one_batch(adapter, codes: list, cond: Any, schedule: Schedule, mode: str,
             sf = token_ce(logits_sf[:, sl], target[:, sl], bits)
             sums.add("sf_ce", k + 1, sf)
             sums.add("sf_acc", k + 1, _token_acc(logits_sf[:, sl], target[:, sl], bits))
+            if sums.maps is not None:
+                sums.maps[k + 1] += _disagree_Bn(logits_sf[:, sl], logits_tf[:, sl], bits).double().sum(0).cpu()
             gap_B += (sf.double() - tf_ce_k[k + 1]).mean(1) / (K - 1)
     sums.img_gap.append(gap_B.cpu())
 
@@ -114,7 +118,7 @@ def _split_batch(adapter, batch: Any, schedule: Schedule) -> tuple[list, Any, in
 
 def exposure_gap(adapter, data: Dataset | Iterable, schedule: Schedule | str | None = None,
                  batches: Optional[int] = None, *, batch_size: int = 32, mode: str = "per_scale",
-                 predict: Optional[Predict] = None) -> dict:
+                 predict: Optional[Predict] = None, maps: bool = False) -> dict:
     """Per-scale teacher-forced vs one-step student-forced CE / accuracy and their gap.
 
     ``data`` is a dataset of ``(images | codes, target)`` items (see :mod:`sar_core.data`;
@@ -122,7 +126,9 @@ def exposure_gap(adapter, data: Dataset | Iterable, schedule: Schedule | str | N
     :class:`~sar_core.data.Batch` / ``(images | codes, labels)`` batches; the condition
     comes from ``adapter.condition(batch)``, so class labels and payloads both work;
     ``batches`` caps how many batches are
-    used. ``predict`` replaces the argmax prediction (tests use an oracle).
+    used. ``predict`` replaces the argmax prediction (tests use an oracle). ``maps=True``
+    (per-scale mode) also returns the difference maps of :mod:`sar_core.difference_maps`
+    from the same passes, under ``"maps"``.
     """
     if mode not in ("per_scale", "joint"):
         raise ValueError(f"mode must be 'per_scale' or 'joint', got {mode!r}")
@@ -130,6 +136,10 @@ def exposure_gap(adapter, data: Dataset | Iterable, schedule: Schedule | str | N
     if len(schedule) < 2:
         raise ValueError("the exposure gap needs a schedule of at least two scales")
     sums, n_samples = _Sums(len(schedule)), 0
+    if maps:
+        if mode != "per_scale":
+            raise ValueError("difference maps need mode='per_scale'")
+        sums.maps = [torch.zeros(h * w, dtype=torch.float64) for h, w in schedule]
     with adapter.inference():
         for i, batch in enumerate(_batches(data, batch_size)):
             if batches is not None and i >= batches:
@@ -139,7 +149,18 @@ def exposure_gap(adapter, data: Dataset | Iterable, schedule: Schedule | str | N
             n_samples += n
     if n_samples == 0:
         raise ValueError("no batches to evaluate")
-    return _report(adapter, schedule, mode, n_samples, sums)
+    report = _report(adapter, schedule, mode, n_samples, sums)
+    if maps:
+        report["maps"] = [None] + [rearrange(sums.maps[k] / n_samples, "(h w) -> h w", h=h, w=w).float()
+                                   for k, (h, w) in enumerate(schedule) if k > 0]
+    return report
+
+
+def _disagree_Bn(logits_a: torch.Tensor, logits_b: torch.Tensor, bits: Optional[int]) -> torch.Tensor:
+    """(B, n): fraction of a token's groups (1, or d bits) whose argmax differs."""
+    a = group_logits(logits_a, bits).argmax(-1)
+    b = group_logits(logits_b, bits).argmax(-1)
+    return (a != b).float().mean(-1)
 
 
 def _report(adapter, schedule: Schedule, mode: str, n_samples: int, sums: _Sums) -> dict:

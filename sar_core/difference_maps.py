@@ -14,49 +14,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-import torch
-from einops import rearrange
 from torch.utils.data import Dataset
 
-from sar_core.diagnostics import _batches, _split_batch
+from sar_core.diagnostics import exposure_gap
 from sar_core.schedule import Schedule
-from sar_core.tokens import group_logits, token_argmax
 
 
-def _disagree_Bn(logits_a: torch.Tensor, logits_b: torch.Tensor, bits: Optional[int]) -> torch.Tensor:
-    """(B, n): fraction of a token's groups (1, or d bits) whose argmax differs."""
-    a = group_logits(logits_a, bits).argmax(-1)
-    b = group_logits(logits_b, bits).argmax(-1)
-    return (a != b).float().mean(-1)
-
-
-@torch.no_grad()
 def difference_maps(adapter, data: Dataset | Iterable, schedule: Schedule | str | None = None,
                     batches: Optional[int] = None, *, batch_size: int = 32) -> dict:
-    """{'schedule', 'num_samples', 'maps': [None, (h1, w1) tensor, ...]} (scale 0 has none)."""
+    """{'schedule', 'num_samples', 'maps': [None, (h1, w1) tensor, ...]} (scale 0 has none).
+    The passes are those of :func:`~sar_core.diagnostics.exposure_gap` (``maps=True`` gives
+    both from one set of passes)."""
     schedule = Schedule.parse(schedule) if schedule is not None else adapter.default_schedule
     if len(schedule) < 2:
         raise ValueError("difference maps need a schedule of at least two scales")
-    bits, K = adapter.bits_per_token, len(schedule)
-    sums = [torch.zeros(h * w, dtype=torch.float64) for h, w in schedule]
-    n = 0
-    with adapter.inference():
-        for i, batch in enumerate(_batches(data, batch_size)):
-            if batches is not None and i >= batches:
-                break
-            codes, cond, size = _split_batch(adapter, batch, schedule)
-            tf_BLV = adapter.forward(cond, adapter.teacher_inputs(codes, schedule), schedule).float()
-            preds = [token_argmax(tf_BLV[:, schedule.slice(k)], bits) for k in range(K)]
-            for k in range(K - 1):
-                sf_BLV = adapter.forward(cond, adapter.stagger_inputs(codes, preds, schedule, [k]), schedule).float()
-                sl = schedule.slice(k + 1)
-                sums[k + 1] += _disagree_Bn(sf_BLV[:, sl], tf_BLV[:, sl], bits).double().sum(0).cpu()
-            n += size
-    if n == 0:
-        raise ValueError("no batches to evaluate")
-    maps = [None] + [rearrange(sums[k] / n, "(h w) -> h w", h=h, w=w).float()
-                     for k, (h, w) in enumerate(schedule) if k > 0]
-    return {"family": adapter.name, "schedule": schedule.to_list(), "num_samples": n, "maps": maps}
+    r = exposure_gap(adapter, data, schedule, batches, batch_size=batch_size, maps=True)
+    return {"family": adapter.name, "schedule": r["schedule"], "num_samples": r["num_samples"], "maps": r["maps"]}
 
 
 def save_difference_maps(report: dict, out_dir: str | Path, title: str = "") -> list[Path]:

@@ -214,24 +214,29 @@ def _sampled_metrics(adapter, ctx: FamilyContext, seed: int) -> dict:
     return row
 
 
-def _fixed_metrics(adapter, ctx: FamilyContext) -> dict:
-    """Exposure gap per scale and the validation TF loss (token-weighted TF CE)."""
+def _fixed_metrics(adapter, ctx: FamilyContext, maps: bool = False) -> dict:
+    """Exposure gap per scale and the validation TF loss (token-weighted TF CE); with
+    ``maps`` also the difference maps, from the same passes (under ``"_maps"``)."""
     from sar_core.diagnostics import exposure_gap
 
     e = ctx.study.eval
     with adapter.inference():
-        gap = exposure_gap(adapter, ctx.val, ctx.schedule, e.gap_batches or None, batch_size=e.batch_size)
+        gap = exposure_gap(adapter, ctx.val, ctx.schedule, e.gap_batches or None, batch_size=e.batch_size,
+                           maps=maps)
     counts = ctx.schedule.token_counts
     val = sum(r["tf_ce"] * n for r, n in zip(gap["scales"], counts)) / sum(counts)
     se = gap["standard_error"]
     return {"gap_mean": gap["mean_gap_ce"], "val_loss_tf": val,
             "standard_error": {"gap_mean": se["mean_gap_ce"], "val_loss_tf": se["val_loss_tf"],
                                "num_images": gap["num_samples"]},
-            "gap": [r["gap_ce"] for r in gap["scales"][1:]], "gap_acc": [r["gap_acc"] for r in gap["scales"][1:]]}
+            "gap": [r["gap_ce"] for r in gap["scales"][1:]], "gap_acc": [r["gap_acc"] for r in gap["scales"][1:]],
+            **({"_maps": {"schedule": gap["schedule"], "num_samples": gap["num_samples"], "maps": gap["maps"]}}
+               if maps else {})}
 
 
-def _pictures(adapter, ctx: FamilyContext, folder: Path, maps: bool) -> dict:
-    from sar_core.difference_maps import difference_maps, save_difference_maps
+def _pictures(adapter, ctx: FamilyContext, folder: Path, maps: Optional[dict]) -> dict:
+    """The sample grid and, given the difference-map report of :func:`_fixed_metrics`, its PNGs."""
+    from sar_core.difference_maps import save_difference_maps
     from sar_core.generation import balanced_labels, generate_images, save_grid
 
     e = ctx.study.eval
@@ -242,10 +247,9 @@ def _pictures(adapter, ctx: FamilyContext, folder: Path, maps: bool) -> dict:
     big = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
     out = {"grid": str(save_grid(big, folder / "grid.png", nrow=n_cls).relative_to(ctx.out))}
     if maps:
-        report = difference_maps(adapter, ctx.val, ctx.schedule, e.gap_batches or None, batch_size=e.batch_size)
-        save_difference_maps(report, folder / "maps", title=f"{ctx.label} / {folder.name}")
+        save_difference_maps(maps, folder / "maps", title=f"{ctx.label} / {folder.name}")
         out["maps"] = str((folder / "maps" / "all_scales.png").relative_to(ctx.out))
-        out["map_means"] = [None] + [float(m.mean()) for m in report["maps"][1:]]
+        out["map_means"] = [None] + [float(m.mean()) for m in maps["maps"][1:]]
     return out
 
 
@@ -253,8 +257,9 @@ def evaluate_model(adapter, ctx: FamilyContext, seeds: list[int], folder: Path, 
     """Metrics under every sampling seed (+ their mean), gap, val loss, grid, maps."""
     per_seed = {str(s): _sampled_metrics(adapter, ctx, s) for s in seeds}
     means = {k: sum(r[k] for r in per_seed.values()) / len(per_seed) for k in next(iter(per_seed.values()))}
-    return {"per_sampling_seed": per_seed, "metrics": {**means}, **_fixed_metrics(adapter, ctx),
-            **_pictures(adapter, ctx, folder, maps)}
+    fixed = _fixed_metrics(adapter, ctx, maps)
+    pictures = _pictures(adapter, ctx, folder, fixed.pop("_maps", None))
+    return {"per_sampling_seed": per_seed, "metrics": {**means}, **fixed, **pictures}
 
 
 def evaluate_start(ctx: FamilyContext, log: Log) -> dict:
