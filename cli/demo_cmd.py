@@ -15,18 +15,18 @@ def demo(
     config: Optional[Path] = CONFIG,
     out: Path = typer.Option(Path("sar-demo-report"), "--out", help="Report (study) folder; an interrupted "
                              "demo resumes from what is there."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per arm and seed (preset: 150)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per arm and seed (preset: 100)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Paired training seeds, comma list (preset: 0,1,2)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="(preset: 32)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of both arms (preset: 1e-4, constant)."),
     gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight of the SAR arm (preset: 0.5)."),
     samples_per_class: Optional[int] = typer.Option(None, "--samples-per-class",
-                                                    help="Samples per class of every evaluation (preset: 100)."),
+                                                    help="Samples per class of every evaluation (preset: 200)."),
     sets: list[str] = typer.Option([], "--set", help="Any other study field, e.g. --set eval.noise_seeds=[1,2,3]."),
     jobs: int = typer.Option(2, "--jobs", help="Runs trained at once, one process and thread each (2 cores: 2)."),
     threads: Optional[int] = typer.Option(1, "--threads", help="torch CPU threads (the tiny demo model runs fastest on one)."),
 ) -> None:
-    """The `demo` study preset on the shipped tiny digits model: plain teacher forcing vs
+    """The `demo` study preset on the shipped VAR miniature (digits-aug): plain teacher forcing vs
     SAR from the same start and paired seeds, every run evaluated with the same sampling
     seeds; the report gives paired differences with 95% intervals, the metric's measured
     noise and whether the control arm stayed flat, plus grids, gap curves and maps.

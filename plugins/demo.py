@@ -1,8 +1,8 @@
 """``sar demo``: the shipped ``demo`` study preset (``assets/studies/demo.yaml``).
 
-The demo is a thin use of :mod:`sar_core.study`: one family (the embedded FlexVAR
+The demo is a thin use of :mod:`sar_core.study`: one family (the embedded VAR
 miniature on 16x16 augmented digits, pretrained by ``sar pretrain`` with the command in
-``assets/minis/flexvar/pretrain.json``), two arms from the same checkpoint and the same seeds
+``assets/minis/var/pretrain.json``), two arms from the same checkpoint and the same seeds
 (``tf``: plain teacher-forcing continuation, the control; ``sar``: stagger-scale rollout
 over all scales + hard CSF loss), three paired training seeds, every run evaluated with
 the same sampling seeds, and the study report: paired differences with 95% intervals,
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 MINIS = Path(__file__).parent / "assets" / "minis"   # one folder per family: the shipped miniatures
-ASSETS = MINIS / "flexvar"                           # the demo's model
+ASSETS = MINIS / "var"                               # the demo's model
 
 
 @dataclass

@@ -104,12 +104,12 @@ def test_demo_quick_run_writes_report(tmp_path):
                                    "--set", "eval.grid_per_class=1", "--set", "eval.maps=false",
                                    "--set", "eval.reference_split=val"])
     assert res.exit_code == 0, res.output
-    for name in ("report.md", "report.html", "report.json", "plots/flexvar_gap_and_losses.png",
-                 "flexvar/tf/seed0/grid.png", "flexvar/sar/seed0/grid.png"):
+    for name in ("report.md", "report.html", "report.json", "plots/var_gap_and_losses.png",
+                 "var/tf/seed0/grid.png", "var/sar/seed0/grid.png"):
         assert (out / name).is_file(), name
     results = json.loads((out / "report.json").read_text())
     assert results["study"]["name"] == "demo" and results["study"]["seeds"] == [0, 1]
-    fam = results["families"]["flexvar"]
+    fam = results["families"]["var"]
     assert set(fam["arms"]) == {"tf", "sar"}
     for key in ("fid", "class_acc", "gap_mean", "val_loss_tf"):
         d = fam["differences"][key]["sar"]

@@ -79,7 +79,7 @@ def test_cli_bad_input_exits_2(tmp_path):
 
 
 def test_unregistered_family_is_a_clear_error(tmp_path):
-    res = CliRunner().invoke(app, ["study", "--preset", "demo", "--set", "families.flexvar.family=nosuch",
+    res = CliRunner().invoke(app, ["study", "--preset", "demo", "--set", "families.var.family=nosuch",
                                    "--out", str(tmp_path / "i")])
     assert res.exit_code == 2 and "adapter 'nosuch' is not registered" in _out(res)
 
@@ -93,20 +93,20 @@ def test_study_end_to_end_and_arm_jobs_reproduce_it(tmp_path):
     one = tmp_path / "one"
     res = run.invoke(app, ["study", *TINY, "--out", str(one)])
     assert res.exit_code == 0, res.output
-    for name in ("report.md", "report.html", "report.json", "plots/flexvar_gap_and_losses.png",
-                 "plots/flexvar_differences.png", "flexvar/start/grid.png", "flexvar/sar/seed0/grid.png",
-                 "flexvar/start/maps/all_scales.png", "flexvar/tf/seed0/maps/scale_05.png"):
+    for name in ("report.md", "report.html", "report.json", "plots/var_gap_and_losses.png",
+                 "plots/var_differences.png", "var/start/grid.png", "var/sar/seed0/grid.png",
+                 "var/start/maps/all_scales.png", "var/tf/seed0/maps/scale_05.png"):
         assert (one / name).is_file(), name
     for arm in ("tf", "sar"):
         for seed in (0, 1):  # every arm x seed is an ordinary sar train run folder
-            folder = one / "flexvar" / arm / f"seed{seed}"
+            folder = one / "var" / arm / f"seed{seed}"
             cfg = yaml.safe_load((folder / "config.yaml").read_text())
-            assert cfg["model"]["backbone"].endswith("minis/flexvar/backbone.pth") and cfg["train"]["seed"] == seed
+            assert cfg["model"]["backbone"].endswith("minis/var/backbone.pth") and cfg["train"]["seed"] == seed
             assert (folder / "backbone.pth").is_file() and (folder / "metrics.jsonl").is_file()
-    rows = [json.loads(x) for x in (one / "flexvar/sar/seed0/metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (one / "var/sar/seed0/metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss_csf"] > 0  # the SAR arm ran a student pass
     report = json.loads((one / "report.json").read_text())
-    fam = report["families"]["flexvar"]
+    fam = report["families"]["var"]
     diff = fam["differences"]["fid"]["sar"]
     assert diff["n"] == 2 and diff["low"] <= diff["mean"] <= diff["high"]
     assert fam["noise"]["fid"]["sd"] > 0 and fam["noise"]["fid"]["n"] == 2
@@ -124,8 +124,8 @@ def test_study_end_to_end_and_arm_jobs_reproduce_it(tmp_path):
     # the rest as parallel local jobs (subprocesses running `--arm sar --seed S`), then the report
     res = run.invoke(app, ["study", *TINY, "--out", str(two), "--jobs", "2"])
     assert res.exit_code == 0, res.output
-    assert "flexvar/sar/seed1: started as a job" in _out(res) and "flexvar/tf/seed0: started" not in _out(res)
-    assert (two / "flexvar" / "sar" / "seed0.log").is_file()
+    assert "var/sar/seed1: started as a job" in _out(res) and "var/tf/seed0: started" not in _out(res)
+    assert (two / "var" / "sar" / "seed0.log").is_file()
     assert _numbers(json.loads((two / "report.json").read_text())) == _numbers(report)
     # a finished run is skipped; a folder of another study is refused
     res = run.invoke(app, ["study", *TINY, "--out", str(two), "--arm", "tf", "--seed", "0"])
