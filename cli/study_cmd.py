@@ -127,7 +127,8 @@ def _summary(console: Console, results: dict) -> None:
             table.add_column(col)
         for k, per_arm in fam["differences"].items():
             nz = fam["noise"][k]
-            table.add_row(LABELS.get(k, k), "deterministic" if nz.get("deterministic") else f"{nz['sd']:.4g}",
+            sd = "-" if nz.get("sd") is None else f"{nz['sd']:.4g}"
+            table.add_row(LABELS.get(k, k), f"SE {sd}" if nz.get("deterministic") else sd,
                           *[_diff_cell(per_arm.get(a), HIGHER_IS_BETTER[k]) for a in others],
                           _diff_cell(fam["control_change"][k], HIGHER_IS_BETTER[k]))
         console.print(table)
