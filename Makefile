@@ -9,7 +9,7 @@ STAMP := $(VENV)/.sar-installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,demo]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev,demo]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -144,6 +144,13 @@ class ScaleWiseAdapter(ABC):
     #: :mod:`sar_core.prefix_cache` record / replay handle), so a student pass that only
     #: changes the last scale runs over that scale's tokens alone. Default: a full pass.
     reuses_prefix: ClassVar[bool] = False
+    #: True when the logits of a schedule's first j scales do not depend on its later
+    #: scales: ``forward(cond, inputs[:, :offsets[j] - first_len], schedule.first(j))``
+    #: equals the first ``offsets[j]`` rows of the full pass on the same inputs (positions
+    #: do not depend on the schedule's last scale). The exposure-gap diagnostics then run
+    #: each one-step student-forced pass only up to the scale it measures. Checked by the
+    #: contract suite. Default: full passes.
+    prefix_stable: ClassVar[bool] = False
 
     def __init__(self, config: AdapterConfig, tokenizer: nn.Module, backbone: nn.Module):
         self.config = config

@@ -11,7 +11,8 @@ teacher-forced prediction at scale k, with ground truth everywhere else
 averaged over tokens and samples. ``mode='joint'`` instead staggers every transition in
 one pass (what the SSR rollout trains on), so scale k+1 also sees shifted inputs below.
 Only the adapter contract is used, so every family works; accuracy of bitwise codes is
-per bit. Scale 0 (the start token) has no student-forced counterpart.
+per bit. For a family that is :attr:`~sar_core.adapter.ScaleWiseAdapter.prefix_stable`, the
+per-scale pass for transition k runs over the first k+2 scales only (what it measures). Scale 0 (the start token) has no student-forced counterpart.
 """
 
 from __future__ import annotations
@@ -86,7 +87,12 @@ def _one_batch(adapter, codes: list, cond: Any, schedule: Schedule, mode: str,
     gap_B = torch.zeros(target.shape[0], dtype=torch.float64, device=target.device)
     groups = [list(range(K - 1))] if mode == "joint" else [[k] for k in range(K - 1)]
     for ks in groups:
-        logits_sf = adapter.forward(cond, adapter.stagger_inputs(codes, preds, schedule, ks), schedule).float()
+        inputs = adapter.stagger_inputs(codes, preds, schedule, ks)
+        if mode == "per_scale" and adapter.prefix_stable:  # scales after k+1 would be thrown away
+            head = schedule.first(ks[-1] + 2)
+            logits_sf = adapter.forward(cond, inputs[:, :head.total_tokens - schedule.first_len], head).float()
+        else:
+            logits_sf = adapter.forward(cond, inputs, schedule).float()
         for k in ks:
             sl = schedule.slice(k + 1)
             sf = token_ce(logits_sf[:, sl], target[:, sl], bits)

@@ -358,20 +358,65 @@ def compute_metrics(generated: Any, reference: Any = None, *, extractor: Feature
         out["kid_std"] = kid["kernel_inception_distance_std"]
     if "prc" in metrics:
         a, b = gen[layers["prc"]], ref[layers["prc"]]
-        k = min(3, len(a) - 1, len(b) - 1)
+        k = min(PRC_NEIGHBORHOOD, len(a) - 1, len(b) - 1)
         if k < 1:
             raise ValueError("precision / recall need at least 2 images on each side")
-        prc = prc_features_to_metric(a, b, prc_neighborhood=k, verbose=False)  # generated, real
-        out["precision"], out["recall"] = prc["precision"], prc["recall"]
-        out["f_score"] = prc["f_score"]
+        radii = (reference_features or {}).get(radii_key(layers["prc"], k))
+        if radii is None:
+            prc = prc_features_to_metric(a, b, prc_neighborhood=k, verbose=False)  # generated, real
+            out["precision"], out["recall"], out["f_score"] = prc["precision"], prc["recall"], prc["f_score"]
+        else:
+            out.update(precision_recall(a, b, k, radii))
     return out
+
+
+PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k of the k-NN balls
+
+
+def radii_key(layer: str, k: int) -> str:
+    """Key of the reference's k-NN radii in a :func:`reference_features_for` dict."""
+    return f"{layer}@prc_radii_k{k}"
+
+
+def knn_radii(features_ND: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance of every row to its k-th nearest other row (torch-fidelity's cdist chunks)."""
+    from torch_fidelity.metric_prc import calc_cdist_full
+
+    return calc_cdist_full(features_ND, features_ND, PRC_BATCH).kthvalue(k + 1).values
+
+
+PRC_BATCH = 10000  # torch-fidelity's prc_batch_size: same chunks, same float rounding
+
+
+def precision_recall(gen_ND: torch.Tensor, real_MD: torch.Tensor, k: int, real_radii_M: torch.Tensor) -> dict:
+    """Improved precision / recall (Kynkaanniemi et al. 2019) given the reference's k-NN
+    radii, computed once per reference (the M x M distances are the expensive part).
+    Same operations as torch-fidelity's ``prc_features_to_metric``, so the same numbers."""
+    from torch_fidelity.metric_prc import calc_cdist_full
+
+    if real_radii_M.shape[0] != real_MD.shape[0]:
+        raise ValueError(f"{real_radii_M.shape[0]} reference radii for {real_MD.shape[0]} reference features")
+    gen_radii_N = knn_radii(gen_ND, k)
+    d_MN = calc_cdist_full(real_MD, gen_ND, PRC_BATCH)
+    recall = (d_MN <= gen_radii_N).any(dim=1).float().mean().item()            # real inside a generated ball
+    precision = (d_MN.T <= real_radii_M).any(dim=1).float().mean().item()      # generated inside a real ball
+    return {"precision": precision, "recall": recall,
+            "f_score": 2 * precision * recall / max(1e-5, precision + recall)}
 
 
 def reference_features_for(reference: Any, extractor: FeatureExtractorSpec, metrics: Sequence[str],
                            device: torch.device | str = "cpu", batch_size: int = 64) -> dict:
-    """The reference's features at every layer ``metrics`` need, extracted once."""
-    layers = list(dict.fromkeys(layer_for(extractor, m) for m in _check_metrics(metrics)))
-    return extract_features(as_image_set(reference), extractor, layers, device, batch_size, None)
+    """The reference's features at every layer ``metrics`` need, extracted once (with
+    precision / recall, also the reference's k-NN radii, under :func:`radii_key`)."""
+    metrics = _check_metrics(metrics)
+    layers = list(dict.fromkeys(layer_for(extractor, m) for m in metrics))
+    feats = extract_features(as_image_set(reference), extractor, layers, device, batch_size, None)
+    if "prc" in metrics:  # the reference's k-NN radii: the costly half of precision / recall
+        layer = layer_for(extractor, "prc")
+        k = min(PRC_NEIGHBORHOOD, len(feats[layer]) - 1)
+        if k >= 1:
+            feats[radii_key(layer, k)] = knn_radii(feats[layer], k)
+    return feats
 
 
 @torch.no_grad()

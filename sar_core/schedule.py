@@ -117,6 +117,12 @@ class Schedule:
     def sub(self, ks: Sequence[int]) -> "Schedule":
         return Schedule([self.scales[k] for k in ks])
 
+    def first(self, j: int) -> "Schedule":
+        """The first ``j`` scales (1 <= j <= len)."""
+        if not 1 <= j <= len(self):
+            raise ValueError(f"first({j}) of a {len(self)}-scale schedule")
+        return Schedule(self.scales[:j])
+
     def to_list(self) -> list:
         """JSON-friendly: side ints for a square schedule, [h, w] pairs otherwise."""
         if self.is_square:

@@ -447,6 +447,22 @@ class AdapterContractTests:
                                     self._step_grads(adapter, cond, gt, sched, ssr(scales="last", reuse_prefix=False),
                                                      loss_name))
 
+    def test_prefix_stable_logits_do_not_depend_on_later_scales(self, adapter, batch, gt):
+        """``prefix_stable``: a pass over the schedule's first j scales gives the same
+        logits as the first j scales of the full pass (the exposure gap relies on it)."""
+        if not adapter.prefix_stable:
+            return
+        sched, cond = self.schedule(adapter), self._cond(adapter, batch)
+        x = adapter.teacher_inputs(gt, sched)
+        x[:, input_slice(sched, len(sched) - 1)] += 1.0  # later inputs must not leak back
+        full = adapter.forward(cond, x, sched)
+        atol, rtol = self.forward_tol
+        for j in range(2, len(sched)):
+            n = sched.offsets[j]
+            part = adapter.forward(cond, x[:, :n - sched.first_len], sched.first(j))
+            assert part.shape[1] == n
+            torch.testing.assert_close(part, full[:, :n], atol=atol, rtol=rtol, msg=lambda m, j=j: f"first {j}: {m}")
+
     def test_guided_null_rows_without_gradients_equal_the_joint_pass(self, adapter, batch, gt):
         sched, cond = self.schedule(adapter), self._cond(adapter, batch)
         official = BUILTIN_ROLLOUTS["official"]

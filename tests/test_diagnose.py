@@ -36,11 +36,16 @@ def report(var, data):
     return exposure_gap(var, data, None, batch_size=6)
 
 
-def test_oracle_predictions_give_exactly_zero_gap(var, data):
+def test_oracle_predictions_give_exactly_zero_gap(var, data, monkeypatch):
+    monkeypatch.setattr(type(var), "prefix_stable", False)  # full passes: bit-equal to the TF pass
     for mode in ("per_scale", "joint"):
         r = exposure_gap(var, data, batch_size=3, mode=mode, predict=lambda logits, gt: gt)
         for row in r["scales"][1:]:
             assert row["gap_ce"] == 0.0 and row["gap_acc"] == 0.0
+    monkeypatch.setattr(type(var), "prefix_stable", True)  # shorter passes: float rounding only
+    r = exposure_gap(var, data, batch_size=3, predict=lambda logits, gt: gt)
+    for row in r["scales"][1:]:
+        assert abs(row["gap_ce"]) < 1e-5 and row["gap_acc"] == 0.0
 
 
 def _teacher_forced(var, data):
@@ -144,3 +149,35 @@ def test_diagnose_cli_writes_json_and_png(tmp_path):
     with Image.open(plot) as im:
         assert im.format == "PNG" and im.size[0] > 300
     assert "exposure gap" in r.output
+
+
+def test_prefix_stable_short_passes_give_the_full_pass_report(var, data, report, monkeypatch):
+    """VAR is prefix-stable: the per-scale passes run only up to the scale they measure;
+    the report equals the one from full passes."""
+    assert type(var).prefix_stable
+    monkeypatch.setattr(type(var), "prefix_stable", False)
+    full = exposure_gap(var, data, None, batch_size=6, maps=True)
+    monkeypatch.setattr(type(var), "prefix_stable", True)
+    short = exposure_gap(var, data, None, batch_size=6, maps=True)
+    for a, b in zip(full["scales"][1:], short["scales"][1:]):
+        assert a["sf_ce"] == pytest.approx(b["sf_ce"], abs=1e-5) and a["sf_acc"] == pytest.approx(b["sf_acc"], abs=1e-6)
+    for a, b in zip(full["maps"][1:], short["maps"][1:]):
+        torch.testing.assert_close(a, b)
+
+
+def test_contract_suite_catches_a_family_that_is_not_prefix_stable(var, data, monkeypatch):
+    """A family whose early logits depend on the schedule's last scale must not declare it."""
+    from sar_core.testing import AdapterContractTests, default_batch
+
+    suite = AdapterContractTests()
+    batch = default_batch(var, 2, torch.Generator().manual_seed(0))
+    gt = var.encode(batch.images, var.default_schedule)
+    suite.test_prefix_stable_logits_do_not_depend_on_later_scales(var, batch, gt)  # the real one passes
+    plain = type(var).forward
+
+    def leaky(self, cond, inputs, schedule, student_forcing=False):
+        return plain(self, cond, inputs, schedule, student_forcing) + 1e-3 * schedule.total_tokens
+
+    monkeypatch.setattr(type(var), "forward", leaky)
+    with pytest.raises(AssertionError):
+        suite.test_prefix_stable_logits_do_not_depend_on_later_scales(var, batch, gt)

@@ -225,3 +225,30 @@ def test_inception_wiring_with_a_local_weights_file(tmp_path, monkeypatch):
     feats = extract_features(images, spec, ["2048", "logits_unbiased"])
     assert feats["2048"].shape == (3, 2048) and feats["logits_unbiased"].shape == (3, 1008)
     assert torch.isfinite(feats["2048"]).all() and feats["2048"].std() > 0
+
+
+def test_precision_recall_from_cached_reference_radii_equals_torch_fidelity(fe, sets):
+    """A study caches the reference's k-NN radii; the numbers must not change."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    from sar_core.evaluation import knn_radii, precision_recall, radii_key, reference_features_for
+
+    g = torch.Generator().manual_seed(3)
+    gen, real = torch.randn(300, 16, generator=g), torch.randn(900, 16, generator=g) * 1.2 + 0.1
+    ours = precision_recall(gen, real, 3, knn_radii(real, 3))
+    theirs = prc_features_to_metric(gen, real, prc_neighborhood=3, verbose=False)
+    assert 0 < ours["precision"] < 1 and 0 < ours["recall"] < 1
+    assert ours == theirs
+    # through compute_metrics: a reference-features dict carrying the radii gives the same numbers
+    val, train = sets
+    feats = reference_features_for(train, fe, ["fid", "prc"])
+    layer = next(k for k in feats if "@prc_radii_k3" in k)
+    assert feats[layer].shape == (len(train),)
+    cached = compute_metrics(val, extractor=fe, metrics=["fid", "prc"], reference_features=feats)
+    plain = compute_metrics(val, train, extractor=fe, metrics=["fid", "prc"])
+    assert cached == plain
+    zero = {**feats, layer: torch.zeros_like(feats[layer])}  # the radii are really read
+    assert compute_metrics(val, extractor=fe, metrics=["prc"], reference_features=zero)["precision"] < 0.5
+    with pytest.raises(ValueError, match="reference radii"):
+        precision_recall(gen, real, 3, knn_radii(real[:10], 3))
+    assert radii_key("x", 3) == "x@prc_radii_k3"

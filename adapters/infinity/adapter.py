@@ -74,6 +74,7 @@ class InfinityAdapter(ScaleWiseAdapter):
     config_cls = InfinityConfig
     no_decay_keywords = NO_DECAY
     case_runner = InfinityCaseRunner
+    prefix_stable = True  # RoPE positions come from the template, not the schedule's last scale
 
     # ---------------------------------------------------------------- construction
     @staticmethod
