@@ -12,7 +12,9 @@ averaged over tokens and samples. ``mode='joint'`` instead staggers every transi
 one pass (what the SSR rollout trains on), so scale k+1 also sees shifted inputs below.
 Only the adapter contract is used, so every family works; accuracy of bitwise codes is
 per bit. For a family that is :attr:`~sar_core.adapter.ScaleWiseAdapter.prefix_stable`, the
-per-scale pass for transition k runs over the first k+2 scales only (what it measures). Scale 0 (the start token) has no student-forced counterpart.
+per-scale pass for transition k runs over the first k+2 scales only (what it measures); one
+that also :attr:`~sar_core.adapter.ScaleWiseAdapter.reuses_prefix` runs scale k+1 alone on the
+teacher pass's keys / values. Scale 0 (the start token) has no student-forced counterpart.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Dataset
 
 from sar_core.data import Batch, collate
+from sar_core.prefix_cache import PrefixKV
 from sar_core.schedule import Schedule
 from sar_core.tokens import cat_codes, group_codes, group_logits, token_argmax, token_ce
 
@@ -73,7 +76,13 @@ def _one_batch(adapter, codes: list, cond: Any, schedule: Schedule, mode: str,
     bits, K, dev = adapter.bits_per_token, len(schedule), adapter.device
     codes = [c.to(dev) for c in codes]
     target = cat_codes(codes)
-    logits_tf = adapter.forward(cond, adapter.teacher_inputs(codes, schedule), schedule).float()
+    short = mode == "per_scale" and adapter.prefix_stable
+    cache = PrefixKV(schedule.offsets[K - 1]) if short and adapter.reuses_prefix else None
+    tf_in = adapter.teacher_inputs(codes, schedule)
+    if cache is not None:
+        logits_tf = adapter.backbone(cond, tf_in, schedule, prefix=cache.record()).float()
+    else:
+        logits_tf = adapter.forward(cond, tf_in, schedule).float()
     preds, tf_ce_k = [], []
     for k in range(K):
         sl = schedule.slice(k)
@@ -88,20 +97,34 @@ def _one_batch(adapter, codes: list, cond: Any, schedule: Schedule, mode: str,
     groups = [list(range(K - 1))] if mode == "joint" else [[k] for k in range(K - 1)]
     for ks in groups:
         inputs = adapter.stagger_inputs(codes, preds, schedule, ks)
-        if mode == "per_scale" and adapter.prefix_stable:  # scales after k+1 would be thrown away
-            head = schedule.first(ks[-1] + 2)
-            logits_sf = adapter.forward(cond, inputs[:, :head.total_tokens - schedule.first_len], head).float()
-        else:
-            logits_sf = adapter.forward(cond, inputs, schedule).float()
-        for k in ks:
+        for k, lg in _student_logits(adapter, cond, inputs, schedule, ks, short, cache):
             sl = schedule.slice(k + 1)
-            sf = token_ce(logits_sf[:, sl], target[:, sl], bits)
+            sf = token_ce(lg, target[:, sl], bits)
             sums.add("sf_ce", k + 1, sf)
-            sums.add("sf_acc", k + 1, _token_acc(logits_sf[:, sl], target[:, sl], bits))
+            sums.add("sf_acc", k + 1, _token_acc(lg, target[:, sl], bits))
             if sums.maps is not None:
-                sums.maps[k + 1] += _disagree_Bn(logits_sf[:, sl], logits_tf[:, sl], bits).double().sum(0).cpu()
+                sums.maps[k + 1] += _disagree_Bn(lg, logits_tf[:, sl], bits).double().sum(0).cpu()
             gap_B += (sf.double() - tf_ce_k[k + 1]).mean(1) / (K - 1)
     sums.img_gap.append(gap_B.cpu())
+
+
+def _student_logits(adapter, cond: Any, inputs: torch.Tensor, schedule: Schedule, ks: list, short: bool,
+                    cache: Optional[PrefixKV]):
+    """(k, logits of scale k+1) of the student-forced pass over ``inputs`` for each k in ``ks``.
+    One transition of a prefix-stable family runs over the first k+2 scales only; one that
+    also reuses prefixes runs scale k+1 alone on the teacher pass's keys / values."""
+    first = schedule.first_len
+    if short and len(ks) == 1:
+        k = ks[0]
+        head = schedule.first(k + 2)
+        if cache is not None:
+            n0 = schedule.offsets[k + 1]
+            tail = inputs[:, n0 - first:head.total_tokens - first]
+            return [(k, adapter.backbone(cond, tail, head, prefix=cache.head(n0).replay()).float())]
+        logits = adapter.forward(cond, inputs[:, :head.total_tokens - first], head).float()
+    else:
+        logits = adapter.forward(cond, inputs, schedule).float()
+    return [(k, logits[:, schedule.slice(k + 1)]) for k in ks]
 
 
 def _split_batch(adapter, batch: Any, schedule: Schedule) -> tuple[list, Any, int]:

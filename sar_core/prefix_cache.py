@@ -32,6 +32,16 @@ class PrefixKV:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.state: dict[str, Any] = {}  # family-specific per-pass facts (e.g. dropped labels)
 
+    def head(self, length: int) -> "PrefixKV":
+        """The first ``length`` (<= recorded) tokens' keys / values, same per-pass state: one
+        recorded teacher pass serves replays that start at any earlier scale boundary."""
+        if not 0 < length <= self.length:
+            raise ValueError(f"head({length}) of a {self.length}-token prefix")
+        out = PrefixKV(length)
+        out.kv = {i: (k[:, :, :length], v[:, :, :length]) for i, (k, v) in self.kv.items()}
+        out.state = self.state
+        return out
+
     def record(self) -> "PrefixRecord":
         return PrefixRecord(self)
 

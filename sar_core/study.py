@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from einops import rearrange
 
 from sar_core.checkpoint_io import atomic_write_text
 from sar_core.hookspecs import hookimpl
@@ -198,7 +199,8 @@ class FamilyContext:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _sampled_metrics(adapter, ctx: FamilyContext, seed: int) -> dict:
+def _sampled_metrics(adapter, ctx: FamilyContext, seed: int) -> tuple[dict, torch.Tensor]:
+    """Metrics of one sampling seed, and its images (class-major: samples_per_class of class 0 first)."""
     from sar_core.evaluation import class_accuracy, compute_metrics
     from sar_core.generation import generate_images
 
@@ -211,7 +213,21 @@ def _sampled_metrics(adapter, ctx: FamilyContext, seed: int) -> dict:
     row = {k: float(m[k]) for k in SAMPLED if k in m}
     if ctx.extractor.classifier is not None:
         row["class_acc"] = class_accuracy(images, labels, ctx.extractor, adapter.device)
-    return row
+    return row, images
+
+
+def _grid_images(adapter, ctx: FamilyContext, sampled: torch.Tensor) -> torch.Tensor:
+    """grid_per_class images of every class, row-major with column c = class c: taken from the
+    first sampling seed's images (``grid_seed`` None) or sampled with ``grid_seed``."""
+    from sar_core.generation import balanced_labels, generate_images
+
+    e, n_cls = ctx.study.eval, adapter.num_classes
+    if e.grid_seed is not None or e.grid_per_class > e.samples_per_class:
+        return generate_images(adapter, balanced_labels(e.grid_per_class * n_cls, n_cls), cfg=e.cfg,
+                               top_k=e.top_k, top_p=e.top_p, seed=7 if e.grid_seed is None else e.grid_seed,
+                               batch_size=e.batch_size)
+    per_class = rearrange(sampled, "(c n) ch h w -> n c ch h w", c=n_cls)[:e.grid_per_class]
+    return rearrange(per_class, "n c ch h w -> (n c) ch h w")
 
 
 def _fixed_metrics(adapter, ctx: FamilyContext, maps: bool = False) -> dict:
@@ -234,15 +250,13 @@ def _fixed_metrics(adapter, ctx: FamilyContext, maps: bool = False) -> dict:
                if maps else {})}
 
 
-def _pictures(adapter, ctx: FamilyContext, folder: Path, maps: Optional[dict]) -> dict:
+def _pictures(adapter, ctx: FamilyContext, folder: Path, maps: Optional[dict], sampled: torch.Tensor) -> dict:
     """The sample grid and, given the difference-map report of :func:`_fixed_metrics`, its PNGs."""
     from sar_core.difference_maps import save_difference_maps
-    from sar_core.generation import balanced_labels, generate_images, save_grid
+    from sar_core.generation import save_grid
 
-    e = ctx.study.eval
     n_cls = adapter.num_classes
-    images = generate_images(adapter, balanced_labels(e.grid_per_class * n_cls, n_cls), cfg=e.cfg,
-                             top_k=e.top_k, top_p=e.top_p, seed=e.grid_seed, batch_size=e.batch_size)
+    images = _grid_images(adapter, ctx, sampled)
     scale = max(1, 64 // images.shape[-1])
     big = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
     out = {"grid": str(save_grid(big, folder / "grid.png", nrow=n_cls).relative_to(ctx.out))}
@@ -255,10 +269,14 @@ def _pictures(adapter, ctx: FamilyContext, folder: Path, maps: Optional[dict]) -
 
 def evaluate_model(adapter, ctx: FamilyContext, seeds: list[int], folder: Path, maps: bool) -> dict:
     """Metrics under every sampling seed (+ their mean), gap, val loss, grid, maps."""
-    per_seed = {str(s): _sampled_metrics(adapter, ctx, s) for s in seeds}
+    per_seed, first = {}, None
+    for s in seeds:
+        per_seed[str(s)], images = _sampled_metrics(adapter, ctx, s)
+        first = images if first is None else first
+        del images
     means = {k: sum(r[k] for r in per_seed.values()) / len(per_seed) for k in next(iter(per_seed.values()))}
     fixed = _fixed_metrics(adapter, ctx, maps)
-    pictures = _pictures(adapter, ctx, folder, fixed.pop("_maps", None))
+    pictures = _pictures(adapter, ctx, folder, fixed.pop("_maps", None), first)
     return {"per_sampling_seed": per_seed, "metrics": {**means}, **fixed, **pictures}
 
 

@@ -76,7 +76,9 @@ class EvalSpec(_Section):
     batch_size: int = Field(250, gt=0, description="sampling / diagnostics batch size")
     grid_per_class: int = Field(10, ge=1, description="grid samples per class (same labels and seed "
                                 "in every arm)")
-    grid_seed: int = 7
+    grid_seed: Optional[int] = Field(None, description="sampling seed of the grid; None: the first "
+                                     "grid_per_class samples of every class of the first sampling seed "
+                                     "(no extra sampling)")
     maps: bool = Field(True, description="per-scale difference maps of the start model and seed-0 arms")
 
 

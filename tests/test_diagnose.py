@@ -158,11 +158,19 @@ def test_prefix_stable_short_passes_give_the_full_pass_report(var, data, report,
     monkeypatch.setattr(type(var), "prefix_stable", False)
     full = exposure_gap(var, data, None, batch_size=6, maps=True)
     monkeypatch.setattr(type(var), "prefix_stable", True)
-    short = exposure_gap(var, data, None, batch_size=6, maps=True)
-    for a, b in zip(full["scales"][1:], short["scales"][1:]):
-        assert a["sf_ce"] == pytest.approx(b["sf_ce"], abs=1e-5) and a["sf_acc"] == pytest.approx(b["sf_acc"], abs=1e-6)
-    for a, b in zip(full["maps"][1:], short["maps"][1:]):
-        torch.testing.assert_close(a, b)
+    replayed = exposure_gap(var, data, None, batch_size=6, maps=True)      # scale k+1 alone on the TF K/V
+    monkeypatch.setattr(type(var), "reuses_prefix", False)
+    short = exposure_gap(var, data, None, batch_size=6, maps=True)         # the first k+2 scales
+    for other in (replayed, short):
+        for a, b in zip(full["scales"][1:], other["scales"][1:]):
+            assert a["sf_ce"] == pytest.approx(b["sf_ce"], abs=1e-5)
+            assert a["sf_acc"] == pytest.approx(b["sf_acc"], abs=1e-6)
+        for a, b in zip(full["maps"][1:], other["maps"][1:]):
+            torch.testing.assert_close(a, b)
+        assert other["standard_error"] == pytest.approx(full["standard_error"], abs=1e-6)
+    from sar_core.prefix_cache import PrefixKV
+    with pytest.raises(ValueError, match="head"):
+        PrefixKV(5).head(6)
 
 
 def test_contract_suite_catches_a_family_that_is_not_prefix_stable(var, data, monkeypatch):

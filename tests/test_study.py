@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -203,3 +204,21 @@ def test_cross_family_preset_runs_every_shipped_miniature(tmp_path):
                      f"{label}/start/maps/all_scales.png", f"{label}/sar/seed0/maps/all_scales.png"):
             assert (out / name).is_file(), name
         assert f"family `{label}`" in md
+
+
+def test_grid_comes_from_the_first_sampling_seed_column_c_is_class_c():
+    """grid_seed None: no extra sampling; the grid's column c holds the first samples of class c."""
+    from types import SimpleNamespace
+
+    from sar_core.study import _grid_images
+
+    C, per, grid = 4, 3, 2
+    ctx = SimpleNamespace(study=SimpleNamespace(eval=SimpleNamespace(grid_seed=None, grid_per_class=grid,
+                                                                     samples_per_class=per)))
+    cls = torch.arange(C).repeat_interleave(per)                   # class-major, as _sampled_metrics samples
+    idx = torch.arange(per).repeat(C)
+    sampled = (cls * 10 + idx).float().view(-1, 1, 1, 1).expand(-1, 3, 2, 2)
+    out = _grid_images(SimpleNamespace(num_classes=C), ctx, sampled)
+    assert out.shape == (grid * C, 3, 2, 2)
+    got = out[:, 0, 0, 0].view(grid, C)                            # rows of nrow=C
+    assert torch.equal(got, torch.tensor([[0., 10., 20., 30.], [1., 11., 21., 31.]]))
