@@ -396,7 +396,7 @@ def run_study(study: StudyConfig, out: str | Path, *, family: Optional[str] = No
         from sar_core.study_jobs import run_jobs
 
         try:
-            run_jobs(out, starts + runs, jobs, device, log, advance)
+            run_jobs(out, starts + longest_first(study, runs), jobs, device, log, advance)
         except RuntimeError as exc:  # the other jobs finished: report what they measured, then fail
             failure = exc
     whole = report and main and family is None and arm is None and seed is None
@@ -413,6 +413,15 @@ def run_study(study: StudyConfig, out: str | Path, *, family: Optional[str] = No
 
         return write_report(out)
     return None
+
+
+def longest_first(study: StudyConfig, runs: list[RunSpec]) -> list[RunSpec]:
+    """Runs whose arm rolls out (a second pass per step) before plain TF runs, so parallel
+    jobs do not end on one long run while the other cores idle (stable otherwise)."""
+    def rolls_out(spec: RunSpec) -> bool:
+        rollout = merge(study.run, study.arms[spec.arm]).get("rollout", {}) or {}
+        return rollout.get("name", "none") not in ("none", None)
+    return sorted(runs, key=lambda r: not rolls_out(r))
 
 
 def _start_done(out: Path, spec: RunSpec) -> bool:

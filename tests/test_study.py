@@ -222,3 +222,12 @@ def test_grid_comes_from_the_first_sampling_seed_column_c_is_class_c():
     assert out.shape == (grid * C, 3, 2, 2)
     got = out[:, 0, 0, 0].view(grid, C)                            # rows of nrow=C
     assert torch.equal(got, torch.tensor([[0., 10., 20., 30.], [1., 11., 21., 31.]]))
+
+
+def test_parallel_jobs_start_the_rollout_arms_first():
+    from sar_core.study import RunSpec, longest_first
+    from sar_core.study_config import load_study
+
+    study = load_study(preset_path("demo"), {})
+    runs = [RunSpec("var", arm, s) for arm in ("tf", "sar") for s in (0, 1)]
+    assert [(r.arm, r.seed) for r in longest_first(study, runs)] == [("sar", 0), ("sar", 1), ("tf", 0), ("tf", 1)]
