@@ -78,7 +78,7 @@ class EvalSpec(_Section):
                                 "in every arm)")
     grid_seed: Optional[int] = Field(None, description="sampling seed of the grid; None: the first "
                                      "grid_per_class samples of every class of the first sampling seed "
-                                     "(no extra sampling)")
+                                     "(no extra sampling; seed 7 when samples_per_class < grid_per_class)")
     maps: bool = Field(True, description="per-scale difference maps of the start model and seed-0 arms")
 
 
