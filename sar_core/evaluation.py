@@ -371,6 +371,7 @@ def compute_metrics(generated: Any, reference: Any = None, *, extractor: Feature
 
 
 PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k of the k-NN balls
+PRC_BATCH = 10000  # torch-fidelity's prc_batch_size: same chunks, same float rounding
 
 
 def radii_key(layer: str, k: int) -> str:
@@ -383,9 +384,6 @@ def knn_radii(features_ND: torch.Tensor, k: int) -> torch.Tensor:
     from torch_fidelity.metric_prc import calc_cdist_full
 
     return calc_cdist_full(features_ND, features_ND, PRC_BATCH).kthvalue(k + 1).values
-
-
-PRC_BATCH = 10000  # torch-fidelity's prc_batch_size: same chunks, same float rounding
 
 
 def precision_recall(gen_ND: torch.Tensor, real_MD: torch.Tensor, k: int, real_radii_M: torch.Tensor) -> dict:
