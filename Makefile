@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev,demo]'
 	@# byte-compile only what sar imports (~3k modules; pip would compile all ~10k files of torch
 	@# and its CUDA wheels), even where PYTHONDONTWRITEBYTECODE is set: saves ~10 s per process
-	env -u PYTHONDONTWRITEBYTECODE $(PY) -c "import matplotlib.figure, pytest, sar_cli.main, sar_core.study, \
-	    sar_core.study_report, sar_core.evaluation; from sar_core.plugins import get_registry; get_registry()"
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -c "import matplotlib.figure, pytest, sar_cli.main, sar_core.study.run, \
+	    sar_core.study.report, sar_core.evaluate.metrics; from sar_core.plugins import get_registry; get_registry()"
 	touch $(STAMP)
 
 demo: $(STAMP)

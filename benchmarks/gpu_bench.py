@@ -32,7 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sar_core.plugins import get_registry  # noqa: E402
-from sar_core.sar_step import sar_step  # noqa: E402
+from sar_core.sar.step import sar_step  # noqa: E402
 
 D16 = dict(depth=16, embed_dim=1024, num_heads=16, vocab_size=4096, Cvae=32, ch=160, num_classes=1000,
            patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), drop_path_rate=0.0, cond_drop_rate=0.1)

@@ -32,9 +32,9 @@ if __package__ in (None, ""):
 
 from benchmarks.harness import run_rounds  # noqa: E402
 from benchmarks.memory import measure_step, training_state  # noqa: E402
-from sar_core.activation_ckpt import apply_activation_checkpointing  # noqa: E402
+from sar_core.train.activation_ckpt import apply_activation_checkpointing  # noqa: E402
 from sar_core.plugins import get_registry  # noqa: E402
-from sar_core.sar_step import sar_step  # noqa: E402
+from sar_core.sar.step import sar_step  # noqa: E402
 
 MODEL = dict(depth=6, embed_dim=384, num_heads=6, vocab_size=4096, Cvae=32, ch=32, num_classes=1000,
              drop_path_rate=0.0, cond_drop_rate=0.1)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from sar_core.code_cache import CodeCacheDataset, build_code_cache
+from sar_core.data.code_cache import CodeCacheDataset, build_code_cache
 from sar_core.plugins import get_registry
 
 from test_step_bench import BATCH, DEVICE, VAR_CONFIG

@@ -14,8 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input: printed as one red line, exit status 2."""
     from sar_core.adapter import CheckpointError
-    from sar_core.code_cache import StaleCacheError
-    from sar_core.evaluation import MissingWeightsError
+    from sar_core.data.code_cache import StaleCacheError
+    from sar_core.evaluate.metrics import MissingWeightsError
     from sar_core.plugins import PluginError
 
     return (ValueError, FileNotFoundError, FileExistsError, CheckpointError, PluginError,
@@ -53,7 +53,7 @@ def load_model(console: Console, family: str, tokenizer: Path, backbone: Optiona
     freshly initialised?": False requires ``--backbone``; True with no file says so once;
     None (commands that only use the tokenizer) loads whatever is given. ``overrides``:
     the ``--override KEY=VALUE`` strings (adapter config fields the files do not hold)."""
-    from sar_core.generation import load_adapter
+    from sar_core.evaluate.generation import load_adapter
 
     if random_backbone is False and backbone is None:
         raise ValueError("--backbone FILE is required: without it the model would be randomly "

@@ -35,7 +35,7 @@ def demo(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from sar_cli.study_cmd import _summary
-    from sar_core.config import parse_set
+    from sar_core.train.config import parse_set
     from sar_plugins.demo import DemoSettings, demo_study, run_demo
 
     console = Console()

@@ -34,8 +34,8 @@ def print_gap(console: Console, report: dict) -> None:
 
 def _data(data: str, adapter, schedule: Optional[str], split: str):
     """(dataset, schedule): a code cache brings its own schedule unless --schedule is given."""
-    from sar_core.code_cache import META, CodeCacheDataset, read_meta
-    from sar_core.evaluation import open_dataset
+    from sar_core.data.code_cache import META, CodeCacheDataset, read_meta
+    from sar_core.data.datasets import open_dataset
     from sar_core.schedule import Schedule
 
     if (Path(data) / META).is_file():
@@ -73,7 +73,7 @@ def diagnose(
     """Measure, per scale, how much the loss grows when the model's input at scale k+1 is
     built from its own greedy prediction at scale k instead of the ground truth."""
     from sar_core.checkpoint_io import atomic_write_text
-    from sar_core.diagnostics import exposure_gap, plot_exposure_gap
+    from sar_core.evaluate.diagnostics import exposure_gap, plot_exposure_gap
 
     console = Console()
     try:
@@ -84,7 +84,7 @@ def diagnose(
             report = exposure_gap(adapter, dataset, sched, batches or None, batch_size=batch_size, mode=mode,
                                   maps=with_maps)
             if maps is not None:
-                from sar_core.difference_maps import difference_maps, save_difference_maps
+                from sar_core.evaluate.difference_maps import difference_maps, save_difference_maps
 
                 diff = ({"family": adapter.name, "schedule": report["schedule"], "num_samples": report["num_samples"],
                          "maps": report.pop("maps")} if with_maps else

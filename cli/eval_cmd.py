@@ -90,9 +90,8 @@ def evaluate(
     Example: [bold]sar eval -f var --tokenizer vae.pth --backbone var_d16.pth -n 50000 --cfg 1.5
     --reference-stats VIRTUAL_imagenet256_labeled.npz --metrics fid,isc --feature-weights pt_inception.pth[/]"""
     from sar_core.checkpoint_io import atomic_write_text
-    from sar_core.evaluation import (
-        evaluate_adapter, get_feature_extractor, reference_set, reference_statistics, save_statistics,
-    )
+    from sar_core.evaluate.metrics import evaluate_adapter, get_feature_extractor, reference_statistics, save_statistics
+    from sar_core.evaluate.inputs import reference_set
 
     console = Console()
     try:

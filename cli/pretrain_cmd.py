@@ -41,7 +41,7 @@ def pretrain(
     import yaml
     from rich.progress import Progress
 
-    from sar_core.pretrain import pretrain as run_pretrain
+    from sar_core.train.pretrain import pretrain as run_pretrain
 
     console = Console()
     if threads:

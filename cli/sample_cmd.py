@@ -18,7 +18,7 @@ from sar_cli._shared import (
 def _labels(adapter, labels: Optional[str], per_class: Optional[int]):
     import torch
 
-    from sar_core.generation import parse_labels
+    from sar_core.evaluate.generation import parse_labels
 
     n_classes = adapter.num_classes
     if n_classes is None:
@@ -65,7 +65,7 @@ def sample(
 
     Example: [bold]sar sample -f var --tokenizer vae.pth --backbone var_d16.pth --per-class 4 --grid s.png[/]"""
     from sar_core.checkpoint_io import load_file
-    from sar_core.generation import condition_batch, generate_images, save_folder, save_grid
+    from sar_core.evaluate.generation import condition_batch, generate_images, save_folder, save_grid
     from sar_core.schedule import Schedule
 
     console = Console()

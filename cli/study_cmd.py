@@ -12,8 +12,8 @@ from sar_cli._shared import fail, user_errors
 
 
 def _load(console: Console, path: Optional[str], preset: Optional[str], models: Optional[Path], sets: list[str]):
-    from sar_core.config import parse_set
-    from sar_core.study_config import load_study, read_families
+    from sar_core.train.config import parse_set
+    from sar_core.study.config import load_study, read_families
     from sar_plugins.studies import preset_path
 
     if (path is None) == (preset is None):
@@ -58,7 +58,7 @@ def study(
         if target == "report":
             if folder is None:
                 raise ValueError("sar study report needs the study folder: sar study report DIR")
-            from sar_core.study_report import write_report
+            from sar_core.study.report import write_report
 
             results = write_report(folder)
             _summary(console, results)
@@ -72,7 +72,7 @@ def study(
 
             console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), highlight=False)
             return
-        from sar_core.study import run_study
+        from sar_core.study.run import run_study
 
         dest = out or Path("runs") / f"study-{cfg.name}"
         if jobs < 1:
@@ -98,8 +98,9 @@ def job_failed(exc: BaseException) -> None:
 def _run(console: Console, cfg, dest: Path, family, arm, seed, device, jobs: int = 1):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from sar_core.study import plan, run_study
-    from sar_core.study_config import START
+    from sar_core.study.run import run_study
+    from sar_core.study.plan import plan
+    from sar_core.study.config import START
 
     runs = [] if arm == START else plan(cfg, family, arm, seed)
     steps = int(cfg.run.get("train", {}).get("steps", 1000))
@@ -116,8 +117,8 @@ def _run(console: Console, cfg, dest: Path, family, arm, seed, device, jobs: int
 def _summary(console: Console, results: dict) -> None:
     from rich.table import Table
 
-    from sar_core.study import HIGHER_IS_BETTER
-    from sar_core.study_report import LABELS, _diff_cell
+    from sar_core.study.plan import HIGHER_IS_BETTER
+    from sar_core.study.report import LABELS, _diff_cell
 
     control = results["study"]["control"]
     for label, fam in results["families"].items():

@@ -20,7 +20,7 @@ def cache_schedule(adapter, spec: Optional[str]):
     sampler's fixed schedule; every choice goes through the adapter's own size check."""
     from sar_core.plugins import get_registry
     from sar_core.schedule import ScheduleSampler
-    from sar_core.trainer import build_schedule_sampler
+    from sar_core.train.trainer import build_schedule_sampler
 
     sampler = build_schedule_sampler(adapter, spec, 0, get_registry())
     adapter.check_schedule_sampler(sampler)
@@ -83,9 +83,9 @@ def tokenize(
 
     Example: [bold]sar tokenize -f var --tokenizer vae.pth --backbone var_d16.pth --data /data/imagenet
     --out codes/[/]"""
-    from sar_core.code_cache import build_code_cache
-    from sar_core.data import image_hw, parse_image_size
-    from sar_core.evaluation import open_dataset
+    from sar_core.data.code_cache import build_code_cache
+    from sar_core.data.datasets import image_hw, parse_image_size
+    from sar_core.data.datasets import open_dataset
 
     console = Console()
     try:

@@ -44,8 +44,8 @@ def _split_list(text: str, cast=str) -> list:
 
 
 def _image_size(text: str) -> Any:
-    from sar_core.config import ConfigError
-    from sar_core.data import parse_image_size
+    from sar_core.train.config import ConfigError
+    from sar_core.data.datasets import parse_image_size
 
     try:
         size = parse_image_size(text)
@@ -55,7 +55,7 @@ def _image_size(text: str) -> Any:
 
 
 def collect_overrides(flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
-    from sar_core.config import parse_set
+    from sar_core.train.config import parse_set
 
     out: dict[str, Any] = {}
     for name, value in flags.items():
@@ -75,7 +75,7 @@ def collect_overrides(flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
 
 
 def resolve_config(config: Optional[Path], overrides: dict[str, Any], resume: bool, compile_flag: bool):
-    from sar_core.config import ConfigError, build_config, read_config_file
+    from sar_core.train.config import ConfigError, build_config, read_config_file
 
     if resume:
         overrides["resume"] = True
@@ -160,7 +160,7 @@ def train(
     Exit status: 0 trained; 1 non-finite stop, frozen peer rank or crash; 2 bad input (one line on stderr); 130 Ctrl-C; 143 SIGTERM / SIGUSR1 (checkpoint written: --resume).
 
     Example: [bold]sar train -f var --tokenizer vae.pth --backbone var_d16.pth --data /data/imagenet/train --image-size 256 --steps 20000 --batch-size 256 --rollout ssr --csfl hard --out runs/sar-var-d16[/]"""
-    from sar_core.config import ConfigError
+    from sar_core.train.config import ConfigError
 
     console = Console(soft_wrap=True)  # a warning or error stays one line in logs
     flags = {k: v for k, v in locals().items() if k in FLAG_FIELDS}
@@ -179,9 +179,9 @@ def run_errors() -> tuple[type[BaseException], ...]:
     """Errors of a training run that mean: fix the input or the machine (exit status 2)."""
     from sar_cli._shared import user_errors
     from sar_core.checkpoint_io import WriteError
-    from sar_core.resume_check import ResumeMismatch
-    from sar_core.runlock import RunLockError
-    from sar_core.trainer import DataReadError
+    from sar_core.train.resume_check import ResumeMismatch
+    from sar_core.train.runlock import RunLockError
+    from sar_core.train.trainer import DataReadError
 
     return (*user_errors(), RunLockError, ResumeMismatch, DataReadError, WriteError)
 
@@ -202,9 +202,9 @@ def _os_error_message(exc: OSError, cfg) -> Optional[str]:
 
 def run_training(cfg, console: Console) -> int:
     """Build the trainer, run it, report; returns the exit status (see the module docstring)."""
-    from sar_core import distributed as D
-    from sar_core.signals import EXIT_INTERRUPTED, EXIT_SIGNALLED
-    from sar_core.trainer import Trainer
+    from sar_core.train import distributed as D
+    from sar_core.train.signals import EXIT_INTERRUPTED, EXIT_SIGNALLED
+    from sar_core.train.trainer import Trainer
 
     err = Console(stderr=True)
     env = None

@@ -1,6 +1,6 @@
 """``sar train --help``: panels, defaults, help texts and ``SAR_*`` variables for its flags.
 
-The defaults of ``sar train`` live in the run config (:mod:`sar_core.config`), so its flags
+The defaults of ``sar train`` live in the run config (:mod:`sar_core.train.config`), so its flags
 default to None (a flag given wins over the config file). This module fills in what
 ``--help`` shows from that one source: each flag's default (the config field's), its help
 text (the field's description where the flag has none), a rich panel, and the ``SAR_*``
@@ -45,7 +45,7 @@ def field_info(dotted: str):
     """The pydantic FieldInfo of a dotted run-config field (``optim.lr``), or None."""
     from pydantic import BaseModel
 
-    from sar_core.config import RunConfig
+    from sar_core.train.config import RunConfig
 
     model: Any = RunConfig
     info = None

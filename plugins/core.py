@@ -4,8 +4,8 @@ It is registered through the ``sar`` entry-point group exactly like a third-part
 """
 
 from sar_core.hookspecs import hookimpl
-from sar_core.losses import BUILTIN_LOSSES
-from sar_core.rollouts import BUILTIN_ROLLOUTS
+from sar_core.sar.losses import BUILTIN_LOSSES
+from sar_core.sar.rollouts import BUILTIN_ROLLOUTS
 
 
 @hookimpl

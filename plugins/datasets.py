@@ -6,21 +6,21 @@
     root/n01443537/yyy.JPEG            (or root/<split>/<class>/... when root/<split> exists)
 
 Classes are the sorted sub-folder names, labels their indices; a class map file
-(``class_map``, format in :mod:`sar_core.classes`) picks a subset and / or sets the labels.
+(``class_map``, format in :mod:`sar_core.data.classes`) picks a subset and / or sets the labels.
 Transforms follow the VAR family's training pipeline: resize the shorter side to
 ``round(resize_ratio * S)`` (Lanczos), random crop to S x S (or H x W for an
 ``image_size`` pair, the shorter side then going to ``round(resize_ratio * max(H, W))``)
 and random horizontal flip when augmenting (the default for the ``train`` split), centre
 crop otherwise, then values in [-1, 1]. Randomness comes
 from torch's global RNG, which the trainer seeds per item. Every PIL mode is read as 8-bit
-RGB correctly (:mod:`sar_core.image_io`: 16-bit scaled, not clipped; alpha on white);
+RGB correctly (:mod:`sar_core.data.image_io`: 16-bit scaled, not clipped; alpha on white);
 each kind of conversion, and upscaling of small images, is said once per dataset.
 
 Mixed aspect ratios: when the trainer passes ``image_sizes`` (models that train several
 sizes, e.g. Infinity's templates) and some image is nearer in h/w to another size than to
 ``image_size``, every image goes to its nearest size (read from its header): resized to
 cover ``resize_ratio`` times it, keeping its aspect, then cropped to it, one size per batch
-(:class:`sar_core.data.AspectGrouped`). Otherwise every image goes to ``image_size``.
+(:class:`sar_core.data.datasets.AspectGrouped`). Otherwise every image goes to ``image_size``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
-from sar_core.data import AspectGrouped, image_hw, size_buckets, size_option
-from sar_core.image_io import ConversionNotes, open_rgb8
+from sar_core.data.datasets import AspectGrouped, image_hw, size_buckets, size_option
+from sar_core.data.image_io import ConversionNotes, open_rgb8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -84,7 +84,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | Path, split: str = "train", image_size: int | tuple[int, int] = 256,
                  augment: Optional[bool] = None, hflip: bool = True, resize_ratio: float = 1.125,
                  class_map: str | Path | None = None, buckets: Optional[list] = None):
-        from sar_core.classes import read_class_map
+        from sar_core.data.classes import read_class_map
 
         base = Path(root)
         if not base.is_dir():
@@ -136,7 +136,7 @@ def imagefolder(root: str, split: str = "train", image_size: int | tuple[int, in
                 augment: Optional[bool] = None, hflip: bool = True, resize_ratio: float = 1.125,
                 class_map: Optional[str] = None, image_sizes: Optional[list] = None, **_) -> ImageFolderDataset:
     """Factory registered as dataset ``imagefolder`` (``class_map``: a file, see
-    :mod:`sar_core.classes`; ``image_sizes``: see the module text)."""
+    :mod:`sar_core.data.classes`; ``image_sizes``: see the module text)."""
     kw = dict(split=split, image_size=image_size, augment=augment, hflip=hflip, resize_ratio=resize_ratio,
               class_map=class_map)
     ds = ImageFolderDataset(root, **kw)

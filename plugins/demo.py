@@ -1,6 +1,6 @@
 """``sar demo``: the shipped ``demo`` study preset (``assets/studies/demo.yaml``).
 
-The demo is a thin use of :mod:`sar_core.study`: one family (the embedded VAR
+The demo is a thin use of :mod:`sar_core.study.run`: one family (the embedded VAR
 miniature on 16x16 augmented digits, pretrained by ``sar pretrain`` with the command in
 ``assets/minis/var/pretrain.json``), two arms from the same checkpoint and the same seeds
 (``tf``: plain teacher-forcing continuation, the control; ``sar``: stagger-scale rollout
@@ -41,7 +41,7 @@ class DemoSettings:
 
 
 def demo_study(s: DemoSettings):
-    from sar_core.study_config import load_study
+    from sar_core.study.config import load_study
     from sar_plugins.studies import preset_path
 
     return load_study(preset_path("demo"), s.overrides())
@@ -50,6 +50,6 @@ def demo_study(s: DemoSettings):
 def run_demo(s: DemoSettings, log: Callable[[str], None] = print, advance=None, jobs: int = 2) -> dict:
     """Run the demo study into ``s.out`` (resuming what is there) and return its report;
     ``jobs`` runs train in parallel (one process per core of a 2-core laptop)."""
-    from sar_core.study import run_study
+    from sar_core.study.run import run_study
 
     return run_study(demo_study(s), s.out, log=log, advance=advance, device="cpu", jobs=jobs)

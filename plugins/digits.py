@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from sar_core.data import image_hw, size_option
+from sar_core.data.datasets import image_hw, size_option
 from sar_core.hookspecs import hookimpl
 
 NUM_CLASSES = 10

@@ -1,7 +1,7 @@
 """The built-in plugin ``metrics``: feature extractors for FID / IS / KID / precision-recall.
 
 Registered (kind ``metric``; each factory takes ``weights_path`` and returns a
-:class:`sar_core.evaluation.FeatureExtractorSpec`):
+:class:`sar_core.evaluate.metrics.FeatureExtractorSpec`):
 
 * ``digit-classifier``: the tiny CNN of :mod:`sar_plugins.digit_classifier` (weights
   shipped in ``assets/``), exposed to torch-fidelity as ``sar-digit-classifier`` with
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from sar_core.evaluation import FeatureExtractorSpec, MissingWeightsError
+from sar_core.evaluate.metrics import FeatureExtractorSpec, MissingWeightsError
 from sar_core.hookspecs import hookimpl
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"

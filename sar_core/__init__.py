@@ -12,6 +12,10 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+local"
 
+from sar_core import _moved  # noqa: E402
+
+_moved.install()  # the flat layout's old module paths stay importable
+
 from sar_core.schedule import Schedule, ScheduleSampler  # noqa: E402
 from sar_core.adapter import ScaleWiseAdapter, AdapterConfig, Generation, CheckpointError  # noqa: E402
 

@@ -25,7 +25,7 @@ Conventions every adapter follows
   dropout probability) is read and set through :attr:`ScaleWiseAdapter.condition_dropout`.
 * A condition is whatever the family needs (class ids (B,) int64, or a dict of text
   features). The core builds it only through :meth:`ScaleWiseAdapter.condition` (from a
-  :class:`~sar_core.data.Batch`), :meth:`null_condition` / :meth:`cfg_condition` and
+  :class:`~sar_core.data.datasets.Batch`), :meth:`null_condition` / :meth:`cfg_condition` and
   :meth:`condition_to`; it never looks inside.
 * Every fact the core needs is a member below (``num_classes``, ``code_space``,
   ``image_size``, ``training_image_size``, ``guidance_scale``, ...): the core never probes
@@ -47,7 +47,7 @@ from torch import nn
 from sar_core.schedule import Schedule, ScheduleSampler
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sar_core.data import Batch
+    from sar_core.batch import Batch
 
 Codes = list  # list[torch.Tensor], one entry per scale
 
@@ -141,7 +141,7 @@ class ScaleWiseAdapter(ABC):
     #: subclass, or None for a family without golden cases. Not part of training.
     case_runner: ClassVar[Optional[type]] = None
     #: True when the backbone's ``forward`` accepts ``prefix=`` (a
-    #: :mod:`sar_core.prefix_cache` record / replay handle), so a student pass that only
+    #: :mod:`sar_core.sar.prefix_cache` record / replay handle), so a student pass that only
     #: changes the last scale runs over that scale's tokens alone. Default: a full pass.
     reuses_prefix: ClassVar[bool] = False
     #: True when the logits of a schedule's first j scales do not depend on its later
@@ -211,7 +211,7 @@ class ScaleWiseAdapter(ABC):
         """Every pixel (H, W) this model can train images at for ``sampler`` (e.g. one per
         aspect-ratio template). With more than one, the trainer passes them to the dataset
         as the ``image_sizes`` option, so a dataset of mixed aspect ratios can bucket its
-        items (:class:`sar_core.data.AspectGrouped`, one bucket per batch). Default: the
+        items (:class:`sar_core.data.datasets.AspectGrouped`, one bucket per batch). Default: the
         one training size."""
         return [tuple(self.training_image_size(sampler))]
 

@@ -33,10 +33,10 @@ import pytest
 import torch
 
 from sar_core.adapter import CheckpointError, CodeSpace, ScaleWiseAdapter
-from sar_core.data import Batch, Padded
-from sar_core.losses import BUILTIN_LOSSES
-from sar_core.rollouts import BUILTIN_ROLLOUTS
-from sar_core.sar_step import sar_step
+from sar_core.batch import Batch, Padded
+from sar_core.sar.losses import BUILTIN_LOSSES
+from sar_core.sar.rollouts import BUILTIN_ROLLOUTS
+from sar_core.sar.step import sar_step
 from sar_core.schedule import Schedule
 
 #: (rollout, loss) pairs one ``sar_step`` runs with; ``none`` has no student pass.
@@ -471,7 +471,7 @@ class AdapterContractTests:
                                 self._step_grads(adapter, cond, gt, sched, official(top_k=1, upstream_exact=True)))
 
     def test_activation_checkpointing_keeps_gradients(self, adapter, batch, gt):
-        from sar_core.activation_ckpt import apply_activation_checkpointing
+        from sar_core.train.activation_ckpt import apply_activation_checkpointing
 
         blocks = adapter.transformer_blocks()
         if not blocks:

@@ -86,8 +86,8 @@ def _dist_resume(tmp: Path) -> None:
     import torch
     import torch.distributed as dist
 
-    from sar_core.config import build_config
-    from sar_core.trainer import Trainer
+    from sar_core.train.config import build_config
+    from sar_core.train.trainer import Trainer
 
     torch.set_num_threads(1)
 

@@ -9,10 +9,10 @@ import torch
 
 from sar_adapters.flexvar import FlexVARAdapter
 from sar_adapters.var import VARAdapter, VARConfig
-from sar_core.activation_ckpt import apply_activation_checkpointing, checkpoint_mode
-from sar_core.losses import HardCSFL
-from sar_core.rollouts import OfficialRollout, StaggerScaleRollout
-from sar_core.sar_step import sar_step
+from sar_core.train.activation_ckpt import apply_activation_checkpointing, checkpoint_mode
+from sar_core.sar.losses import HardCSFL
+from sar_core.sar.rollouts import OfficialRollout, StaggerScaleRollout
+from sar_core.sar.step import sar_step
 from sar_core.schedule import Schedule
 
 FIX = Path(__file__).parent / "fixtures" / "flexvar"

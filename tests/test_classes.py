@@ -108,7 +108,7 @@ def test_resize_classes_keeps_rows_and_the_null_class_last(family):
 
 
 def test_family_without_resize_refuses_with_a_message():
-    from sar_core.classes import check_classes
+    from sar_core.data.classes import check_classes
 
     reg = toy.make_registry()
     adapter = reg.get("adapter", "toy").from_config({})
@@ -117,8 +117,8 @@ def test_family_without_resize_refuses_with_a_message():
 
 
 def test_code_cache_says_its_class_count(tmp_path):
-    from sar_core.classes import data_num_classes
-    from sar_core.code_cache import CodeCacheDataset, build_code_cache
+    from sar_core.data.classes import data_num_classes
+    from sar_core.data.code_cache import CodeCacheDataset, build_code_cache
     from sar_plugins.datasets import ImageFolderDataset
 
     adapter = tiny_var()

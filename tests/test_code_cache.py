@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from sar_cli.main import app
 
-from sar_core.code_cache import (
+from sar_core.data.code_cache import (
     CodeCacheDataset, StaleCacheError, build_code_cache, read_meta, tokenizer_fingerprint,
 )
 from sar_plugins.digits import digits
@@ -147,7 +147,7 @@ def test_folder_cache_is_deterministic(tmp_path):
     """An image folder is cached without random crops / flips, identically every time."""
     from PIL import Image
 
-    from sar_core.evaluation import open_dataset
+    from sar_core.data.datasets import open_dataset
 
     rng = np.random.default_rng(0)
     for cls in ("cat", "dog"):

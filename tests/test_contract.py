@@ -6,7 +6,7 @@ from pathlib import Path
 from sar_adapters.flexvar import FlexVARAdapter, FlexVARConfig
 from sar_adapters.flexvar.sampler import guidance_scale as flexvar_guidance
 from sar_adapters.var import VARAdapter, VARConfig
-from sar_core.sampling import guide
+from sar_core.sar.sampling import guide
 from sar_core.testing import AdapterContractTests
 from sar_core.testing import text_feature_batch
 from toy_adapter import ToyAdapter, ToyConfig

@@ -18,7 +18,7 @@ from torch import nn
 
 from sar_core.adapter import AdapterConfig, CheckpointError, CodeSpace, Generation, ScaleWiseAdapter
 from sar_core.checkpoint_io import atomic_save, load_file
-from sar_core.sampling import sample_logits
+from sar_core.sar.sampling import sample_logits
 from sar_core.schedule import Schedule
 from sar_core.testing import (AdapterContractTests, code_shape, input_slice, random_codes, random_images,
                               text_feature_batch, wrong_codes)

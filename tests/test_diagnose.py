@@ -9,7 +9,7 @@ from torch.utils.data import Subset
 from typer.testing import CliRunner
 
 from sar_cli.main import app
-from sar_core.diagnostics import exposure_gap
+from sar_core.evaluate.diagnostics import exposure_gap
 from sar_core.tokens import cat_codes, token_argmax, token_ce
 from sar_plugins.digits import digits
 
@@ -124,7 +124,7 @@ def test_batches_cap_and_state_restored(var, data):
 
 
 def test_code_cache_input_gives_the_same_report(var, data, report, tmp_path):
-    from sar_core.code_cache import CodeCacheDataset, build_code_cache
+    from sar_core.data.code_cache import CodeCacheDataset, build_code_cache
 
     build_code_cache(var, data, None, tmp_path / "c")
     cached = exposure_gap(var, CodeCacheDataset(tmp_path / "c", var), batch_size=6)
@@ -168,7 +168,7 @@ def test_prefix_stable_short_passes_give_the_full_pass_report(var, data, report,
         for a, b in zip(full["maps"][1:], other["maps"][1:]):
             torch.testing.assert_close(a, b)
         assert other["standard_error"] == pytest.approx(full["standard_error"], abs=1e-6)
-    from sar_core.prefix_cache import PrefixKV
+    from sar_core.sar.prefix_cache import PrefixKV
     with pytest.raises(ValueError, match="head"):
         PrefixKV(5).head(6)
 

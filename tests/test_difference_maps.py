@@ -6,7 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from sar_cli.main import app
-from sar_core.difference_maps import difference_maps
+from sar_core.evaluate.difference_maps import difference_maps
 from sar_core.tokens import token_argmax
 
 FIX = Path(__file__).parent / "fixtures" / "var"

@@ -86,7 +86,7 @@ def test_registered_through_entry_point():
 
 
 def test_digits_aug_is_a_fixed_label_preserving_enlargement():
-    from sar_core.evaluation import get_feature_extractor
+    from sar_core.evaluate.metrics import get_feature_extractor
     from sar_plugins.digits import AugmentedDigits, digits_aug
 
     aug, raw = digits_aug("val", 16), DigitsDataset("val", 16)
@@ -109,6 +109,6 @@ def test_digits_aug_is_a_fixed_label_preserving_enlargement():
 
 
 def test_digits_aug_is_registered():
-    from sar_core.evaluation import open_dataset
+    from sar_core.data.datasets import open_dataset
 
     assert len(open_dataset("digits-aug", "val", 16)) == 8 * 179

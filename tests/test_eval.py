@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sar_core.evaluation import (
+from sar_core.evaluate.metrics import (
     MissingWeightsError, class_accuracy, compute_metrics, extract_features, fid_statistics,
     get_feature_extractor, load_statistics, save_statistics, write_samples_npz,
 )
@@ -50,7 +50,7 @@ def test_inception_score_is_high_for_digits_low_for_noise(fe, sets):
 def test_same_fid_as_torch_fidelity_calculate_metrics(fe, sets):
     import torch_fidelity
 
-    from sar_core.evaluation import DatasetImages
+    from sar_core.evaluate.images import DatasetImages
 
     val, train = sets
     ours = compute_metrics(val, train, extractor=fe, metrics=["fid"])["fid"]
@@ -62,7 +62,7 @@ def test_same_fid_as_torch_fidelity_calculate_metrics(fe, sets):
 
 
 def test_folder_and_tensor_inputs_give_the_same_features(fe, tmp_path):
-    from sar_core.generation import save_folder
+    from sar_core.evaluate.generation import save_folder
 
     images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     save_folder(images, tmp_path)
@@ -166,7 +166,7 @@ def tiny_var():
 
 
 def test_evaluate_adapter_end_to_end(fe, tmp_path):
-    from sar_core.evaluation import evaluate_adapter
+    from sar_core.evaluate.metrics import evaluate_adapter
 
     adapter = tiny_var()
     report = evaluate_adapter(adapter, num_samples=20, extractor=fe, reference="digits", cfg=1.5, seed=3,
@@ -231,7 +231,7 @@ def test_precision_recall_from_cached_reference_radii_equals_torch_fidelity(fe, 
     """A study caches the reference's k-NN radii; the numbers must not change."""
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    from sar_core.evaluation import knn_radii, precision_recall, radii_key, reference_features_for
+    from sar_core.evaluate.metrics import knn_radii, precision_recall, radii_key, reference_features_for
 
     g = torch.Generator().manual_seed(3)
     gen, real = torch.randn(300, 16, generator=g), torch.randn(900, 16, generator=g) * 1.2 + 0.1

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sar_core.data import AspectGrouped, BatchStream, GroupedBatchSampler
+from sar_core.data.datasets import AspectGrouped, BatchStream, GroupedBatchSampler
 
 
 class Mixed(AspectGrouped):

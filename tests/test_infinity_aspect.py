@@ -9,7 +9,7 @@ import torch
 import toy_adapter as toy
 from sar_adapters.infinity.adapter import InfinityAdapter
 from sar_adapters.infinity.data import AspectTextImageFolder, TextImageFolder, textimages
-from sar_core.data import BatchStream
+from sar_core.data.datasets import BatchStream
 from test_infinity_data import make_folder
 from test_infinity_train import MODEL, _CrashAt
 

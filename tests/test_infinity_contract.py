@@ -4,7 +4,7 @@ conditions, a non-square template schedule)."""
 import torch
 
 from sar_adapters.infinity import InfinityAdapter, InfinityConfig
-from sar_core.data import Padded
+from sar_core.batch import Padded
 from sar_core.testing import AdapterContractTests, default_batch
 
 CT5 = 16
@@ -48,7 +48,7 @@ def test_stand_in_classes_are_fixed_distinct_prompts():
     assert ca["lens"].tolist() == [3, 3, 3] and ca["kv_compact"].shape == (9, CT5) and not ca["null"].any()
     rows = ca["kv_compact"].view(3, 3, CT5)
     assert torch.equal(rows[1], rows[2]) and not torch.equal(rows[0], rows[1])
-    from sar_core.data import Batch
+    from sar_core.batch import Batch
 
     via_batch = a.condition(Batch(labels=torch.tensor([0, 4, 4]), images=torch.zeros(3, 3, 8, 8)))
     assert torch.equal(via_batch["kv_compact"], ca["kv_compact"])

@@ -25,7 +25,7 @@ def _model_and_inputs():
 def _worker(rank, port, out):
     import torch.distributed as dist
 
-    from sar_core.distributed import _fully_shard
+    from sar_core.train.distributed import _fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from sar_adapters.infinity import InfinityAdapter
 from sar_adapters.infinity.bsq import BitCodes, next_inputs
-from sar_core.losses import HardCSFL, NaiveStudentForcing, SoftCSFL
-from sar_core.rollouts import OfficialRollout, StaggerScaleRollout
-from sar_core.sar_step import sar_step
+from sar_core.sar.losses import HardCSFL, NaiveStudentForcing, SoftCSFL
+from sar_core.sar.rollouts import OfficialRollout, StaggerScaleRollout
+from sar_core.sar.step import sar_step
 from sar_core.schedule import Schedule
 
 FIX = Path(__file__).parent / "fixtures" / "infinity"

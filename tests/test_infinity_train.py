@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import toy_adapter as toy
-from sar_core import checkpointing as ckpt
+from sar_core.train import checkpointing as ckpt
 from sar_core.hookspecs import hookimpl
 from test_infinity_data import make_folder
 

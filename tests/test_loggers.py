@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from sar_core.config import build_config
+from sar_core.train.config import build_config
 from sar_core.plugins import PluginError
 
 import toy_adapter as toy

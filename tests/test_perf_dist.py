@@ -13,11 +13,11 @@ import torch
 import torch.multiprocessing as mp
 
 from sar_adapters.var import VARAdapter, VARConfig
-from sar_core import distributed as D
-from sar_core.activation_ckpt import apply_activation_checkpointing
-from sar_core.losses import HardCSFL
-from sar_core.rollouts import OfficialRollout, StaggerScaleRollout
-from sar_core.sar_step import sar_step
+from sar_core.train import distributed as D
+from sar_core.train.activation_ckpt import apply_activation_checkpointing
+from sar_core.sar.losses import HardCSFL
+from sar_core.sar.rollouts import OfficialRollout, StaggerScaleRollout
+from sar_core.sar.step import sar_step
 
 CASES = {  # name -> (strategy, rollout, checkpointing)
     "ddp-ssr-last-selective": ("ddp", lambda: StaggerScaleRollout(scales="last"), "selective"),

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from sar_cli.main import app
-from sar_core.pretrain import flattened
+from sar_core.train.pretrain import flattened
 from sar_plugins.demo import MINIS
 
 TINY_MODEL = """
@@ -38,7 +38,7 @@ def test_pretrain_cli_builds_a_loadable_model(tmp_path):
     assert [c["step"] for c in summary["val_curve"]] == [3, 6]
     assert summary["backbone"]["best_step"] in (3, 6)
     assert summary["command"].startswith("sar pretrain -f flexvar")
-    from sar_core.generation import generate_images, load_adapter
+    from sar_core.evaluate.generation import generate_images, load_adapter
 
     adapter = load_adapter("flexvar", out / "tokenizer.pth", out / "backbone.pth",
                            overrides={"train_patch_nums": [1, 2, 4, 8], "image_size": 16})
@@ -77,7 +77,7 @@ def test_pretrain_fits_every_shipped_family(tmp_path, family):
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "pretrain.json").read_text())
     assert "--lr-end" in summary["command"] and summary["tokenizer"]["codes_used_last_scale"] >= 1
-    from sar_core.generation import generate_images, load_adapter
+    from sar_core.evaluate.generation import generate_images, load_adapter
 
     adapter = load_adapter(family, out / "tokenizer.pth", out / "backbone.pth", overrides=overrides)
     imgs = generate_images(adapter, torch.tensor([1, 7]), cfg=1.5, seed=0)

@@ -6,7 +6,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sar_cli.main import app
-from sar_core.generation import balanced_labels, generate_images, parse_labels
+from sar_core.evaluate.generation import balanced_labels, generate_images, parse_labels
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_per_class_grid_and_folder(model_files, tmp_path):
 
 
 def test_seed_reproduces_and_changes_samples(model_files):
-    from sar_core.generation import load_adapter
+    from sar_core.evaluate.generation import load_adapter
 
     adapter = load_adapter("var", *model_files, device="cpu")
     labels = balanced_labels(6, 10)
@@ -88,7 +88,7 @@ def test_label_helpers():
 
 
 def test_condition_payloads_go_through_adapter_condition(model_files):
-    from sar_core.generation import condition_batch, load_adapter
+    from sar_core.evaluate.generation import condition_batch, load_adapter
 
     adapter = load_adapter("var", *model_files, device="cpu")
     # stand-in for a text-conditioned family: its condition() maps a payload to class ids

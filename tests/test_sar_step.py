@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sar_core.losses import HardCSFL
+from sar_core.sar.losses import HardCSFL
 from sar_core.plugins import get_registry
-from sar_core.rollouts import NoRollout, OfficialRollout, StaggerScaleRollout
-from sar_core.sar_step import sar_step
+from sar_core.sar.rollouts import NoRollout, OfficialRollout, StaggerScaleRollout
+from sar_core.sar.step import sar_step
 from sar_core.schedule import Schedule
 
 FIX = Path(__file__).parent / "fixtures" / "flexvar"

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from sar_adapters.var import VARAdapter, VARConfig
-from sar_core.losses import HardCSFL, NaiveStudentForcing, SoftCSFL
+from sar_core.sar.losses import HardCSFL, NaiveStudentForcing, SoftCSFL
 from sar_core.plugins import get_registry
-from sar_core.rollouts import OfficialRollout, StaggerScaleRollout
-from sar_core.sar_step import sar_step
+from sar_core.sar.rollouts import OfficialRollout, StaggerScaleRollout
+from sar_core.sar.step import sar_step
 from sar_core.schedule import Schedule
 
 FIX = Path(__file__).parent / "fixtures" / "flexvar"
@@ -170,7 +170,7 @@ def test_null_rows_carry_no_graph(flexvar):
 
 @pytest.mark.parametrize("top_k,top_p", [(50, 0.0), (50, 0.9), (400, 0.96), (1, 0.5), (499, 0.3)])
 def test_candidate_sampling_has_the_full_filters_distribution(top_k, top_p):
-    from sar_core.sampling import candidate_probs, filter_top_k_top_p, sample_candidates
+    from sar_core.sar.sampling import candidate_probs, filter_top_k_top_p, sample_candidates
 
     logits = torch.randn(3, 7, 500, generator=torch.Generator().manual_seed(top_k)) * 3
     want = filter_top_k_top_p(logits, top_k, top_p).float().softmax(-1)
@@ -184,7 +184,7 @@ def test_candidate_sampling_has_the_full_filters_distribution(top_k, top_p):
 
 
 def test_inverse_cdf_draws_follow_the_probabilities_and_skip_zero_mass(monkeypatch):
-    from sar_core.sampling import inverse_cdf_draw
+    from sar_core.sar.sampling import inverse_cdf_draw
 
     probs = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 1.0, 0.0], [0.1, 0.0, 0.6, 0.3]])
     n = 40000

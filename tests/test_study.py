@@ -10,9 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from sar_cli.main import app
-from sar_core.config import ConfigError
-from sar_core.study_config import validate_study
-from sar_core.study_stats import interval, is_flat, noise, paired_difference, t_critical
+from sar_core.train.config import ConfigError
+from sar_core.study.config import validate_study
+from sar_core.study.stats import interval, is_flat, noise, paired_difference, t_critical
 from sar_plugins.studies import preset_names, preset_path
 
 TINY = ["--preset", "demo", "--set", "run.train.steps=1", "--set", "run.train.batch_size=8",
@@ -59,7 +59,7 @@ def test_study_validation_names_the_problem():
 
 
 def test_every_preset_validates():
-    from sar_core.study_config import load_study
+    from sar_core.study.config import load_study
 
     assert {"student-forcing", "rollout-depth", "rollout-sampling", "gamma-sweep", "infinity-bsc",
             "cross-family", "demo"} <= set(preset_names())
@@ -136,7 +136,7 @@ def test_study_end_to_end_and_arm_jobs_reproduce_it(tmp_path):
 
 
 def test_models_file_replaces_families_with_paths_from_its_folder(tmp_path):
-    from sar_core.study_config import load_study, read_families
+    from sar_core.study.config import load_study, read_families
 
     (tmp_path / "ck").mkdir()
     models = tmp_path / "models.yaml"
@@ -153,8 +153,8 @@ def test_a_failed_job_does_not_stop_the_others_and_is_named(tmp_path, monkeypatc
     and keep their results; running again starts only the failed one."""
     import sys
 
-    from sar_core import study_jobs
-    from sar_core.study import RunSpec
+    from sar_core.study import jobs as study_jobs
+    from sar_core.study.plan import RunSpec
 
     specs = [RunSpec("f", "tf", 0), RunSpec("f", "sar", 0), RunSpec("f", "tf", 1)]
     broken = {"sar"}
@@ -210,7 +210,7 @@ def test_grid_comes_from_the_first_sampling_seed_column_c_is_class_c():
     """grid_seed None: no extra sampling; the grid's column c holds the first samples of class c."""
     from types import SimpleNamespace
 
-    from sar_core.study import _grid_images
+    from sar_core.study.evaluate import _grid_images
 
     C, per, grid = 4, 3, 2
     ctx = SimpleNamespace(study=SimpleNamespace(eval=SimpleNamespace(grid_seed=None, grid_per_class=grid,
@@ -225,8 +225,8 @@ def test_grid_comes_from_the_first_sampling_seed_column_c_is_class_c():
 
 
 def test_parallel_jobs_start_the_rollout_arms_first():
-    from sar_core.study import RunSpec, longest_first
-    from sar_core.study_config import load_study
+    from sar_core.study.plan import RunSpec, longest_first
+    from sar_core.study.config import load_study
 
     study = load_study(preset_path("demo"), {})
     runs = [RunSpec("var", arm, s) for arm in ("tf", "sar") for s in (0, 1)]

@@ -30,7 +30,7 @@ def files(tmp_path_factory):
 def small_fresh_backbone(monkeypatch):
     """A tokenizer alone implies a 306M-parameter VAR-d16 backbone (tokenize never uses it):
     load the same tokenizer-only path with a one-block backbone to keep the test fast."""
-    import sar_core.generation as G
+    import sar_core.evaluate.generation as G
 
     real = G.load_adapter
 
@@ -69,7 +69,7 @@ def test_schedule_names_go_through_the_adapter_size_check(tmp_path):
     from sar_adapters.flexvar.adapter import FlexVARAdapter
     from sar_cli.tokenize_cmd import cache_schedule
     from sar_core.plugins import get_registry
-    from sar_core.trainer import build_schedule_sampler
+    from sar_core.train.trainer import build_schedule_sampler
 
     small = FlexVARAdapter.load(FIX / "flexvar" / "FlexVAE_tiny.pth", FIX / "flexvar" / "FlexVARd2-tiny.pth",
                                 overrides={"image_size": 32})  # an 8-token latent: too small for side 16

@@ -12,7 +12,7 @@ from PIL import Image
 
 import toy_adapter as toy
 import toy_bits_adapter as bits
-from sar_core.data import Batch, Padded, collate
+from sar_core.batch import Batch, Padded, collate
 
 
 @pytest.fixture

@@ -168,7 +168,7 @@ def test_image_folder_dataset_and_training_from_a_folder(tmp_path, reg):
 
 
 def test_training_from_a_code_cache(tmp_path, reg):
-    from sar_core.code_cache import build_code_cache
+    from sar_core.data.code_cache import build_code_cache
 
     tok, bb = toy.toy_files(tmp_path)
     adapter = toy.ToyAdapter.load(tok, bb)

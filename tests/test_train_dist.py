@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from sar_core.config import build_config
-from sar_core.trainer import Trainer
+from sar_core.train.config import build_config
+from sar_core.train.trainer import Trainer
 
 import toy_adapter as toy
 
@@ -115,7 +115,7 @@ def test_torchrun_end_to_end_writes_from_rank_zero_only(tmp_path, strategy):
     rows = toy.read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]  # one line per step, not one per rank
     assert p.stdout.count("step 2/2") == 1 and p.stdout.count("trained 2 steps") == 1
-    from sar_core import checkpointing as ckpt
+    from sar_core.train import checkpointing as ckpt
 
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "checkpoints"))
     assert state["data"]["world_size"] == 2 and len(state["rng"]) == 2

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from sar_core.config import ConfigError, OptimConfig, build_config, parse_set, parse_value
-from sar_core.data import BatchStream, SeededItems, collate
-from sar_core.ema import EMA
-from sar_core.optim import build_optimizer, lr_at, param_groups
+from sar_core.train.config import ConfigError, OptimConfig, build_config, parse_set, parse_value
+from sar_core.data.datasets import BatchStream, SeededItems
+from sar_core.batch import collate
+from sar_core.train.ema import EMA
+from sar_core.train.optim import build_optimizer, lr_at, param_groups
 
 import toy_adapter as toy
 

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from sar_core import checkpointing as ckpt
-from sar_core.config import build_config
+from sar_core.train import checkpointing as ckpt
+from sar_core.train.config import build_config
 from sar_core.hookspecs import hookimpl
-from sar_core.losses import HardCSFL
-from sar_core.trainer import Trainer
+from sar_core.sar.losses import HardCSFL
+from sar_core.train.trainer import Trainer
 
 import toy_adapter as toy
 

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from sar_core import checkpoint_io
-from sar_core import checkpointing as ckpt
-from sar_core.losses import HardCSFL
+from sar_core.train import checkpointing as ckpt
+from sar_core.sar.losses import HardCSFL
 from sar_core.hookspecs import hookimpl
 
 import toy_adapter as toy
@@ -92,7 +92,7 @@ def test_resume_of_a_missing_run_folder_is_one_line(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- 8. lock
-_HOLD = ("import sys, time; from sar_core.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
+_HOLD = ("import sys, time; from sar_core.train.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
          "print('locked', flush=True); time.sleep(120)")
 
 
@@ -157,8 +157,8 @@ def test_good_checkpoint_is_finite_before_the_first_nonfinite_step_and_kept(tmp_
 
 
 def test_a_checkpoint_with_nonfinite_weights_is_not_good(tmp_path, monkeypatch):
-    from sar_core.config import build_config
-    from sar_core.trainer import Trainer
+    from sar_core.train.config import build_config
+    from sar_core.train.trainer import Trainer
 
     reg = toy.use_registry(monkeypatch)
     cfg = build_config({"model": {"family": "toy"}, "data": {"name": "toy-images", "workers": 0},
@@ -183,9 +183,9 @@ def test_a_checkpoint_with_nonfinite_weights_is_not_good(tmp_path, monkeypatch):
 
 def test_var_checkpoint_with_its_mask_buffer_is_good(tmp_path):
     """VAR keeps a -inf attention-mask buffer; its checkpoints are still good ones."""
-    from sar_core.config import build_config
+    from sar_core.train.config import build_config
     from sar_core.plugins import get_registry
-    from sar_core.trainer import Trainer
+    from sar_core.train.trainer import Trainer
 
     tiny = {"vocab_size": 16, "Cvae": 8, "ch": 32, "ch_mult": [1, 1], "num_res_blocks": 1, "using_sa": False,
             "using_mid_sa": False, "depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": 10,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from sar_core import checkpointing as ckpt
-from sar_core.signals import EXIT_SIGNALLED
+from sar_core.train import checkpointing as ckpt
+from sar_core.train.signals import EXIT_SIGNALLED
 
 import toy_adapter as toy
 from signal_worker import ActAt, SlowData

@@ -46,7 +46,7 @@ def test_model_commands_refuse_a_random_backbone_unless_asked(files, tmp_path, c
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--backbone" in lines[0] and "--random-backbone" in lines[0]
     if cmd[0] == "sample":  # the explicit flag makes it run, and says so
-        import sar_core.generation as G
+        import sar_core.evaluate.generation as G
 
         calls = []  # a tokenizer alone implies a 306M-parameter VAR-d16: load the tiny one instead
         monkeypatch.setattr(G, "load_adapter", lambda *a, **k: calls.append(a) or tiny_var())
@@ -95,7 +95,7 @@ def _save_modes(root, size: int = 24):
 
 
 def test_every_pil_mode_reads_as_correct_8bit_rgb(tmp_path):
-    from sar_core.image_io import open_rgb8
+    from sar_core.data.image_io import open_rgb8
 
     paths = _save_modes(tmp_path)
     want = (_gradient() * 255).round()
@@ -133,7 +133,7 @@ def test_image_folder_16bit_is_not_white_and_notes_are_said_once(tmp_path, capfd
 
 
 def test_unknown_mode_is_refused_with_a_message():
-    from sar_core.image_io import to_rgb8
+    from sar_core.data.image_io import to_rgb8
 
     class OddImage:  # a mode sar does not know how to scale
         mode = "XYZ;7"
@@ -144,7 +144,7 @@ def test_unknown_mode_is_refused_with_a_message():
 
 # ------------------------------------------------------------------ item 5: sar eval
 def test_mixed_size_reference_folder_and_its_split(tmp_path):
-    from sar_core.evaluation import evaluate_adapter, get_feature_extractor
+    from sar_core.evaluate.metrics import evaluate_adapter, get_feature_extractor
 
     ref = tmp_path / "ref"
     (ref / "val" / "c").mkdir(parents=True)
@@ -171,7 +171,7 @@ def test_mixed_size_reference_folder_and_its_split(tmp_path):
 
 
 def test_reference_is_checked_before_sampling(tmp_path, monkeypatch):
-    from sar_core.evaluation import evaluate_adapter, get_feature_extractor
+    from sar_core.evaluate.metrics import evaluate_adapter, get_feature_extractor
 
     adapter = tiny_var()
     monkeypatch.setattr(adapter, "generate", lambda *a, **k: pytest.fail("sampled before checking the reference"))
@@ -186,8 +186,8 @@ def test_reference_is_checked_before_sampling(tmp_path, monkeypatch):
 
 
 def test_samples_are_streamed_as_uint8_equal_to_the_float_path(tmp_path):
-    from sar_core.eval_inputs import sample_uint8
-    from sar_core.generation import generate_images, to_uint8
+    from sar_core.evaluate.inputs import sample_uint8
+    from sar_core.evaluate.generation import generate_images, to_uint8
 
     adapter = tiny_var()
     labels = torch.arange(7) % 3
@@ -210,8 +210,8 @@ def test_eval_defaults_to_inception(files, tmp_path, monkeypatch):
 
 def test_training_without_a_backbone_says_it_is_pretraining(tmp_path):
     import toy_adapter as toy
-    from sar_core.config import build_config
-    from sar_core.trainer import Trainer
+    from sar_core.train.config import build_config
+    from sar_core.train.trainer import Trainer
 
     lines = []
     cfg = build_config({"model": {"family": "toy"}, "data": {"name": "toy-images", "workers": 0},

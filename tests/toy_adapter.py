@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from sar_core.adapter import AdapterConfig, CodeSpace, CheckpointError, Generation, ScaleWiseAdapter
 from sar_core.checkpoint_io import atomic_save, load_file
 from sar_core.hookspecs import hookimpl
-from sar_core.sampling import sample_logits
+from sar_core.sar.sampling import sample_logits
 from sar_core.schedule import Schedule, ScheduleSampler
 
 

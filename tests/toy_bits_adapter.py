@@ -32,9 +32,9 @@ from torch.utils.data import Dataset
 
 from sar_core.adapter import AdapterConfig, CheckpointError, CodeSpace, Generation, ScaleWiseAdapter
 from sar_core.checkpoint_io import atomic_save, load_file
-from sar_core.data import image_hw
+from sar_core.data.datasets import image_hw
 from sar_core.hookspecs import hookimpl
-from sar_core.sampling import sample_logits
+from sar_core.sar.sampling import sample_logits
 from sar_core.schedule import Schedule
 from sar_core.tokens import group_logits
 

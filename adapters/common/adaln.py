@@ -75,7 +75,7 @@ class SelfAttention(nn.Module):
         self.caching, self.cached_k, self.cached_v = enable, None, None
 
     def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor], kv=None) -> torch.Tensor:
-        """``kv``: a :mod:`sar_core.prefix_cache` layer slot that records this pass's
+        """``kv``: a :mod:`sar_core.sar.prefix_cache` layer slot that records this pass's
         prefix keys / values, or prepends recorded ones (then ``attn_bias`` has one row
         per token of ``x`` and one column per key)."""
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))

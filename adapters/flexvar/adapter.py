@@ -46,7 +46,7 @@ class FlexVARGeneration(Generation):
 
 class FlexVARAdapter(ScaleWiseAdapter):
     name: ClassVar[str] = "flexvar"
-    reuses_prefix = True  # backbone forward takes prefix= (sar_core.prefix_cache)
+    reuses_prefix = True  # backbone forward takes prefix= (sar_core.sar.prefix_cache)
     prefix_stable = True  # positions per scale, block-causal: a schedule's head is its own pass
     config_cls = FlexVARConfig
     no_decay_keywords = NO_DECAY_KEYWORDS

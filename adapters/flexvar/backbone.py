@@ -23,7 +23,7 @@ from torch import nn
 from sar_adapters.common.adaln import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, set_kv_caching
 from sar_adapters.common.conditions import drop_labels
 from sar_adapters.common.init import init_adaln_transformer
-from sar_core.prefix_cache import layer_slot
+from sar_core.sar.prefix_cache import layer_slot
 from sar_core.schedule import Schedule
 
 from .config import BackboneConfig, OFFICIAL_PATCH_NUMS
@@ -111,7 +111,7 @@ class FlexVAR(nn.Module):
         ``student_forcing=True`` is the official SAR short pass: the first token is the
         class embedding alone (no ``pos_start``); with schedule [1, n] it returns logits
         for the class token and the n*n student tokens. ``prefix``
-        (:mod:`sar_core.prefix_cache`): a record handle stores every layer's keys / values
+        (:mod:`sar_core.sar.prefix_cache`): a record handle stores every layer's keys / values
         of the first ``length`` tokens; a replay handle takes inputs of the tokens from
         ``length`` on only and returns their logits (B, L - length, V).
         """

@@ -2,7 +2,7 @@
 
 Inputs only: images, labels, tf_patch_nums, infer_patch_nums, infer_labels,
 schedule_seeds from case.pt, and the recorded run's settings from config.json. The SAR
-keys go through the family-agnostic core (``sar_core.sar_step`` with the ``official``
+keys go through the family-agnostic core (``sar_core.sar.step`` with the ``official``
 rollout and the ``hard`` CSF loss), on a copy of the backbone so the adapter is untouched.
 The conformance kit pins eval mode, condition dropout 0 and float32 around the runner.
 """
@@ -16,9 +16,9 @@ from typing import Optional
 import torch
 
 from sar_core.conformance import CaseRunner
-from sar_core.losses import HardCSFL, NaiveStudentForcing, teacher_forcing_loss
-from sar_core.rollouts import OfficialRollout
-from sar_core.sar_step import sar_step
+from sar_core.sar.losses import HardCSFL, NaiveStudentForcing, teacher_forcing_loss
+from sar_core.sar.rollouts import OfficialRollout
+from sar_core.sar.step import sar_step
 from sar_core.schedule import Schedule
 from sar_core.tokens import cat_codes
 

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from sar_core.sampling import guide, sample_logits
+from sar_core.sar.sampling import guide, sample_logits
 from sar_core.schedule import Schedule
 
 from .backbone import FlexVAR

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sar_core.conformance import CaseRunner
-from sar_core.losses import teacher_forcing_loss
+from sar_core.sar.losses import teacher_forcing_loss
 from sar_core.schedule import Schedule
 from sar_core.tokens import cat_codes, token_ce
 

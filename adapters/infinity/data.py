@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
-from sar_core.data import AspectGrouped, size_buckets
+from sar_core.data.datasets import AspectGrouped, size_buckets
 
 PAYLOAD = "text_features"
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 from einops import rearrange
 
-from sar_core.sampling import sample_logits
+from sar_core.sar.sampling import sample_logits
 from sar_core.schedule import Schedule
 from sar_core.tokens import group_logits
 

@@ -23,7 +23,7 @@ from .tokenizer import VQVAE
 
 class VARAdapter(ScaleWiseAdapter):
     name = "var"
-    reuses_prefix = True  # backbone forward takes prefix= (sar_core.prefix_cache)
+    reuses_prefix = True  # backbone forward takes prefix= (sar_core.sar.prefix_cache)
     prefix_stable = True  # positions per scale, block-causal: a schedule's head is its own pass
     config_cls = VARConfig
     no_decay_keywords = NO_DECAY_KEYWORDS

@@ -20,7 +20,7 @@ from torch import nn
 from sar_adapters.common.adaln import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from sar_adapters.common.conditions import drop_labels
 from sar_adapters.common.init import init_adaln_transformer
-from sar_core.prefix_cache import layer_slot
+from sar_core.sar.prefix_cache import layer_slot
 from sar_core.schedule import Schedule
 
 from .config import VARConfig
@@ -127,7 +127,7 @@ class VAR(nn.Module):
                 prefix=None) -> torch.Tensor:
         """Teacher-forcing logits (B, L, V) float32 for ``schedule`` (default: patch_nums).
 
-        ``prefix`` (:mod:`sar_core.prefix_cache`): a record handle stores every layer's
+        ``prefix`` (:mod:`sar_core.sar.prefix_cache`): a record handle stores every layer's
         keys / values of the first ``length`` tokens; a replay handle takes inputs of the
         tokens from ``length`` on only and returns their logits (B, L - length, V)."""
         schedule = Schedule(self.patch_nums) if schedule is None else Schedule.parse(schedule)

@@ -15,7 +15,7 @@ from einops import rearrange
 
 from sar_adapters.common.adaln import set_kv_caching
 from sar_core.adapter import Generation
-from sar_core.sampling import filter_top_k_top_p, guide, sample_logits
+from sar_core.sar.sampling import filter_top_k_top_p, guide, sample_logits
 from sar_core.schedule import Schedule
 
 from .backbone import VAR

@@ -8,9 +8,9 @@
   ``soft`` KL to the detached teacher-forced distribution at a temperature, and ``naive``
   CE of the student-forced logits against ground truth (the paper's failing ablation).
 
-Each CSF loss receives a :class:`~sar_core.rollouts.StudentPass` and returns the
+Each CSF loss receives a :class:`~sar_core.sar.rollouts.StudentPass` and returns the
 per-token loss (B, n); the step averages it over the supervised tokens. The built-in
-losses go through :func:`~sar_core.rollouts.supervised_loss`, which computes over the
+losses go through :func:`~sar_core.sar.rollouts.supervised_loss`, which computes over the
 pass's whole contiguous logits when it has them (no copy of a sliced (B, n, V) view).
 """
 
@@ -20,7 +20,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-from sar_core.rollouts import supervised_loss
+from sar_core.sar.rollouts import supervised_loss
 from sar_core.tokens import token_ce, token_kl
 
 

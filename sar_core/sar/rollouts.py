@@ -29,7 +29,7 @@ Cost notes: the student pass keeps its logits whole (``StudentPass.full``) so CS
 run over one contiguous tensor (no copy of the logits, no zero-filled gradient); ``ssr``
 with ``scales='last'`` on a family with :attr:`~sar_core.adapter.ScaleWiseAdapter.reuses_prefix`
 runs pass 2 over the last scale only, on pass 1's prefix keys / values
-(:mod:`sar_core.prefix_cache`; ``reuse_prefix=False`` runs the full pass).
+(:mod:`sar_core.sar.prefix_cache`; ``reuse_prefix=False`` runs the full pass).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
-from sar_core.sampling import sample_candidates, sample_logits
+from sar_core.sar.sampling import sample_candidates, sample_logits
 from sar_core.schedule import Schedule
 from sar_core.tokens import group_logits, token_argmax, ungroup_codes
 
@@ -184,7 +184,7 @@ class Rollout:
     def student(self, adapter, model, cond: Any, gt_codes: list, pred_codes: list,
                 schedule: Schedule, teacher_logits: torch.Tensor, rng: random.Random) -> Optional[StudentPass]:
         """Build and run pass 2. Called with ``prefix=`` (a recorded
-        :class:`~sar_core.prefix_cache.PrefixKV`) only when :meth:`prefix_length` asked."""
+        :class:`~sar_core.sar.prefix_cache.PrefixKV`) only when :meth:`prefix_length` asked."""
         raise NotImplementedError
 
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from sar_core.study import RunSpec
-from sar_core.study_config import START
+from sar_core.study.plan import RunSpec
+from sar_core.study.config import START
 
 
 def _done(out: Path, spec: RunSpec) -> Path:

@@ -28,12 +28,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from sar_core.eval_inputs import looks_rgb, reference_set, resolve_reference, sample_uint8  # noqa: F401
-from sar_core.generation import to_uint8
+from sar_core.evaluate.generation import to_uint8
+from sar_core.evaluate.images import as_image_set
+from sar_core.evaluate.inputs import looks_rgb, reference_set, resolve_reference, sample_uint8
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ALL_METRICS = ("fid", "isc", "kid", "prc")
 #: ``progress(description, total) -> advance(n)``: one call per pass over an image set
 PassProgress = Callable[[str, int], Callable[[int], None]]
@@ -71,128 +70,6 @@ def get_feature_extractor(name: str, weights_path: str | Path | None = None) -> 
 
 
 # ------------------------------------------------------------------------ inputs
-class UInt8Images(Dataset):
-    """A tensor of images -> items uint8 (3, H, W), what torch-fidelity consumes.
-
-    Float tensors are taken in [0, 1] (``generate`` output); uint8 tensors pass through."""
-
-    def __init__(self, images: torch.Tensor):
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images (N, 3, H, W), got {tuple(images.shape)}")
-        self.images = images if images.dtype == torch.uint8 else to_uint8(images.float())
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images[i]
-
-
-class DatasetImages(Dataset):
-    """A sar dataset of (image in [-1, 1], target) -> items uint8 (3, H, W)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        item = self.dataset[i]
-        image = item[0] if isinstance(item, (tuple, list)) else item
-        return to_uint8((image.float() + 1) / 2)
-
-
-class FolderImages(Dataset):
-    """Every image file under a folder (recursively), as uint8 (3, H, W) RGB.
-
-    With ``image_size`` (S or (H, W)), images are resized / centre-cropped as ADM's
-    reference batches were (:func:`sar_core.image_io.adm_center_crop`), so mixed sizes
-    work; without it every image must already have the same size."""
-
-    def __init__(self, folder: str | Path, image_size: int | tuple[int, int] | None = None):
-        from sar_core.image_io import ConversionNotes
-
-        root = Path(folder)
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root}")
-        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.paths:
-            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-        from sar_core.data import image_hw
-
-        self.root, self.image_size = root, (None if image_size is None else image_hw(image_size))
-        self.notes = ConversionNotes(f"reference folder {root}")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        from sar_core.image_io import adm_center_crop, open_rgb8
-
-        img, notes = open_rgb8(self.paths[i])
-        self.notes.add(notes)
-        if self.image_size is not None and img.size[::-1] != self.image_size:
-            img = adm_center_crop(img, self.image_size)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-
-
-def as_image_set(x: Any) -> Dataset:
-    """An image tensor, an (image, target) dataset, or a folder path -> uint8 image dataset."""
-    if isinstance(x, (UInt8Images, DatasetImages, FolderImages)):
-        return x
-    if isinstance(x, torch.Tensor):
-        return UInt8Images(x)
-    if isinstance(x, (str, Path)):
-        return FolderImages(x)
-    if isinstance(x, Dataset):
-        return DatasetImages(x)
-    raise TypeError(f"cannot use {type(x).__name__} as an image set (tensor, dataset or folder)")
-
-
-def _accepts(factory: Callable, name: str) -> bool:
-    import inspect
-
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
-
-
-def open_dataset(spec: str | Path, split: str = "train", image_size: int | tuple[int, int] | None = None,
-                 deterministic: bool = False, **options) -> Dataset:
-    """A registered dataset name, ``NAME:FOLDER`` (that dataset reading FOLDER), or a folder
-    (read by the registered ``imagefolder`` dataset) -> a dataset of (image (3, H, W) in
-    [-1, 1], target) items.
-
-    ``image_size`` is an int (square) or an (H, W) pair; factories get an int for square
-    sizes and the pair otherwise.
-    ``deterministic`` asks the factory for ``augment=False`` (no random crops / flips:
-    code caches and diagnostics must see every image the same way each time)."""
-    from sar_core.plugins import get_registry
-
-    reg = get_registry()
-    opts = {"split": split, **options}
-    if image_size is not None:
-        from sar_core.data import size_option
-
-        opts["image_size"] = size_option(image_size)
-    from sar_core.data import dataset_at
-
-    at = dataset_at(spec, reg.names("dataset"))
-    if str(spec) in reg.names("dataset"):
-        factory = reg.get("dataset", str(spec))
-    elif at is not None:
-        factory, opts["root"] = reg.get("dataset", at[0]), at[1]
-    elif Path(spec).is_dir():
-        factory, opts["root"] = reg.get("dataset", "imagefolder"), str(spec)
-    else:
-        known = ", ".join(reg.names("dataset")) or "none"
-        raise ValueError(f"'{spec}' is neither a registered dataset ({known}), NAME:FOLDER, nor an existing folder")
-    if deterministic and _accepts(factory, "augment"):
-        opts["augment"] = False
-    return factory(**opts)
 
 
 # ------------------------------------------------------------------------ features
@@ -449,14 +326,14 @@ def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSp
     """Sample ``num_samples`` images and measure them (``sar eval``).
 
     Class-conditional families sample class-balanced. ``conditions`` (a
-    :class:`~sar_core.data.Batch` or a dict of payloads, e.g. text features, see
-    :func:`sar_core.generation.condition_batch`) conditions the samples instead, cycling
+    :class:`~sar_core.data.datasets.Batch` or a dict of payloads, e.g. text features, see
+    :func:`sar_core.evaluate.generation.condition_batch`) conditions the samples instead, cycling
     through its rows; a family without classes needs it. Class accuracy needs classes.
     The reference is opened (and its first image read) before sampling. Samples are held
     as uint8. ``progress(description, total)`` is called once per pass (sampling, each
     feature pass, class accuracy). Metrics that need the reference *set* (KID, precision /
     recall) are skipped, with a note, when only ``reference_stats`` are given."""
-    from sar_core.generation import balanced_labels, condition_batch
+    from sar_core.evaluate.generation import balanced_labels, condition_batch
     from sar_core.schedule import Schedule
 
     metrics = _check_metrics(metrics)
@@ -508,3 +385,11 @@ def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSp
                    "reference_split": used_split,
                    "reference_stats": str(reference_stats) if reference_stats else None, "notes": notes})
     return report
+
+
+from sar_core._moved import names_from  # noqa: E402
+
+# names this module held before the sub-packages (``sar_core.evaluation``), now elsewhere
+__getattr__ = names_from({"open_dataset": "sar_core.data.datasets",
+                          **dict.fromkeys(("IMAGE_SUFFIXES", "UInt8Images", "DatasetImages", "FolderImages",
+                                           "as_image_set"), "sar_core.evaluate.images")})

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sar_core.config import absolute
+from sar_core.train.config import absolute
 
 #: fields a resume must keep
 IDENTITY = ("model.family", "model.tokenizer", "model.backbone", "model.overrides", "model.resize_classes",

@@ -5,7 +5,7 @@ A run folder keeps ``checkpoints/step_00001000.pt`` files. Each is written atomi
 write leaves the previous checkpoints intact and never a truncated file under the final
 name (:func:`remove_stale_tmp` clears what a killed write left). Only the newest
 ``keep_last`` are kept, plus one protected "good" checkpoint when the run has seen a
-non-finite step (see :mod:`sar_core.trainer`). A checkpoint holds everything a resumed run
+non-finite step (see :mod:`sar_core.train.trainer`). A checkpoint holds everything a resumed run
 needs to continue exactly like an uninterrupted one: model, optimizer, EMA, loss scaler,
 step (the learning rate is a function of it), data position (epoch, batch within the
 epoch, sampler seed), the schedule sampler's state and every RNG (python, numpy, torch

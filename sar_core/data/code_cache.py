@@ -16,7 +16,7 @@ flipped copies) into a folder that :class:`CodeCacheDataset` memory-maps::
 Items ``0..N-1`` are the dataset's images in order; with ``flips`` items ``N..2N-1`` are
 their mirror images (with the payloads of their originals). Dataset items are ``(image,
 target)`` with ``target`` a class id or a dict ``{"label": int (optional), "<name>":
-tensor (n_i, D), ...}`` (see :mod:`sar_core.data`); cache items come back the same way.
+tensor (n_i, D), ...}`` (see :mod:`sar_core.data.datasets`); cache items come back the same way.
 The cache belongs to one tokenizer and one schedule: opening it with
 an adapter whose tokenizer weights differ (sha256 over the tokenizer state dict) or with
 another schedule raises :class:`StaleCacheError`. A random-schedule family (FlexVAR's
@@ -81,7 +81,7 @@ def _image_of(item: Any) -> torch.Tensor:
 
 
 def _collate(items: list) -> tuple[torch.Tensor, list]:
-    from sar_core.data import split_target
+    from sar_core.batch import split_target
 
     targets = [split_target(it[1]) if isinstance(it, (tuple, list)) and len(it) > 1 else (None, {})
                for it in items]
@@ -138,7 +138,7 @@ def build_code_cache(adapter, dataset: Dataset, schedule: Schedule | str | None,
                      flips: bool = False, batch_size: int = 64, *, tokenizer_file: str | Path | None = None,
                      overwrite: bool = False, num_workers: int = 0,
                      progress: Optional[Callable[[int], None]] = None) -> Path:
-    """Encode ``dataset`` (items ``(image in [-1, 1], target)``, see :mod:`sar_core.data`)
+    """Encode ``dataset`` (items ``(image in [-1, 1], target)``, see :mod:`sar_core.data.datasets`)
     into a cache folder."""
     schedule = Schedule.parse(schedule) if schedule is not None else adapter.default_schedule
     out = Path(out_dir)

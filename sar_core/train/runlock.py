@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from sar_core import distributed as D
+from sar_core.train import distributed as D
 from sar_core.checkpoint_io import file_mode, remove_stale_tmp
 
 LOCK_NAME = ".lock"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from sar_core import checkpointing as ckpt
+from sar_core.train import checkpointing as ckpt
 
 
 def fresh_state() -> dict[str, Any]:

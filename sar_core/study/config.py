@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sar_core.config import ConfigError, format_validation_error, read_config_file, set_path
+from sar_core.train.config import ConfigError, format_validation_error, read_config_file, set_path
 
 START = "start"  # the reserved arm name of the start checkpoint's own evaluation
 

@@ -2,7 +2,7 @@
 
 Two stages, both through the adapter contract only:
 
-1. fit the tokenizer (``sar_core.tokenizer_fit``) and save it in the family's format;
+1. fit the tokenizer (``sar_core.data.tokenizer_fit``) and save it in the family's format;
 2. teacher-forcing pretraining of a fresh backbone with the ordinary trainer (rollout
    ``none``), validating the TF loss on a held-out split every ``eval_every`` steps and
    keeping the best backbone (early-stopping selection).
@@ -24,9 +24,9 @@ import torch
 
 from sar_core.checkpoint_io import atomic_write_text
 from sar_core.hookspecs import hookimpl
-from sar_core.losses import teacher_forcing_loss
+from sar_core.sar.losses import teacher_forcing_loss
 from sar_core.tokens import cat_codes
-from sar_core.tokenizer_fit import fit_tokenizer
+from sar_core.data.tokenizer_fit import fit_tokenizer
 
 
 class Validator:
@@ -93,10 +93,10 @@ def pretrain(family: str, model: dict[str, Any], data: str, image_size: int, out
              seed: int = 0, device: str = "auto", command: str = "", progress=None,
              log: Callable[[str], None] = print) -> dict:
     """Run both stages; return the summary also written to ``out/pretrain.json``."""
-    from sar_core.config import build_config
-    from sar_core.evaluation import open_dataset
+    from sar_core.train.config import build_config
+    from sar_core.data.datasets import open_dataset
     from sar_core.plugins import get_registry
-    from sar_core.trainer import Trainer
+    from sar_core.train.trainer import Trainer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

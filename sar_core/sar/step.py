@@ -32,9 +32,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from sar_core.losses import CSFLoss, teacher_forcing_loss
-from sar_core.prefix_cache import PrefixKV
-from sar_core.rollouts import Rollout, StudentPass
+from sar_core.sar.losses import CSFLoss, teacher_forcing_loss
+from sar_core.sar.prefix_cache import PrefixKV
+from sar_core.sar.rollouts import Rollout, StudentPass
 from sar_core.schedule import Schedule
 from sar_core.tokens import cat_codes
 

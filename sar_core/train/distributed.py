@@ -8,7 +8,7 @@ element of the backbone's ``nn.ModuleList`` s (the transformer blocks) and the r
 Gradient sync of a SAR step
 ---------------------------
 A SAR micro-step runs up to two forwards and two backwards (the memory-lean backward of
-:func:`sar_core.sar_step.sar_step`), and an optimizer step may accumulate several
+:func:`sar_core.sar.step.sar_step`), and an optimizer step may accumulate several
 micro-steps. :class:`GradSync` makes DDP all-reduce exactly once per optimizer step: every
 forward runs without sync except the last expected one, whose backward all-reduces the
 accumulated gradients. Each rank divides its losses by ``grad_accum`` and DDP averages

@@ -18,7 +18,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from sar_core.config import OptimConfig
+from sar_core.train.config import OptimConfig
 
 
 def no_decay(name: str, param: torch.Tensor, keywords: Iterable[str]) -> bool:

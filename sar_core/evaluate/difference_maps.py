@@ -1,6 +1,6 @@
 """Per-scale difference maps: where on the token grid the model's own inputs change its predictions.
 
-For every transition k -> k+1 (as in :mod:`sar_core.diagnostics`), the one-step
+For every transition k -> k+1 (as in :mod:`sar_core.evaluate.diagnostics`), the one-step
 student-forced pass builds the input of scale k+1 from the model's argmax prediction at
 scale k; the map of scale k+1 is, per token position (h, w), the fraction of samples
 (and of bits, for bitwise codes) whose argmax prediction on those inputs differs from its
@@ -16,14 +16,14 @@ from typing import Iterable, Optional
 
 from torch.utils.data import Dataset
 
-from sar_core.diagnostics import exposure_gap
+from sar_core.evaluate.diagnostics import exposure_gap
 from sar_core.schedule import Schedule
 
 
 def difference_maps(adapter, data: Dataset | Iterable, schedule: Schedule | str | None = None,
                     batches: Optional[int] = None, *, batch_size: int = 32) -> dict:
     """{'schedule', 'num_samples', 'maps': [None, (h1, w1) tensor, ...]} (scale 0 has none).
-    The passes are those of :func:`~sar_core.diagnostics.exposure_gap` (``maps=True`` gives
+    The passes are those of :func:`~sar_core.evaluate.diagnostics.exposure_gap` (``maps=True`` gives
     both from one set of passes)."""
     schedule = Schedule.parse(schedule) if schedule is not None else adapter.default_schedule
     if len(schedule) < 2:

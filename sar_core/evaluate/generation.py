@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from sar_core.adapter import ScaleWiseAdapter
-from sar_core.data import Batch, Padded
+from sar_core.batch import Batch, Padded
 from sar_core.schedule import Schedule
 
 Progress = Optional[Callable[[int], None]]  # called with the number of images just made
@@ -66,7 +66,7 @@ def check_labels(labels: torch.Tensor, num_classes: Optional[int]) -> None:
 
 def padded_features(obj: Any, what: str = "text features") -> Padded:
     """A list of (n_i, D) tensors, or a dict {"features": (N, N_max, D), "lengths": (N,)}
-    (what ``--text-features FILE`` holds) -> :class:`~sar_core.data.Padded`."""
+    (what ``--text-features FILE`` holds) -> :class:`~sar_core.data.datasets.Padded`."""
     if isinstance(obj, Padded):
         return obj
     if isinstance(obj, (list, tuple)):
@@ -88,7 +88,7 @@ def padded_features(obj: Any, what: str = "text features") -> Padded:
 
 
 def condition_batch(conditions: Batch | dict, labels: Optional[torch.Tensor] = None) -> Batch:
-    """A :class:`~sar_core.data.Batch` of condition payloads (no images): ``conditions`` is
+    """A :class:`~sar_core.data.datasets.Batch` of condition payloads (no images): ``conditions`` is
     a Batch, or a dict payload name -> Padded / list of (n_i, D) tensors / features dict."""
     if isinstance(conditions, Batch):
         return conditions
@@ -108,7 +108,7 @@ def iter_images(adapter: ScaleWiseAdapter, labels: torch.Tensor | Batch | None =
     caller can stream them; one generator is seeded once and drawn from batch after batch.
 
     Conditions are class ids ``labels`` (N,) (class-conditional families, through
-    ``adapter.condition_from_labels``), or ``conditions``: a :class:`~sar_core.data.Batch`
+    ``adapter.condition_from_labels``), or ``conditions``: a :class:`~sar_core.data.datasets.Batch`
     (or a dict of payloads, see :func:`condition_batch`) turned into the family's
     condition by ``adapter.condition(batch)`` (e.g. text features)."""
     if isinstance(labels, Batch):

@@ -19,9 +19,9 @@ from statistics import mean, stdev
 from typing import Optional
 
 from sar_core.checkpoint_io import atomic_write_text
-from sar_core.study import FIXED, HIGHER_IS_BETTER, SAMPLED, RunSpec, plan, read_study
-from sar_core.study_config import START
-from sar_core.study_stats import interval, is_flat, noise, paired_difference
+from sar_core.study.plan import FIXED, HIGHER_IS_BETTER, SAMPLED, RunSpec, plan, read_study
+from sar_core.study.config import START
+from sar_core.study.stats import interval, is_flat, noise, paired_difference
 
 LABELS = {"fid": "FID", "kid_mean": "KID", "precision": "precision", "recall": "recall", "isc_mean": "IS",
           "class_acc": "class accuracy", "gap_mean": "mean exposure gap (CE)", "val_loss_tf": "val TF loss"}

@@ -2,7 +2,7 @@
 
 Per optimizer step, for each of ``grad_accum`` micro-batches: draw the step's schedule,
 encode images with the frozen tokenizer (or take cached codes), run
-:func:`sar_core.sar_step.sar_step` (teacher pass, memory-lean backward, rollout, student
+:func:`sar_core.sar.step.sar_step` (teacher pass, memory-lean backward, rollout, student
 pass, backward of gamma * CSF); then all-reduce (DDP / FSDP2), unscale (fp16), clip,
 AdamW step, EMA, metrics, hooks, periodic checkpoints.
 
@@ -16,14 +16,14 @@ checkpoint is *good* when its weights are finite and it was written before the r
 first non-finite step; the newest good one is never pruned by keep-last-N, and the stop
 message names its step.
 
-Run folder safety: the run holds ``<out>/.lock`` (:mod:`sar_core.runlock`) and clears
-temp files of interrupted writes on start. SIGTERM / SIGUSR1 (:mod:`sar_core.signals`)
+Run folder safety: the run holds ``<out>/.lock`` (:mod:`sar_core.train.runlock`) and clears
+temp files of interrupted writes on start. SIGTERM / SIGUSR1 (:mod:`sar_core.train.signals`)
 finish the step under way on every rank (the stop flag rides on the step's all-reduce),
 rank 0 writes a checkpoint, the run ends with status "signalled". Ctrl-C in a
 single-process run saves the state of the last completed step (resumable exactly); so
 does a training-data read error; a crash never leaves a partial checkpoint. A resume
 refuses another model or data and warns on every other changed hyper-parameter
-(:mod:`sar_core.resume_check`).
+(:mod:`sar_core.train.resume_check`).
 """
 
 from __future__ import annotations
@@ -38,21 +38,21 @@ from typing import Callable, Optional
 
 import torch
 
-from sar_core import checkpointing as ckpt
-from sar_core import distributed as D
-from sar_core import nonfinite as guard
-from sar_core import resume_check
-from sar_core.builders import (build_adapter, build_rollout_and_loss, build_schedule_sampler,  # noqa: F401
+from sar_core.train import checkpointing as ckpt
+from sar_core.train import distributed as D
+from sar_core.train import nonfinite as guard
+from sar_core.train import resume_check
+from sar_core.train.builders import (build_adapter, build_rollout_and_loss, build_schedule_sampler,  # noqa: F401
                                data_image_size, derived_seed, seed_all)
 from sar_core.checkpoint_io import atomic_write_text
-from sar_core.config import RunConfig
-from sar_core.data import BatchStream, is_code_cache, open_training_data
-from sar_core.runlock import held_run_folder
-from sar_core.signals import StopRequest
-from sar_core.ema import EMA
-from sar_core.optim import build_optimizer, lr_at, set_lr
-from sar_core.activation_ckpt import apply_activation_checkpointing
-from sar_core.sar_step import sar_step
+from sar_core.train.config import RunConfig
+from sar_core.data.datasets import BatchStream, is_code_cache, open_training_data
+from sar_core.train.runlock import held_run_folder
+from sar_core.train.signals import StopRequest
+from sar_core.train.ema import EMA
+from sar_core.train.optim import build_optimizer, lr_at, set_lr
+from sar_core.train.activation_ckpt import apply_activation_checkpointing
+from sar_core.sar.step import sar_step
 from sar_core.schedule import Schedule, ScheduleSampler
 
 
@@ -137,7 +137,7 @@ class Trainer:
         if cfg.model.cond_drop is not None:
             self.adapter.condition_dropout = cfg.model.cond_drop
         self.dataset = self._open_data()
-        from sar_core.classes import check_classes, data_num_classes
+        from sar_core.data.classes import check_classes, data_num_classes
 
         check_classes(data_num_classes(self.dataset), self.adapter, cfg.model.resize_classes,
                       f"--data {cfg.data.name}", self.log)

@@ -1,7 +1,7 @@
 """Builders of a training run: seeds, the adapter, rollout / loss, schedule sampler, and
 the pixel size of training images checked against the model.
 
-Re-exported by :mod:`sar_core.trainer` (``from sar_core.trainer import build_adapter``
+Re-exported by :mod:`sar_core.train.trainer` (``from sar_core.train.trainer import build_adapter``
 keeps working)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from sar_core.config import RunConfig
-from sar_core.data import image_hw
+from sar_core.train.config import RunConfig
+from sar_core.data.datasets import image_hw
 from sar_core.schedule import Schedule, ScheduleSampler
 
 

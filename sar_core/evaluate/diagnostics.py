@@ -25,8 +25,8 @@ import torch
 from einops import rearrange
 from torch.utils.data import DataLoader, Dataset
 
-from sar_core.data import Batch, collate
-from sar_core.prefix_cache import PrefixKV
+from sar_core.batch import Batch, collate
+from sar_core.sar.prefix_cache import PrefixKV
 from sar_core.schedule import Schedule
 from sar_core.tokens import cat_codes, group_codes, group_logits, token_argmax, token_ce
 
@@ -128,7 +128,7 @@ def _student_logits(adapter, cond: Any, inputs: torch.Tensor, schedule: Schedule
 
 
 def _split_batch(adapter, batch: Any, schedule: Schedule) -> tuple[list, Any, int]:
-    """A :class:`~sar_core.data.Batch` (or an (images | codes, labels) pair) -> (codes,
+    """A :class:`~sar_core.data.datasets.Batch` (or an (images | codes, labels) pair) -> (codes,
     condition on the model's device, batch size)."""
     dev = adapter.device
     if not isinstance(batch, Batch):
@@ -150,13 +150,13 @@ def exposure_gap(adapter, data: Dataset | Iterable, schedule: Schedule | str | N
                  predict: Optional[Predict] = None, maps: bool = False) -> dict:
     """Per-scale teacher-forced vs one-step student-forced CE / accuracy and their gap.
 
-    ``data`` is a dataset of ``(images | codes, target)`` items (see :mod:`sar_core.data`;
-    e.g. a :class:`~sar_core.code_cache.CodeCacheDataset`) or an iterable of
-    :class:`~sar_core.data.Batch` / ``(images | codes, labels)`` batches; the condition
+    ``data`` is a dataset of ``(images | codes, target)`` items (see :mod:`sar_core.data.datasets`;
+    e.g. a :class:`~sar_core.data.code_cache.CodeCacheDataset`) or an iterable of
+    :class:`~sar_core.data.datasets.Batch` / ``(images | codes, labels)`` batches; the condition
     comes from ``adapter.condition(batch)``, so class labels and payloads both work;
     ``batches`` caps how many batches are
     used. ``predict`` replaces the argmax prediction (tests use an oracle). ``maps=True``
-    (per-scale mode) also returns the difference maps of :mod:`sar_core.difference_maps`
+    (per-scale mode) also returns the difference maps of :mod:`sar_core.evaluate.difference_maps`
     from the same passes, under ``"maps"``.
     """
     if mode not in ("per_scale", "joint"):

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
-from sar_core.generation import to_uint8
+from sar_core.evaluate.generation import to_uint8
 
 
 def resolve_reference(reference: str | Path, split: str) -> tuple[str, Optional[str]]:
@@ -19,7 +19,7 @@ def resolve_reference(reference: str | Path, split: str) -> tuple[str, Optional[
     and its split, or a folder, ``folder/<split>`` when that sub-folder exists (split None otherwise)."""
     from sar_core.plugins import get_registry
 
-    from sar_core.data import dataset_at
+    from sar_core.data.datasets import dataset_at
 
     reg = get_registry()
     if str(reference) in reg.names("dataset") or dataset_at(str(reference), reg.names("dataset")):
@@ -36,8 +36,9 @@ def reference_set(reference: str | Path, split: str, image_size: int | tuple[int
     of images (``folder/<split>`` if present; resized / centre-cropped to ``image_size`` as
     ADM's reference batches) -> uint8 image set. The first image is read at once, so a bad
     reference fails before any sampling."""
-    from sar_core.data import dataset_at, image_hw
-    from sar_core.evaluation import DatasetImages, FolderImages, open_dataset
+    from sar_core.data.datasets import dataset_at, image_hw
+    from sar_core.data.datasets import open_dataset
+    from sar_core.evaluate.images import DatasetImages, FolderImages
     from sar_core.plugins import get_registry
 
     hw = image_hw(image_size)
@@ -60,10 +61,10 @@ def sample_uint8(adapter, num: int, *, schedule, batch_size: int, samples_folder
                  names: Optional[torch.Tensor] = None, progress: Optional[Callable[[int], None]] = None,
                  **sampling) -> torch.Tensor:
     """``num`` samples (``sampling``: labels= or conditions=, see
-    :func:`sar_core.generation.iter_images`) streamed into one uint8 (N, 3, H, W) tensor (4x
+    :func:`sar_core.evaluate.generation.iter_images`) streamed into one uint8 (N, 3, H, W) tensor (4x
     less memory than float32), each batch written to ``samples_folder`` as it comes
     (``names``: the labels put into the file names)."""
-    from sar_core.generation import iter_images, save_folder
+    from sar_core.evaluate.generation import iter_images, save_folder
 
     h, w = adapter.image_size(schedule)
     out = torch.empty(num, 3, h, w, dtype=torch.uint8)
@@ -83,3 +84,6 @@ def looks_rgb(images: torch.Tensor, tolerance: int = 8) -> bool:
     """Whether uint8 (N, 3, H, W) images have colour (channels differ by more than ``tolerance``)."""
     x = images[: min(len(images), 256)].int()
     return bool(((x[:, 0] - x[:, 1]).abs().max() > tolerance) or ((x[:, 1] - x[:, 2]).abs().max() > tolerance))
+
+
+
