@@ -143,5 +143,9 @@ RANDOM_BACKBONE = typer.Option(False, "--random-backbone",
                                rich_help_panel="Model")
 DEVICE = typer.Option("auto", "--device", envvar="SAR_DEVICE", rich_help_panel="Run",
                       help="cpu, cuda, cuda:1 ... (auto: cuda if available).")
+# the sampler's knobs, the same for every command that samples
+CFG = typer.Option(1.5, "--cfg", rich_help_panel="Sampling", help="Classifier-free guidance scale.")
+TOP_K = typer.Option(0, "--top-k", rich_help_panel="Sampling", help="Top-k sampling (0: off).")
+TOP_P = typer.Option(0.0, "--top-p", rich_help_panel="Sampling", help="Top-p sampling (0: off).")
 SCHEDULE = typer.Option(None, "--schedule", rich_help_panel="Model",
                         help="Scale schedule, e.g. 1_2_3_4 (default: the model's).")

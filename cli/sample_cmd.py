@@ -10,7 +10,7 @@ from rich.console import Console
 
 from sar_cli._shared import (
     OVERRIDE,
-    BACKBONE, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY,
+    BACKBONE, CFG, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY, TOP_K, TOP_P,
     SCHEDULE, TOKENIZER, fail, load_model, progress_bar, user_errors,
 )
 
@@ -46,9 +46,9 @@ def sample(
                                                  help="Text features for text-conditioned families: a .pt "
                                                  "file with a list of (n_i, D) tensors, or a dict "
                                                  "{features: (N, N_max, D), lengths: (N,)}; one image each."),
-    cfg: float = typer.Option(1.5, "--cfg", rich_help_panel="Sampling", help="Classifier-free guidance scale."),
-    top_k: int = typer.Option(0, "--top-k", rich_help_panel="Sampling", help="Top-k sampling (0: off)."),
-    top_p: float = typer.Option(0.0, "--top-p", rich_help_panel="Sampling", help="Top-p sampling (0: off)."),
+    cfg: float = CFG,
+    top_k: int = TOP_K,
+    top_p: float = TOP_P,
     seed: int = typer.Option(0, "--seed", rich_help_panel="Sampling", help="Sampling seed."),
     batch_size: int = typer.Option(32, "--batch-size", rich_help_panel="Sampling", help="Images per batch."),
     schedule: Optional[str] = SCHEDULE,

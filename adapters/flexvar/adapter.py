@@ -7,12 +7,13 @@ replace those codes by the prediction at k; nothing below k matters.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, ClassVar, Sequence
 
 import torch
 
 from sar_core.adapter import CodeSpace, Generation, ScaleWiseAdapter, CheckpointError
+from sar_adapters.common.fresh import FreshFromConfig
+from sar_adapters.common.precision import tokenizer_side
 from sar_core.schedule import Schedule, ScheduleSampler
 
 from sar_adapters.common.classes import resize_class_embedding
@@ -27,14 +28,6 @@ from .schedules import MAX_SIDE, FlexVARRandomSchedule
 from .tokenizer import VQModel, init_tokenizer, vq_training_loss
 
 
-def tokenizer_side(fn):
-    """No grad, no autocast: upstream builds codes and inputs in float32 outside AMP."""
-    @functools.wraps(fn)
-    def wrapped(self, *args, **kwargs):
-        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-            return fn(self, *args, **kwargs)
-    return wrapped
-
 
 class FlexVARGeneration(Generation):
     """``Generation`` plus upstream's raw (unclamped, [-1, 1]-nominal) decoder output."""
@@ -44,7 +37,7 @@ class FlexVARGeneration(Generation):
         self.raw_images = raw_images
 
 
-class FlexVARAdapter(ScaleWiseAdapter):
+class FlexVARAdapter(FreshFromConfig, ScaleWiseAdapter):
     name: ClassVar[str] = "flexvar"
     reuses_prefix = True  # backbone forward takes prefix= (sar_core.sar.prefix_cache)
     prefix_stable = True  # positions per scale, block-causal: a schedule's head is its own pass
@@ -53,21 +46,16 @@ class FlexVARAdapter(ScaleWiseAdapter):
     case_runner = FlexVARCaseRunner
 
     # ---------------------------------------------------------------- construction
+    config_type = FlexVARConfig
+    init_tokenizer = staticmethod(init_tokenizer)
+    init_backbone = staticmethod(init_weights)
+
     @staticmethod
     def _build(config: FlexVARConfig) -> tuple[VQModel, FlexVAR]:
         tok = VQModel(config.tokenizer)
         bb = FlexVAR(config.backbone, config.tokenizer.codebook_size,
                      config.tokenizer.codebook_embed_dim, config.train_schedule.sides)
         return tok, bb
-
-    @classmethod
-    def from_config(cls, config: FlexVARConfig | dict) -> "FlexVARAdapter":
-        if isinstance(config, dict):
-            config = FlexVARConfig(**config)
-        tok, bb = cls._build(config)
-        init_tokenizer(tok)
-        init_weights(bb)
-        return cls(config, tok, bb)
 
     @classmethod
     def load(cls, tokenizer_path, backbone_path=None, overrides: dict | None = None) -> "FlexVARAdapter":

@@ -51,6 +51,9 @@ class TokenizerConfig(BaseModel):
         return self
 
 
+# The transformer fields repeat VAR's (adapters/var/config.py) on purpose: each mirrors its own
+# upstream's hyperparameters (FlexVAR derives width / heads / drop-path from depth, adds its
+# position grid), and the two upstreams evolve apart; a shared base would couple them.
 class BackboneConfig(BaseModel):
     """FlexVAR transformer sizes. Official d16: width 1024, 16 heads, 1000 classes."""
 

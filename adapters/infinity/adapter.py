@@ -17,13 +17,14 @@ class; the backbone and its checkpoints are unchanged.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
 from sar_adapters.common.overrides import merge_overrides
 from sar_core.adapter import CheckpointError, CodeSpace, Generation, ScaleWiseAdapter
+from sar_adapters.common.fresh import FreshFromConfig
+from sar_adapters.common.precision import tokenizer_side
 from sar_core.schedule import Schedule
 
 from . import bsq
@@ -41,13 +42,6 @@ TEXT_KEY = "text_features"
 STAND_IN_SEED = 20251206  # fixed: changing it changes what every stand-in class means
 NO_DECAY = ("cfg_uncond", "pos_start", "lvl_embed", "scale_mul", "ada_gss", "mat_q")
 
-
-def tokenizer_side(fn):
-    @functools.wraps(fn)
-    def wrapped(self, *args, **kwargs):
-        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-            return fn(self, *args, **kwargs)
-    return wrapped
 
 
 class InfinityGeneration(Generation):
@@ -69,7 +63,7 @@ def apply_overrides(cfg: dict, overrides: Optional[dict]) -> dict:
                            top=InfinityConfig)
 
 
-class InfinityAdapter(ScaleWiseAdapter):
+class InfinityAdapter(FreshFromConfig, ScaleWiseAdapter):
     name: ClassVar[str] = "infinity"
     config_cls = InfinityConfig
     no_decay_keywords = NO_DECAY
@@ -77,6 +71,10 @@ class InfinityAdapter(ScaleWiseAdapter):
     prefix_stable = True  # RoPE positions come from the template, not the schedule's last scale
 
     # ---------------------------------------------------------------- construction
+    config_type = InfinityConfig
+    init_tokenizer = staticmethod(init_tokenizer)
+    init_backbone = staticmethod(init_weights)
+
     @staticmethod
     def _build(config: InfinityConfig) -> tuple[BSQVAE, Infinity]:
         return BSQVAE(config.tokenizer), Infinity(config.backbone, config.token_bits, config.h_div_w)
@@ -85,15 +83,6 @@ class InfinityAdapter(ScaleWiseAdapter):
         super().__init__(config, tokenizer, backbone)
         self.grid = TokenGrid(config.patch_factor)
         self._stand_in: Optional[torch.Tensor] = None
-
-    @classmethod
-    def from_config(cls, config: InfinityConfig | dict) -> "InfinityAdapter":
-        if isinstance(config, dict):
-            config = InfinityConfig(**config)
-        tok, bb = cls._build(config)
-        init_tokenizer(tok)
-        init_weights(bb)
-        return cls(config, tok, bb)
 
     @classmethod
     def load(cls, tokenizer_path, backbone_path=None, overrides: dict | None = None) -> "InfinityAdapter":

@@ -55,6 +55,8 @@ class TokenizerConfig(BaseModel):
         return self
 
 
+# Validation shapes repeat FlexVAR's (divisibility, cond_drop_rate range): the fields differ per
+# upstream and so do the messages, so each family keeps its own validator.
 class BackboneConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
