@@ -9,17 +9,16 @@ from typing import Any, Callable, ClassVar
 
 
 class FreshFromConfig:
-    """Mixin for a ``ScaleWiseAdapter``: set ``config_type``, ``init_tokenizer`` and
+    """Mixin for a ``ScaleWiseAdapter``: besides ``config_cls``, set ``init_tokenizer`` and
     ``init_backbone`` (each ``module -> None``, upstream's init) and define ``_build``."""
 
-    config_type: ClassVar[type]
     init_tokenizer: ClassVar[Callable[[Any], None]]
     init_backbone: ClassVar[Callable[[Any], None]]
 
     @classmethod
     def from_config(cls, config):
         if isinstance(config, dict):
-            config = cls.config_type(**config)
+            config = cls.config_cls(**config)
         tok, bb = cls._build(config)
         cls.init_tokenizer(tok)
         cls.init_backbone(bb)

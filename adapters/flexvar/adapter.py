@@ -46,7 +46,6 @@ class FlexVARAdapter(FreshFromConfig, ScaleWiseAdapter):
     case_runner = FlexVARCaseRunner
 
     # ---------------------------------------------------------------- construction
-    config_type = FlexVARConfig
     init_tokenizer = staticmethod(init_tokenizer)
     init_backbone = staticmethod(init_weights)
 

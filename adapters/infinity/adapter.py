@@ -71,7 +71,6 @@ class InfinityAdapter(FreshFromConfig, ScaleWiseAdapter):
     prefix_stable = True  # RoPE positions come from the template, not the schedule's last scale
 
     # ---------------------------------------------------------------- construction
-    config_type = InfinityConfig
     init_tokenizer = staticmethod(init_tokenizer)
     init_backbone = staticmethod(init_weights)
 

@@ -5,5 +5,5 @@ precision / recall, class accuracy through torch-fidelity), the exposure-gap dia
 (``diagnostics``) and per-scale difference maps (``difference_maps``).
 
 May import: the contract modules, ``sar_core.sar`` (prefix reuse) and ``sar_core.data``.
-Never ``train`` or ``study``.
+Never ``train`` or ``study`` (``train`` imports ``evaluate`` for validation during training).
 """

@@ -5,6 +5,6 @@ non-finite ``nonfinite`` guard, the run folder's ``runlock``, stop ``signals``),
 ``distributed`` (DDP / FSDP2), ``activation_ckpt`` and ``pretrain`` (teacher-forced
 pretraining of the embedded miniatures).
 
-May import: the contract modules, ``sar_core.sar`` and ``sar_core.data``. Never
-``evaluate`` or ``study``.
+May import: the contract modules, ``sar_core.sar``, ``sar_core.data`` and ``sar_core.evaluate``
+(validation during training). Never ``study``.
 """
