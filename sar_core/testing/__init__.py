@@ -1,0 +1,31 @@
+"""The public adapter contract suite: every property the SAR core relies on, as pytest tests.
+
+An adapter author subclasses :class:`AdapterContractTests` in a ``test_*.py`` file under a
+name pytest collects (``Test*``) and provides one method that builds a tiny model::
+
+    from sar_core.testing import AdapterContractTests
+    from my_family import MyAdapter, MyConfig
+
+    class TestMyAdapter(AdapterContractTests):
+        def make_adapter(self):
+            return MyAdapter.from_config(MyConfig(depth=1, embed_dim=32))
+
+Optional overrides: :meth:`make_batch` (text-conditioned families add ``conditions``),
+:meth:`schedule` / :meth:`generate_schedule`, :meth:`save_load_paths`,
+:meth:`load_overrides`, :meth:`foreign_checkpoints`, :meth:`sampler_guided_logits` (when
+the family's sampler guides with another ramp than ``adapter.guide_logits``), and the
+class attributes below (tolerances, sampling settings). The suite works for index and
+bitwise codes (``adapter.code_space``) and non-square schedules. ``make_adapter`` should
+build a model whose only randomness in train mode is condition dropout (dropout and drop
+path 0), with ``condition_dropout`` 0.
+
+Imports pytest: use it from tests only.
+"""
+
+from sar_core.testing.checks_step import ROLLOUT_LOSSES
+from sar_core.testing.helpers import (code_shape, default_batch, input_slice, pinned, random_codes, random_images,
+                                      same_codes, text_feature_batch, wrong_codes)
+from sar_core.testing.suite import AdapterContractTests
+
+__all__ = ["AdapterContractTests", "ROLLOUT_LOSSES", "code_shape", "default_batch", "input_slice", "pinned",
+           "random_codes", "random_images", "same_codes", "text_feature_batch", "wrong_codes"]
