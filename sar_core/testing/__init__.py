@@ -20,6 +20,13 @@ build a model whose only randomness in train mode is condition dropout (dropout 
 path 0), with ``condition_dropout`` 0.
 
 Imports pytest: use it from tests only.
+
+Modules: ``helpers`` (random / wrong codes, batches, pins, also for authors' own tests),
+``base`` (the author hooks, tolerances and fixtures), ``checks_inputs`` / ``checks_model`` /
+``checks_step`` (the checks by theme) and ``suite`` (all of them as one class).
+
+May import: the contract modules, ``sar_core.sar`` (the SAR step it runs) and
+``sar_core.train.activation_ckpt``.
 """
 
 from sar_core.testing.checks_step import ROLLOUT_LOSSES
