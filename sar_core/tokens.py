@@ -4,15 +4,47 @@ Index codes: logits (B, L, V), codes (B, L). Bitwise codes: logits (B, L, 2d), c
 (B, L, d). Both are viewed as groups: logits (B, L, G, C), codes (B, L, G) with G = 1,
 C = V for index codes and G = d, C = 2 for bitwise codes. The token loss is the mean over
 groups of the cross-entropy over classes (index CE, or upstream's per-bit CE).
+:class:`CodeSpace` says which of the two a family's tokens are (``adapter.code_space``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+
+@dataclass(frozen=True)
+class CodeSpace:
+    """What one token is: an index into ``vocab_size`` codes, or ``bits`` independent bits.
+
+    Exactly one of the two is set. ``logits_width`` is the last dimension of the
+    backbone's logits (V, or 2 * bits laid out as in the module docstring).
+    """
+
+    vocab_size: Optional[int] = None
+    bits: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if (self.vocab_size is None) == (self.bits is None):
+            raise ValueError("a CodeSpace has exactly one of vocab_size (index codes) or bits (bitwise codes)")
+        n = self.vocab_size if self.bits is None else self.bits
+        if int(n) < 1:
+            raise ValueError(f"a CodeSpace needs a positive size, got {n}")
+
+    @property
+    def bitwise(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def logits_width(self) -> int:
+        return 2 * int(self.bits) if self.bits is not None else int(self.vocab_size)
+
+    def __str__(self) -> str:
+        return f"{self.bits} bits" if self.bitwise else f"{self.vocab_size} codes"
 
 
 def group_logits(logits: torch.Tensor, bits: Optional[int]) -> torch.Tensor:

@@ -129,6 +129,13 @@ class BitsAdapter(ScaleWiseAdapter):
     def code_space(self):
         return CodeSpace(bits=self.config.bits)
 
+    def liven(self, generator):
+        """The hook in use: the head reads the un-normalised residual stream, so the default
+        re-draw makes the sampler nearly deterministic; a smaller head keeps it random."""
+        super().liven(generator)
+        with torch.no_grad():
+            self.backbone.head.weight.mul_(0.25)
+
     def condition(self, batch):
         text = batch.conditions["text_features"]
         return {"features": text.values, "lengths": text.lengths}

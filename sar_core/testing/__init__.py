@@ -14,16 +14,21 @@ Optional overrides: :meth:`make_batch` (text-conditioned families add ``conditio
 :meth:`schedule` / :meth:`generate_schedule`, :meth:`save_load_paths`,
 :meth:`load_overrides`, :meth:`foreign_checkpoints`, :meth:`sampler_guided_logits` (when
 the family's sampler guides with another ramp than ``adapter.guide_logits``), and the
-class attributes below (tolerances, sampling settings). The suite works for index and
-bitwise codes (``adapter.code_space``) and non-square schedules. ``make_adapter`` should
-build a model whose only randomness in train mode is condition dropout (dropout and drop
-path 0), with ``condition_dropout`` 0.
+class attributes of ``base.ContractBase`` (tolerances, sampling settings, ``liven_seed``,
+``block_effect``). The suite works for index and bitwise codes (``adapter.code_space``) and
+non-square schedules. ``make_adapter`` should build a model whose only randomness in train
+mode is condition dropout (dropout and drop path 0), with ``condition_dropout`` 0.
+
+Every check runs on livened weights: ``adapter.liven`` re-draws the backbone (seed
+``liven_seed``) so that each transformer block changes its output far more than the
+tolerances, and ``checks_blocks`` asserts that it does. Upstream inits make blocks
+near-identity, which hides every bug inside them (a mask, a rotary position).
 
 Imports pytest: use it from tests only.
 
 Modules: ``helpers`` (random / wrong codes, batches, pins, also for authors' own tests),
-``base`` (the author hooks, tolerances and fixtures), ``checks_inputs`` / ``checks_model`` /
-``checks_step`` (the checks by theme) and ``suite`` (all of them as one class).
+``base`` (the author hooks, tolerances and fixtures), ``checks_blocks`` / ``checks_inputs`` /
+``checks_model`` / ``checks_step`` (the checks by theme) and ``suite`` (all of them as one class).
 
 May import: the contract modules, ``sar_core.sar`` (the SAR step it runs) and
 ``sar_core.train.activation_ckpt``.

@@ -31,6 +31,14 @@ class ContractBase:
     #: False for a family whose start token has no start position (then the
     #: student-forcing flag changes nothing and that is checked instead)
     student_forcing_drops_start_position: bool = True
+    #: seed of ``adapter.liven``, the re-draw of the backbone's weights before every check,
+    #: so that each transformer block changes its output far more than the tolerances
+    #: (upstream inits make blocks near-identity: bugs inside them would hide); None keeps
+    #: the weights ``make_adapter`` built
+    liven_seed: Optional[int] = 0
+    #: the least change of some teacher-forced logit that must follow from skipping one
+    #: transformer block or changing an input the logit reads (1000x the default atol)
+    block_effect: float = 1e-2
 
     # ---------------------------------------------------------------- author hooks
     def make_adapter(self) -> ScaleWiseAdapter:
@@ -65,13 +73,20 @@ class ContractBase:
         return adapter.guide_logits(cond_logits, uncond_logits, step, num_steps, cfg)
 
     # ---------------------------------------------------------------- fixtures
-    @pytest.fixture
-    def adapter(self) -> ScaleWiseAdapter:
+    def prepared_adapter(self) -> ScaleWiseAdapter:
+        """What every check runs on: ``make_adapter()`` (torch seeded 0), livened with
+        ``liven_seed``, in eval mode with condition dropout 0 (the ``adapter`` fixture)."""
         torch.manual_seed(0)
         ad = self.make_adapter()
+        if self.liven_seed is not None:
+            ad.liven(torch.Generator().manual_seed(int(self.liven_seed)))
         ad.backbone.eval()
         ad.condition_dropout = 0.0
         return ad
+
+    @pytest.fixture
+    def adapter(self) -> ScaleWiseAdapter:
+        return self.prepared_adapter()
 
     @pytest.fixture
     def batch(self, adapter) -> Batch:

@@ -13,9 +13,11 @@ from sar_core.testing.helpers import code_shape, same_codes
 class ModelChecks(ContractBase):
     def test_seeded_generate_is_reproducible_and_follows_the_schedule(self, adapter, batch):
         sched, cond = self.generate_schedule(adapter), self._cond(adapter, batch)
-        a, b, c = (self._generate(adapter, cond, s) for s in (5, 5, 6))
+        a, b = (self._generate(adapter, cond, s) for s in (5, 5))
         assert same_codes(a.codes, b.codes) and torch.equal(a.images, b.images)
-        assert not same_codes(a.codes, c.codes), "another seed drew the same codes"
+        # a livened model can be peaked: one of four other seeds must draw other codes
+        assert any(not same_codes(a.codes, self._generate(adapter, cond, s).codes) for s in (6, 7, 8, 9)), \
+            "four other seeds drew the same codes"
         for k, code in enumerate(a.codes):
             assert tuple(code.shape) == code_shape(adapter.code_space, self.batch_size, sched.token_counts[k])
         assert tuple(a.images.shape) == (self.batch_size, 3, *adapter.image_size(sched))
