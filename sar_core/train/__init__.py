@@ -1,7 +1,9 @@
 """Training machinery around the SAR step: the run config (``config``), building a run from
-it (``builders``), the ``trainer`` loop and its stateful parts (optimizer and schedule in
-``optim``, ``ema``, ``checkpointing`` and its resume checks ``resume_check``, the
-non-finite ``nonfinite`` guard, the run folder's ``runlock``, stop ``signals``),
+it (``builders``), the ``trainer`` loop, one optimizer step (``train_step``) and the
+run's stateful parts, each with ``state_dict`` / ``load_state_dict``: ``data_position``,
+``rng_state``, ``ema``, the non-finite ``nonfinite`` guard and the ``checkpointer`` that
+composes them (file format in ``checkpointing``, resume checks in ``resume_check``);
+optimizer and schedule in ``optim``, the run folder's ``runlock``, stop ``signals``;
 ``distributed`` (DDP / FSDP2), ``activation_ckpt`` and ``pretrain`` (teacher-forced
 pretraining of the embedded miniatures).
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from sar_core.train.config import RunConfig
-from sar_core.data.datasets import image_hw
+from sar_core.data.datasets import image_hw, is_code_cache, open_training_data
 from sar_core.schedule import Schedule, ScheduleSampler
 
 
@@ -78,3 +78,18 @@ def data_image_size(cfg: RunConfig, adapter, sampler: ScheduleSampler) -> tuple[
                          f"'{adapter.name}' with schedule {sampler.default} encodes {natural[0]}x{natural[1]} "
                          "images (change the schedule or the image size)")
     return natural
+
+
+def open_run_data(cfg: RunConfig, adapter, sampler: ScheduleSampler, registry) -> tuple[Any, Optional[tuple]]:
+    """(the training dataset, the pixel (H, W) its images are trained at; None for a code cache)."""
+    if is_code_cache(cfg.data.name):
+        if type(sampler) is not ScheduleSampler:
+            raise ValueError("a code cache holds one schedule; a random training schedule needs images")
+        return open_training_data(cfg.data.name, cfg.data.split, None, cfg.data.options, registry,
+                                  adapter, sampler.default), None
+    size = data_image_size(cfg, adapter, sampler)
+    train_hw, options = tuple(size), dict(cfg.data.options)
+    sizes = adapter.training_image_sizes(sampler)
+    if len(sizes) > 1 and cfg.data.image_size is None:  # mixed aspect ratios may be bucketed
+        options.setdefault("image_sizes", [list(hw) for hw in sizes])
+    return open_training_data(cfg.data.name, cfg.data.split, size, options, registry), train_hw

@@ -5,7 +5,7 @@ A run folder keeps ``checkpoints/step_00001000.pt`` files. Each is written atomi
 write leaves the previous checkpoints intact and never a truncated file under the final
 name (:func:`remove_stale_tmp` clears what a killed write left). Only the newest
 ``keep_last`` are kept, plus one protected "good" checkpoint when the run has seen a
-non-finite step (see :mod:`sar_core.train.trainer`). A checkpoint holds everything a resumed run
+non-finite step (see :mod:`sar_core.train.nonfinite`). A checkpoint holds everything a resumed run
 needs to continue exactly like an uninterrupted one: model, optimizer, EMA, loss scaler,
 step (the learning rate is a function of it), data position (epoch, batch within the
 epoch, sampler seed), the schedule sampler's state and every RNG (python, numpy, torch
@@ -31,6 +31,12 @@ from sar_core.checkpoint_io import atomic_save, load_file, remove_stale_tmp
 FORMAT = "sar-run-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def last_line(exc: BaseException) -> str:
+    """The last non-empty line of an exception's message (for one-line reports)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:

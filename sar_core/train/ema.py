@@ -34,6 +34,10 @@ class EMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
         self.decay = float(decay)
+        self.reset(model)
+
+    def reset(self, model: nn.Module) -> None:
+        """Start the average afresh from ``model``'s current weights."""
         self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()

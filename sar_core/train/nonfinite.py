@@ -61,3 +61,31 @@ def stop_message(state: dict, step: int, reason: str, ckpt_dir: Path) -> str:
     return (msg + f"; newest good checkpoint: step {good} ({path}); the newer ones (steps "
             + ", ".join(map(str, newer)) + ") come after the first non-finite step: delete them to "
             f"--resume from step {good} (e.g. with a lower --lr)")
+
+
+class NonFiniteGuard:
+    """The guard as a run part: its counts travel in checkpoints (``state_dict``)."""
+
+    def __init__(self, max_consecutive: int, max_total: Optional[int], log: Callable[[str], None]):
+        self.max_consecutive, self.max_total, self.log = max_consecutive, max_total, log
+        self.state = fresh_state()
+
+    @property
+    def good(self) -> Optional[int]:
+        """Step of the newest good checkpoint (protected from pruning)."""
+        return self.state["good"]
+
+    def observe(self, step: int, skipped: bool) -> Optional[str]:
+        return observe(self.state, step, skipped, self.max_consecutive, self.max_total, self.log)
+
+    def mark_saved(self, step: int, weights_finite: bool) -> None:
+        mark_saved(self.state, step, weights_finite, self.log)
+
+    def stop_message(self, step: int, reason: str, ckpt_dir: Path) -> str:
+        return stop_message(self.state, step, reason, ckpt_dir)
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        self.state = {**self.state, **(state or {})}

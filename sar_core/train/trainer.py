@@ -1,13 +1,12 @@
-"""The SAR post-training loop behind ``sar train``.
+"""The SAR post-training loop behind ``sar train``, as a loop over parts.
 
-Per optimizer step, for each of ``grad_accum`` micro-batches: draw the step's schedule,
-encode images with the frozen tokenizer (or take cached codes), run
-:func:`sar_core.sar.step.sar_step` (teacher pass, memory-lean backward, rollout, student
-pass, backward of gamma * CSF); then all-reduce (DDP / FSDP2), unscale (fp16), clip,
-AdamW step, EMA, metrics, hooks, periodic checkpoints.
-
-Loss normalisation: each backward gets ``loss / grad_accum`` and DDP averages over ranks,
-so the gradient of an optimizer step equals that of one process on the global batch.
+A run is built from parts (:meth:`Trainer._build`), each owning its state: the data
+position (:mod:`~sar_core.train.data_position`), the RNG streams
+(:mod:`~sar_core.train.rng_state`), the EMA (:mod:`~sar_core.train.ema`), the non-finite
+guard (:mod:`~sar_core.train.nonfinite`), and the checkpointer
+(:mod:`~sar_core.train.checkpointer`) that composes their state dicts (with model,
+optimizer, loss scaler and schedule sampler) into one file. One optimizer step is
+:class:`~sar_core.train.train_step.StepRunner`; :meth:`Trainer._train` is the loop.
 
 Guards: a step whose loss (or, without a loss scaler, gradient norm) is not finite on any
 rank is skipped (no update) with a warning; ``max_nonfinite`` consecutive (or
@@ -28,32 +27,28 @@ refuses another model or data and warns on every other changed hyper-parameter
 
 from __future__ import annotations
 
-import contextlib
-import math
-import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-
 from sar_core.train import checkpointing as ckpt
 from sar_core.train import distributed as D
-from sar_core.train import nonfinite as guard
-from sar_core.train import resume_check
 from sar_core.train.builders import (build_adapter, build_rollout_and_loss, build_schedule_sampler,  # noqa: F401
-                               data_image_size, derived_seed, seed_all)
+                                     data_image_size, derived_seed, open_run_data, seed_all)
 from sar_core.checkpoint_io import atomic_write_text
+from sar_core.train.checkpointer import (Checkpointer, EMAPart, ModelPart, OptimizerPart, SamplerPart, Saved,
+                                         ScalerPart)
 from sar_core.train.config import RunConfig
-from sar_core.data.datasets import BatchStream, is_code_cache, open_training_data
+from sar_core.data.datasets import BatchStream
+from sar_core.train.data_position import DataPosition
+from sar_core.train.ema import EMA
+from sar_core.train.nonfinite import NonFiniteGuard
+from sar_core.train.optim import build_optimizer, lr_at
+from sar_core.train.rng_state import RNGState
 from sar_core.train.runlock import held_run_folder
 from sar_core.train.signals import StopRequest
-from sar_core.train.ema import EMA
-from sar_core.train.optim import build_optimizer, lr_at, set_lr
 from sar_core.train.activation_ckpt import apply_activation_checkpointing
-from sar_core.sar.step import sar_step
-from sar_core.schedule import Schedule, ScheduleSampler
+from sar_core.train.train_step import DataReadError, StepRunner, amp_setup  # noqa: F401  (DataReadError: cli)
 
 
 @dataclass
@@ -63,15 +58,6 @@ class TrainResult:
     out_dir: Path
     checkpoint: Optional[Path]  # newest checkpoint on disk
     message: str = ""
-
-
-class DataReadError(Exception):
-    """The training data could not be read mid-run (a corrupt image, a vanished file)."""
-
-
-def _last_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__
 
 
 def _console_print(msg: str) -> None:
@@ -84,7 +70,6 @@ def _silent(msg: str) -> None:
     pass
 
 
-# ----------------------------------------------------------------------------- trainer
 class Trainer:
     """One training run. ``run()`` trains to ``train.steps`` and returns a TrainResult.
 
@@ -105,11 +90,8 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.total_steps = cfg.train.steps
         self.step = 0
-        self.nonfinite = guard.fresh_state()
         self.stop = StopRequest()  # replaced by an installed one while run() runs
         self._stop_all = False     # some rank got a stop signal (agreed in the step's all-reduce)
-        self._dirty = False
-        self._snapshot: Optional[dict] = None
         self._check_batch()
         self._build()
 
@@ -122,8 +104,7 @@ class Trainer:
         self.micro_batch = t.batch_size // (world * t.grad_accum)
 
     def _build(self) -> None:
-        cfg, env = self.config, self.env
-        seed = cfg.train.seed
+        cfg, env, seed = self.config, self.env, self.config.train.seed
         seed_all(seed)  # identical initial weights on every rank
         self.adapter = build_adapter(cfg, self.registry)
         if cfg.model.backbone is None:
@@ -136,14 +117,15 @@ class Trainer:
         self.backbone.train()
         if cfg.model.cond_drop is not None:
             self.adapter.condition_dropout = cfg.model.cond_drop
-        self.dataset = self._open_data()
+        self.dataset, self._train_hw = open_run_data(cfg, self.adapter, self.sampler, self.registry)
         from sar_core.data.classes import check_classes, data_num_classes
 
         check_classes(data_num_classes(self.dataset), self.adapter, cfg.model.resize_classes,
                       f"--data {cfg.data.name}", self.log)
         self.stream = BatchStream(self.dataset, self.micro_batch, env.rank, env.world_size, seed,
                                   workers=cfg.data.workers, pin_memory=env.device.type == "cuda")
-        self._setup_precision()
+        self.data = DataPosition(self.stream, seed, self.micro_batch, env.world_size, self.log)
+        self.amp_dtype, self.scaler = amp_setup(cfg.train.amp, env.device, self.log)
         find_unused = cfg.dist.find_unused_parameters
         if find_unused is None:
             find_unused = bool(self.rollout.active and self.rollout.skips_parameters)
@@ -152,241 +134,132 @@ class Trainer:
         self.sync = D.GradSync(self.model, self.backbone, env)
         self.optimizer = build_optimizer(self.backbone, cfg.optim, self.adapter.no_decay_keywords, env.device)
         self.ema = EMA(self.backbone, cfg.train.ema) if cfg.train.ema > 0 else None
-        seed_all(derived_seed(seed, env.rank, 0))  # per-rank streams (dropout, augmentation)
-        self.generator = torch.Generator(device=env.device).manual_seed(derived_seed(seed, env.rank, 1))
-        self.rollout_rng = random.Random(derived_seed(seed, 2))  # same on every rank
+        self.rng = RNGState(seed, env, layout=self.data)
+        self.generator, self.rollout_rng = self.rng.generator, self.rng.rollout_rng
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite, cfg.train.max_nonfinite_total, self.log)
+        self.runner = StepRunner(cfg, env, self.adapter, self.model, self.sync, self.optimizer, self.ema,
+                                 self.amp_dtype, self.scaler, self.sampler, self.stream, self.rollout,
+                                 self.csf_loss, self.rng, self._train_hw)
+        self.checkpointer = Checkpointer(
+            self.ckpt_dir, cfg.train.keep_last, self._parts(), self.guard, env, self.log,
+            buffer_names=lambda: frozenset(n for n, _ in self.adapter.backbone.named_buffers()),
+            on_saved=lambda path: self.registry.hook.on_checkpoint_saved(path=path))
 
-    def _open_data(self):
-        cfg = self.config
-        if is_code_cache(cfg.data.name):
-            if type(self.sampler) is not ScheduleSampler:
-                raise ValueError("a code cache holds one schedule; a random training schedule needs images")
-            self._train_hw = None
-            return open_training_data(cfg.data.name, cfg.data.split, None, cfg.data.options, self.registry,
-                                      self.adapter, self.sampler.default)
-        size = data_image_size(cfg, self.adapter, self.sampler)
-        self._train_hw, options = tuple(size), dict(cfg.data.options)
-        sizes = self.adapter.training_image_sizes(self.sampler)
-        if len(sizes) > 1 and cfg.data.image_size is None:  # mixed aspect ratios may be bucketed
-            options.setdefault("image_sizes", [list(hw) for hw in sizes])
-        return open_training_data(cfg.data.name, cfg.data.split, size, options, self.registry)
+    def _parts(self) -> dict:
+        """The checkpoint's entries, in file order (see :mod:`sar_core.train.checkpointer`)."""
+        return {"model": ModelPart(self.backbone), "optimizer": OptimizerPart(self.backbone, self.optimizer),
+                "ema": EMAPart(self.ema, self.backbone, self.config.train.ema, self.log),
+                "scaler": ScalerPart(self.scaler), "data": self.data, "schedule_sampler": SamplerPart(self.sampler),
+                "rng": self.rng, "nonfinite": self.guard,
+                "lr": Saved(lambda: lr_at(max(self.step - 1, 0), self.total_steps, self.config.optim)),
+                "config": Saved(lambda: self.config.to_dict())}
 
-    def _setup_precision(self) -> None:
-        amp, dev = self.config.train.amp, self.env.device
-        if amp != "none" and dev.type != "cuda":
-            self.log(f"[yellow]warning:[/] --amp {amp} needs CUDA; training in float32 on {dev}")
-            amp = "none"
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-        self.scaler = None
-        if amp == "fp16":
-            self.scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 11, growth_interval=1000)
+    # ------------------------------------------------------------------ state (see checkpointer)
+    @property
+    def nonfinite(self) -> dict:
+        """The non-finite guard's counts (consecutive, total, first, good)."""
+        return self.guard.state
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+    @property
+    def _dirty(self) -> bool:  # an update of the current step has begun
+        return self.runner.dirty
 
-    # ------------------------------------------------------------------ state
-    def _rng_state(self) -> dict:
-        return ckpt.capture_rng(self.generator, self.rollout_rng)
+    @_dirty.setter
+    def _dirty(self, value: bool) -> None:
+        self.runner.dirty = value
 
     def take_snapshot(self) -> None:
         """Data position, sampler and RNG state at the start of a step (for Ctrl-C saves)."""
-        self._snapshot = {"step": self.step, "data": self.stream.position(),
-                          "schedule_sampler": self.sampler.state_dict(), "rng": self._rng_state()}
+        self.checkpointer.take_snapshot(self.step)
 
     def state_dict(self, snapshot: Optional[dict] = None) -> dict:
         """Full training state (every rank must call it: FSDP gathers, RNGs are collected)."""
-        live = snapshot or {"data": self.stream.position(), "schedule_sampler": self.sampler.state_dict(),
-                            "rng": self._rng_state()}
-        rngs = D.all_gather_objects(live["rng"], self.env)
-        return {
-            "model": D.model_state(self.backbone),
-            "optimizer": D.optimizer_state(self.backbone, self.optimizer),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "data": {**live["data"], "seed": self.config.train.seed, "micro_batch": self.micro_batch,
-                     "world_size": self.env.world_size},
-            "schedule_sampler": live["schedule_sampler"],
-            "rng": rngs,
-            "nonfinite": dict(self.nonfinite),
-            "lr": lr_at(max(self.step - 1, 0), self.total_steps, self.config.optim),
-            "config": self.config.to_dict(),
-        }
+        return self.checkpointer.state_dict(snapshot)
 
     def load_state_dict(self, state: dict) -> None:
-        D.load_model_state(self.backbone, state["model"])
-        D.load_optimizer_state(self.backbone, self.optimizer, state["optimizer"])
-        if self.ema is not None:
-            if state.get("ema") is None:
-                self.log("[yellow]warning:[/] the checkpoint has no EMA; starting the EMA from its weights")
-                self.ema = EMA(self.backbone, self.config.train.ema)
-            else:
-                self.ema.load_state_dict(state["ema"])
-                self.ema.decay = self.config.train.ema
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        self.checkpointer.load_state_dict(state)
         self.step = int(state["step"])
-        self.nonfinite = {**self.nonfinite, **(state.get("nonfinite") or {})}
-        self.sampler.load_state_dict(state["schedule_sampler"])
-        data = state["data"]
-        same_layout = (data.get("world_size") == self.env.world_size and data.get("micro_batch") == self.micro_batch
-                       and data.get("seed") == self.config.train.seed)
-        if same_layout:
-            self.stream.set_position(data["epoch"], data["batch"])
-        else:
-            self.log("[yellow]warning:[/] ranks, batch or seed changed since the checkpoint: the data "
-                     f"restarts at the next epoch ({int(data['epoch']) + 1}); RNG streams are reseeded")
-            self.stream.set_position(int(data["epoch"]) + 1, 0)
-        rngs = state["rng"]
-        if same_layout and len(rngs) == self.env.world_size:
-            ckpt.restore_rng(rngs[self.env.rank], self.generator, self.rollout_rng)
 
     def save(self, snapshot: Optional[dict] = None) -> Optional[Path]:
-        state = self.state_dict(snapshot)
-        path = None
-        if self.env.is_main:
-            buffers = frozenset(n for n, _ in self.adapter.backbone.named_buffers())
-            guard.mark_saved(self.nonfinite, self.step, ckpt.weights_finite(state["model"], buffers), self.log)
-            state["nonfinite"] = dict(self.nonfinite)
-            path = ckpt.save_checkpoint(state, self.ckpt_dir, self.step, self.config.train.keep_last,
-                                        protect=self.nonfinite["good"])
-            self.registry.hook.on_checkpoint_saved(path=path)
-        D.barrier(self.env)
-        return path
-
-    def _check_resume(self, state: dict) -> None:
-        """Refuse another model / data; warn on every other changed hyper-parameter."""
-        saved = state.get("config")
-        if not isinstance(saved, dict):
-            return
-        for line in resume_check.check(saved, self.config.to_dict(), str(self.out_dir)):
-            self.log(f"[yellow]warning:[/] {line}")
+        return self.checkpointer.save(self.step, snapshot)
 
     def resume(self) -> bool:
-        existing = ckpt.list_checkpoints(self.ckpt_dir)
-        if not self.config.resume:
-            if existing:
-                raise FileExistsError(f"{self.ckpt_dir} already holds checkpoints (newest: step "
-                                      f"{existing[-1][0]}); pass --resume to continue, or another --out")
-            return False
-        state = ckpt.load_latest(self.ckpt_dir, warn=self.log)
+        state = self.checkpointer.resume(self.config.resume, self.config.to_dict(), self.out_dir)
         if state is None:
-            self.log(f"[yellow]warning:[/] --resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
             return False
-        self._check_resume(state)
-        self.load_state_dict(state)
+        self.step = int(state["step"])
         self.log(f"resumed from {state['path']} at step {self.step}")
         return True
 
-    # ------------------------------------------------------------------ one step
-    def _backward(self, loss: torch.Tensor) -> None:
-        loss = loss / self.config.train.grad_accum
-        if self.scaler is not None:
-            loss = self.scaler.scale(loss)
-        loss.backward()
+    # ------------------------------------------------------------------ one step (see train_step)
+    def forward_backward(self):
+        return self.runner.forward_backward(self.step, self.stop.requested)
 
-    def _expected_forwards(self, schedule: Schedule) -> int:
-        return 1 + int(bool(self.rollout.active) and self.csf_loss is not None and len(schedule) >= 2)
-
-    def _micro_step(self, last: bool) -> tuple[torch.Tensor, int]:
-        cfg, adapter, dev = self.config, self.adapter, self.env.device
-        try:
-            batch = self.stream.next()
-        except Exception as exc:
-            raise DataReadError(f"reading the training data failed at step {self.step + 1}: {_last_line(exc)}; "
-                                "fix or remove that file, then continue with --resume") from exc
-        batch = batch.to(dev)
-        schedule = self.sampler.sample()
-        if batch.images is not None and tuple(batch.images.shape[-2:]) != self._train_hw:
-            schedule = adapter.schedule_for_image_size(tuple(batch.images.shape[-2:]), schedule)
-        if batch.codes is not None:
-            codes = batch.codes
-        else:
-            with torch.no_grad():
-                codes = adapter.encode(batch.images, schedule)
-        cond = adapter.condition_to(adapter.condition(batch), dev)
-        model = self.sync.micro(last, self._expected_forwards(schedule))
-        with self._autocast():
-            res = sar_step(adapter, model, cond, codes, schedule, self.rollout, self.csf_loss,
-                           gamma=cfg.loss.gamma, label_smoothing=cfg.loss.label_smoothing,
-                           generator=self.generator, rng=self.rollout_rng, backward=self._backward)
-        losses = torch.stack([res.loss_tf.detach().float(), res.loss_csf.detach().float()])
-        return losses, len(batch) * schedule.total_tokens
-
-    def forward_backward(self) -> torch.Tensor:
-        """All micro-steps of one optimizer step, gradients synced across ranks.
-
-        Returns (loss_tf sum, loss_csf sum, non-finite micro-steps, tokens, ranks asked to
-        stop) summed over micro-steps and ranks (float64)."""
-        env, accum = self.env, self.config.train.grad_accum
-        self.optimizer.zero_grad(set_to_none=True)
-        self.sync.begin_step()
-        sums = torch.zeros(5, dtype=torch.float64, device=env.device)
-        for m in range(accum):
-            losses, tokens = self._micro_step(m == accum - 1)
-            finite = bool(torch.isfinite(losses).all())
-            sums[:2] += torch.nan_to_num(losses.double(), nan=0.0, posinf=0.0, neginf=0.0)
-            sums[2] += 0.0 if finite else 1.0
-            sums[3] += tokens
-        self.sync.finish()
-        sums[4] = float(self.stop.requested)
-        return D.all_reduce_sum(sums, env)
+    def _update(self, bad_loss: bool) -> tuple[float, bool]:
+        return self.runner.update(bad_loss)
 
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics (averaged over micro-steps and ranks)."""
-        cfg, env = self.config, self.env
-        lr = lr_at(self.step, self.total_steps, cfg.optim)
-        set_lr(self.optimizer, lr)
-        if env.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(env.device)
-        t0 = time.perf_counter()
-        sums = self.forward_backward()
-        self._stop_all = sums[4].item() > 0
-        n = cfg.train.grad_accum * env.world_size
-        bad_loss = sums[2].item() > 0
-        grad_norm, skipped = self._update(bad_loss)
-        if env.device.type == "cuda":
-            torch.cuda.synchronize(env.device)
-        dt = time.perf_counter() - t0
-        loss_tf, loss_csf = (float("nan"), float("nan")) if bad_loss else (sums[0].item() / n, sums[1].item() / n)
-        metrics = {
-            "step": self.step + 1, "loss": loss_tf + cfg.loss.gamma * loss_csf, "loss_tf": loss_tf,
-            "loss_csf": loss_csf, "lr": lr, "grad_norm": grad_norm, "skipped": int(skipped),
-            "epoch": self.stream.epoch, "step_time": dt, "images_per_s": cfg.train.batch_size / dt,
-            "tokens_per_s": sums[3].item() / dt,
-        }
-        if self.scaler is not None:
-            metrics["loss_scale"] = float(self.scaler.get_scale())
-        if env.device.type == "cuda":
-            metrics["max_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
+        metrics, self._stop_all = self.runner.train_step(self.step, self.total_steps, self.stop.requested)
         return metrics
 
-    def _update(self, bad_loss: bool) -> tuple[float, bool]:
-        """Unscale, clip, step (or skip); returns (grad norm before clipping, skipped)."""
-        params = [p for p in self.backbone.parameters() if p.grad is not None]
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        clip = self.config.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        skipped = bad_loss or (self.scaler is None and not math.isfinite(norm))
-        self._dirty = True
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.update()
-            return norm, True
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.backbone)
-        return norm, False
+    def _guard(self, metrics: dict) -> Optional[str]:
+        """Count a skipped step; returns a stop message when the limits are reached."""
+        return self.guard.observe(metrics["step"], bool(metrics["skipped"]))
 
     # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        """Lock the run folder, handle stop signals, train; see the module docstring."""
+        with held_run_folder(self.out_dir, self.ckpt_dir, self.env, self.log), StopRequest() as stop:
+            self.stop = stop
+            try:
+                return self._train()
+            finally:
+                self.stop = StopRequest()
+
+    def _train(self) -> TrainResult:
+        self._saved_at = self.step if self.resume() else None
+        self._noted = False
+        self._write_config()
+        hook, main = self.registry.hook, self.env.is_main
+        loggers = self._loggers() if main else []
+        if main:
+            hook.on_train_start(run=self)
+        status, message = "finished", ""
+        try:
+            while self.step < self.total_steps:
+                self.take_snapshot()
+                metrics = self.train_step()
+                self.step += 1
+                self._dirty = False
+                if main:
+                    for lg in loggers:
+                        lg.log(self.step, metrics)
+                    hook.on_step_end(step=self.step, metrics=metrics)
+                reason = self._guard(metrics)
+                if reason:
+                    status, message = "nonfinite", self.guard.stop_message(self.step, reason, self.ckpt_dir)
+                    break
+                self._save_if_due(metrics)
+                if self._stopping():
+                    status, message = "signalled", self._save_on_signal()
+                    break
+            if status == "finished":
+                self._save_unless_saved()
+                self.export()
+        except KeyboardInterrupt:
+            status, message = "interrupted", self.checkpointer.save_after_interrupt(self.step, self._dirty)
+        except DataReadError as exc:
+            saved = self.checkpointer.save_after_data_error(self.step, self._dirty)
+            raise DataReadError(f"{exc} ({saved})") from exc.__cause__
+        finally:
+            for lg in loggers:
+                lg.close()
+            if main:
+                hook.on_train_end(run=self)
+        return TrainResult(status, self.step, self.out_dir, ckpt.latest_checkpoint(self.ckpt_dir), message)
+
+    # ------------------------------------------------------------------ pieces of the loop
     def _loggers(self) -> list:
         from sar_core.plugins import PluginError
 
@@ -401,107 +274,34 @@ class Trainer:
                 raise
         return out
 
-    def _guard(self, metrics: dict) -> Optional[str]:
-        """Count a skipped step; returns a stop message when the limits are reached."""
-        t = self.config.train
-        return guard.observe(self.nonfinite, metrics["step"], bool(metrics["skipped"]), t.max_nonfinite,
-                             t.max_nonfinite_total, self.log)
-
     def _write_config(self) -> None:
         if self.env.is_main:
             atomic_write_text(self.config.to_yaml(), self.out_dir / "config.yaml")
 
-    def run(self) -> TrainResult:
-        """Lock the run folder, handle stop signals, train; see the module docstring."""
-        with held_run_folder(self.out_dir, self.ckpt_dir, self.env, self.log), StopRequest() as stop:
-            self.stop = stop
-            try:
-                return self._train()
-            finally:
-                self.stop = StopRequest()
+    def _save_unless_saved(self) -> None:
+        if self._saved_at != self.step:
+            self.save()
+            self._saved_at = self.step
 
-    def _train(self) -> TrainResult:
-        resumed = self.resume()
-        self._write_config()
-        hook = self.registry.hook
-        main = self.env.is_main
-        loggers = self._loggers() if main else []
-        if main:
-            hook.on_train_start(run=self)
-        status, message = "finished", ""
-        saved_at = self.step if resumed else None
-        noted = False
-        try:
-            while self.step < self.total_steps:
-                self.take_snapshot()
-                metrics = self.train_step()
-                self.step += 1
-                self._dirty = False
-                if main:
-                    for lg in loggers:
-                        lg.log(self.step, metrics)
-                    hook.on_step_end(step=self.step, metrics=metrics)
-                stop = self._guard(metrics)
-                if stop:
-                    status, message = "nonfinite", guard.stop_message(self.nonfinite, self.step, stop, self.ckpt_dir)
-                    break
-                every = self.config.train.save_every
-                if every and self.step % every == 0 and not metrics["skipped"]:
-                    self.save()
-                    saved_at = self.step
-                if self.stop.requested and not noted:
-                    noted = True
-                    self.log(f"received {self.stop.name}: writing a checkpoint and stopping (send it again "
-                             "to stop at once)")
-                if self._stop_all:
-                    if saved_at != self.step:
-                        self.save()
-                        saved_at = self.step
-                    status = "signalled"
-                    message = (f"stopped by {self.stop.name} after step {self.step}; checkpoint "
-                               f"{ckpt.checkpoint_path(self.ckpt_dir, self.step)} (continue with --resume)")
-                    break
-            if status == "finished":
-                if saved_at != self.step:
-                    self.save()
-                self.export()
-        except KeyboardInterrupt:
-            status, message = "interrupted", self._save_on_interrupt()
-        except DataReadError as exc:
-            raise DataReadError(f"{exc} ({self._save_on_error()})") from exc.__cause__
-        finally:
-            for lg in loggers:
-                lg.close()
-            if main:
-                hook.on_train_end(run=self)
-        latest = ckpt.latest_checkpoint(self.ckpt_dir)
-        return TrainResult(status, self.step, self.out_dir, latest, message)
+    def _save_if_due(self, metrics: dict) -> None:
+        """The periodic checkpoint (``save_every``; never of a skipped step)."""
+        every = self.config.train.save_every
+        if every and self.step % every == 0 and not metrics["skipped"]:
+            self.save()
+            self._saved_at = self.step
 
-    def _save_on_error(self) -> str:
-        """Checkpoint of the last completed step after a data error (single process)."""
-        snap = self._snapshot if self._snapshot and self._snapshot["step"] == self.step else None
-        if self.env.enabled or self._dirty or snap is None or self.step == 0:
-            latest = ckpt.latest_checkpoint(self.ckpt_dir)
-            return f"newest checkpoint: {latest}" if latest else "no checkpoint written"
-        newest = ckpt.list_checkpoints(self.ckpt_dir)
-        if newest and newest[-1][0] == self.step:
-            return f"checkpoint {newest[-1][1]}"
-        try:
-            return f"saved {self.save(snap)}"
-        except Exception as exc:  # e.g. the disk is full too
-            return f"saving the step-{self.step} checkpoint failed too: {_last_line(exc)}"
+    def _stopping(self) -> bool:
+        """Whether some rank got a stop signal (noting this rank's own signal once)."""
+        if self.stop.requested and not self._noted:
+            self._noted = True
+            self.log(f"received {self.stop.name}: writing a checkpoint and stopping (send it again "
+                     "to stop at once)")
+        return self._stop_all
 
-    def _save_on_interrupt(self) -> str:
-        if self.env.enabled:
-            return f"interrupted at step {self.step}; the newest checkpoint is kept"
-        if self._dirty:
-            return f"interrupted during an update at step {self.step}; the newest checkpoint is kept"
-        snap = self._snapshot if self._snapshot and self._snapshot["step"] == self.step else None
-        try:
-            path = self.save(snap)
-        except KeyboardInterrupt:
-            return f"interrupted again while saving at step {self.step}; the newest complete checkpoint is kept"
-        return f"interrupted at step {self.step}; saved {path} (continue with --resume)"
+    def _save_on_signal(self) -> str:
+        self._save_unless_saved()
+        return (f"stopped by {self.stop.name} after step {self.step}; checkpoint "
+                f"{ckpt.checkpoint_path(self.ckpt_dir, self.step)} (continue with --resume)")
 
     def export(self) -> None:
         """Write the trained backbone (and its EMA) in the family's upstream layout."""

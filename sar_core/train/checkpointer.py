@@ -1,0 +1,212 @@
+"""The checkpoints part of a run: composes the other parts' state dicts into one file.
+
+A run is a set of named parts, each owning its state (``state_dict`` /
+``load_state_dict``): model, optimizer, EMA, loss scaler, data position, schedule sampler,
+RNG streams, non-finite guard, plus two saved-only entries (the learning rate and the run
+config). The names are the checkpoint's top-level keys, in this order; the file format
+itself (atomic writes, keep-last-N, the "good" checkpoint) is :mod:`sar_core.train.checkpointing`.
+
+Parts that move during a step (data position, sampler, RNG) also ``capture()`` their
+state: :meth:`Checkpointer.take_snapshot` records them at the start of every step, so a
+Ctrl-C or a data error mid-step can still save the last completed step exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from sar_core.train import checkpointing as ckpt
+from sar_core.train import distributed as D
+from sar_core.train import resume_check
+from sar_core.train.ema import EMA
+from sar_core.train.nonfinite import NonFiniteGuard
+
+
+# ----------------------------------------------------------------------------- parts
+class ModelPart:
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict:
+        return D.model_state(self.module)  # full tensors (gathered under FSDP2)
+
+    def load_state_dict(self, state: dict) -> None:
+        D.load_model_state(self.module, state)
+
+
+class OptimizerPart:
+    def __init__(self, module: nn.Module, optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict:
+        return D.optimizer_state(self.module, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        D.load_optimizer_state(self.module, self.optimizer, state)
+
+
+class EMAPart:
+    """The EMA when the run keeps one (``None`` in the file otherwise). A checkpoint without
+    one restarts the average from the loaded weights; the decay is always the run's."""
+
+    optional = True
+
+    def __init__(self, ema: Optional[EMA], module: nn.Module, decay: float, log: Callable[[str], None]):
+        self.ema, self.module, self.decay, self.log = ema, module, decay, log
+
+    def state_dict(self) -> Optional[dict]:
+        return self.ema.state_dict() if self.ema is not None else None
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if self.ema is None:
+            return
+        if state is None:
+            self.log("[yellow]warning:[/] the checkpoint has no EMA; starting the EMA from its weights")
+            self.ema.reset(self.module)
+        else:
+            self.ema.load_state_dict(state)
+        self.ema.decay = self.decay
+
+
+class ScalerPart:
+    optional = True
+
+    def __init__(self, scaler):
+        self.scaler = scaler
+
+    def state_dict(self) -> Optional[dict]:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+class SamplerPart:
+    """The schedule sampler (its draws move during a step)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def capture(self) -> dict:
+        return self.sampler.state_dict()
+
+    def state_dict(self, captured: Optional[dict] = None) -> dict:
+        return captured if captured is not None else self.capture()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class Saved:
+    """A saved-only entry (a value derived from the run: read back by nobody)."""
+
+    optional = True
+
+    def __init__(self, value: Callable[[], Any]):
+        self.value = value
+
+    def state_dict(self) -> Any:
+        return self.value()
+
+    def load_state_dict(self, state: Any) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- checkpointer
+class Checkpointer:
+    def __init__(self, ckpt_dir: Path, keep_last: int, parts: dict[str, Any], guard: NonFiniteGuard,
+                 env: D.DistEnv, log: Callable[[str], None], buffer_names: Callable[[], frozenset],
+                 on_saved: Callable[[Path], None]):
+        """``parts``: name -> part, in file order (must include ``model`` and ``nonfinite``:
+        ``guard``); ``buffer_names``: the model's buffers (may hold -inf by design)."""
+        self.dir, self.keep_last, self.parts, self.guard = Path(ckpt_dir), keep_last, parts, guard
+        self.env, self.log, self.buffer_names, self.on_saved = env, log, buffer_names, on_saved
+        self._snapshot: Optional[dict] = None
+
+    # ------------------------------------------------------------------ state
+    def take_snapshot(self, step: int) -> None:
+        """The moving parts' state at the start of ``step + 1`` (for saves mid-step)."""
+        self._snapshot = {"step": step, **{n: p.capture() for n, p in self.parts.items() if hasattr(p, "capture")}}
+
+    def snapshot_at(self, step: int) -> Optional[dict]:
+        snap = self._snapshot
+        return snap if snap and snap["step"] == step else None
+
+    def state_dict(self, snapshot: Optional[dict] = None) -> dict:
+        """Every part's state (every rank must call it: FSDP gathers, RNGs are collected);
+        moving parts from ``snapshot`` when given."""
+        snap = snapshot or {}
+        return {n: p.state_dict(snap[n]) if n in snap else p.state_dict() for n, p in self.parts.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(state.get(name) if getattr(part, "optional", False) else state[name])
+
+    # ------------------------------------------------------------------ files
+    def save(self, step: int, snapshot: Optional[dict] = None) -> Optional[Path]:
+        """Write the checkpoint of ``step`` (rank 0; every rank calls); its path on rank 0."""
+        state = self.state_dict(snapshot)
+        path = None
+        if self.env.is_main:
+            self.guard.mark_saved(step, ckpt.weights_finite(state["model"], self.buffer_names()))
+            state["nonfinite"] = self.guard.state_dict()
+            path = ckpt.save_checkpoint(state, self.dir, step, self.keep_last, protect=self.guard.good)
+            self.on_saved(path)
+        D.barrier(self.env)
+        return path
+
+    def resume(self, resume: bool, config: dict, out_dir: Path) -> Optional[dict]:
+        """Load the newest readable checkpoint into the parts (``--resume``); returns it, or
+        None when the run starts from step 0. Without ``resume`` existing checkpoints are
+        an error (a new run must not overwrite them)."""
+        existing = ckpt.list_checkpoints(self.dir)
+        if not resume:
+            if existing:
+                raise FileExistsError(f"{self.dir} already holds checkpoints (newest: step "
+                                      f"{existing[-1][0]}); pass --resume to continue, or another --out")
+            return None
+        state = ckpt.load_latest(self.dir, warn=self.log)
+        if state is None:
+            self.log(f"[yellow]warning:[/] --resume: no checkpoint in {self.dir}; starting from step 0")
+            return None
+        self.check_resume(state, config, out_dir)
+        self.load_state_dict(state)
+        return state
+
+    def check_resume(self, state: dict, config: dict, out_dir: Path) -> None:
+        """Refuse another model / data; warn on every other changed hyper-parameter."""
+        saved = state.get("config")
+        if isinstance(saved, dict):
+            for line in resume_check.check(saved, config, str(out_dir)):
+                self.log(f"[yellow]warning:[/] {line}")
+
+    # ------------------------------------------------------------------ saves after a failure
+    def save_after_data_error(self, step: int, dirty: bool) -> str:
+        """Checkpoint of the last completed step after a data error (single process)."""
+        snap = self.snapshot_at(step)
+        if self.env.enabled or dirty or snap is None or step == 0:
+            latest = ckpt.latest_checkpoint(self.dir)
+            return f"newest checkpoint: {latest}" if latest else "no checkpoint written"
+        newest = ckpt.list_checkpoints(self.dir)
+        if newest and newest[-1][0] == step:
+            return f"checkpoint {newest[-1][1]}"
+        try:
+            return f"saved {self.save(step, snap)}"
+        except Exception as exc:  # e.g. the disk is full too
+            return f"saving the step-{step} checkpoint failed too: {ckpt.last_line(exc)}"
+
+    def save_after_interrupt(self, step: int, dirty: bool) -> str:
+        """Checkpoint of the last completed step after Ctrl-C (single process)."""
+        if self.env.enabled:
+            return f"interrupted at step {step}; the newest checkpoint is kept"
+        if dirty:
+            return f"interrupted during an update at step {step}; the newest checkpoint is kept"
+        try:
+            path = self.save(step, self.snapshot_at(step))
+        except KeyboardInterrupt:
+            return f"interrupted again while saving at step {step}; the newest complete checkpoint is kept"
+        return f"interrupted at step {step}; saved {path} (continue with --resume)"
