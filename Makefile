@@ -23,9 +23,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # SAR step vs TF step at two sizes: interleaved rounds, busy rounds repeated, per-round
-# ratio medians with bootstrap intervals, step and whole-process peak memory (~5 min).
+# ratio medians with bootstrap intervals, step and whole-process peak memory (~5 min);
+# then peak RSS of loading / saving a VAR-d16-sized checkpoint (~3 min, 1.7 GB in $TMPDIR).
 bench: $(STAMP)
 	nice -n 5 $(PY) benchmarks/step_bench.py --size tiny --size large --quiet
+	nice -n 5 $(PY) benchmarks/checkpoint_memory.py
 
 # the pytest-benchmark files (step ratios, samplers, tokenizing, code cache)
 bench-pytest: $(STAMP)

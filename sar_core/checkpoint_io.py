@@ -1,7 +1,13 @@
 """Safe reading and atomic writing of checkpoint files.
 
 Checkpoints are untrusted input: they are read with ``torch.load(weights_only=True)``,
-which refuses arbitrary pickled objects. Writes go to a temporary file in the same folder,
+which refuses arbitrary pickled objects. Reading memory-maps the file (``mmap=True``;
+``.safetensors`` files are mapped by safetensors): a loaded tensor's bytes stay in the
+page cache until they are touched, and with :func:`params_on_meta` +
+:func:`assign_state` a model is built around the file's tensors instead of copying them
+into freshly allocated parameters, so loading a model needs its weights once in RAM, not
+twice. Saving writes the tensors as they are (:func:`cpu_state` copies only views of a
+larger storage and tensors on another device). Writes go to a temporary file in the same folder,
 are fsync'ed, then renamed over the target, so a crash never leaves a truncated file.
 Written files get the permissions of a plain ``open()`` (``0o666`` less the umask), not
 ``mkstemp``'s private ``0600``, so a team can read each other's runs. A failed write
@@ -17,8 +23,10 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -26,7 +34,11 @@ from sar_core.adapter import CheckpointError
 
 
 def load_file(path: str | Path, what: str = "checkpoint") -> Any:
-    """``torch.load(path, weights_only=True, map_location='cpu')`` with clear errors."""
+    """``torch.load(path, weights_only=True, map_location='cpu', mmap=True)`` with clear errors.
+
+    The tensors returned are views of a private (copy-on-write) mapping of the file:
+    nothing is read until it is used, and writing to one copies only the pages written.
+    Files in torch's legacy (pre-1.6, non-zip) format cannot be mapped and are read whole."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{what} file not found: {p}")
@@ -39,11 +51,67 @@ def load_file(path: str | Path, what: str = "checkpoint") -> Any:
             raise CheckpointError(f"{p}: reading .safetensors needs the 'safetensors' package") from exc
         return st_load(str(p))
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
     except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"cannot read {what} {p}: {msg}. The file is corrupted, truncated, "
                               "or holds pickled Python objects that weights_only loading refuses.") from exc
+
+
+@contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Inside, every ``nn.Parameter`` a module registers lives on the meta device (shape
+    and dtype, no memory); buffers are built as usual, since many are computed in
+    ``__init__`` (attention masks, scale ids) and not stored in checkpoints. Build a model
+    here, then fill it with :func:`assign_state`: its parameters become the loaded tensors."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and not param.is_meta:
+            param = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def assign_state(module: torch.nn.Module, sd: dict, what: str) -> None:
+    """``module.load_state_dict(sd, strict=False, assign=True)``: the module's parameters and
+    buffers named in ``sd`` become ``sd``'s tensors (no copy; a memory-mapped file stays
+    mapped), cast only where the file's dtype differs from the module's. Keys must have been
+    checked (:func:`check_keys`); a parameter left on the meta device is a CheckpointError."""
+    expected = module.state_dict(keep_vars=True)
+    cast = {k: (v.to(expected[k].dtype) if k in expected and v.dtype != expected[k].dtype else v)
+            for k, v in sd.items()}
+    module.load_state_dict(cast, strict=False, assign=True)
+    empty = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if empty:
+        more = f" ... (+{len(empty) - 8} more)" if len(empty) > 8 else ""
+        raise CheckpointError(f"{what}: no values for {', '.join(empty[:8])}{more}")
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def cpu_state(sd: dict) -> dict:
+    """A state dict ready for ``torch.save``, without copying what need not be copied: CPU
+    tensors that own their storage are saved as they are (torch.save writes a storage from
+    its own memory); views of a larger storage are compacted (torch.save would write the
+    whole storage) and tensors on an accelerator copied to the CPU."""
+    out = {}
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach()
+            if v.device.type != "cpu":
+                v = v.cpu()
+            elif not _owns_storage(v):
+                v = v.clone()
+        out[k] = v
+    return out
 
 
 class WriteError(OSError):

@@ -7,6 +7,7 @@ replace those codes by the prediction at k; nothing below k matters.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from sar_core.adapter import CodeSpace, Generation, ScaleWiseAdapter, CheckpointError
 from sar_adapters.common.fresh import FreshFromConfig
 from sar_adapters.common.precision import tokenizer_side
+from sar_core.checkpoint_io import params_on_meta
 from sar_core.schedule import Schedule, ScheduleSampler
 
 from sar_adapters.common.classes import resize_class_embedding
@@ -50,10 +52,13 @@ class FlexVARAdapter(FreshFromConfig, ScaleWiseAdapter):
     init_backbone = staticmethod(init_weights)
 
     @staticmethod
-    def _build(config: FlexVARConfig) -> tuple[VQModel, FlexVAR]:
-        tok = VQModel(config.tokenizer)
-        bb = FlexVAR(config.backbone, config.tokenizer.codebook_size,
-                     config.tokenizer.codebook_embed_dim, config.train_schedule.sides)
+    def _build(config: FlexVARConfig, tok_on_meta: bool = False, bb_on_meta: bool = False) -> tuple[VQModel, FlexVAR]:
+        """The modules; with ``*_on_meta`` their parameters take no memory (a file fills them)."""
+        with params_on_meta() if tok_on_meta else nullcontext():
+            tok = VQModel(config.tokenizer)
+        with params_on_meta() if bb_on_meta else nullcontext():
+            bb = FlexVAR(config.backbone, config.tokenizer.codebook_size,
+                         config.tokenizer.codebook_embed_dim, config.train_schedule.sides)
         return tok, bb
 
     @classmethod
@@ -64,7 +69,7 @@ class FlexVARAdapter(FreshFromConfig, ScaleWiseAdapter):
         bb_sd, layout = ckpt.read_backbone(backbone_path) if backbone_path is not None else (None, "plain")
         source = f"{tokenizer_path}{' / ' + str(backbone_path) if backbone_path else ''}"
         config = infer_flexvar_config(tok_sd, bb_sd, overrides, source)
-        tok, bb = cls._build(config)
+        tok, bb = cls._build(config, tok_on_meta=True, bb_on_meta=bb_sd is not None)
         ckpt.load_into(tok, tok_sd, config, "tokenizer", tokenizer_path)
         if bb_sd is not None:
             ckpt.load_into(bb, bb_sd, config, "backbone", backbone_path)

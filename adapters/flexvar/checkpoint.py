@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 from sar_core.adapter import CheckpointError
-from sar_core.checkpoint_io import atomic_save, check_keys, load_file, strip_prefix, unwrap_state_dict
+from sar_core.checkpoint_io import (assign_state, atomic_save, check_keys, cpu_state, load_file, strip_prefix,
+                                    unwrap_state_dict)
 
 FAMILY = "a FlexVAR (jiaosiyu1999/FlexVAR) checkpoint"
 TOKENIZER_IGNORE = ("quantize.codebook_used",)
@@ -84,7 +85,8 @@ def _reject_other_families(sd: dict, path, role: str) -> None:
 
 def load_into(module: torch.nn.Module, sd: dict, cfg, part: str, path) -> None:
     """Strict load of ``sd`` into the tokenizer or backbone ``module`` (``part``), except
-    the ignored / rebuilt buffers; one CheckpointError names every mismatch."""
+    the ignored / rebuilt buffers; one CheckpointError names every mismatch. The module's
+    parameters become ``sd``'s tensors (build it under ``params_on_meta``)."""
     (_load_tokenizer if part == "tokenizer" else _load_backbone)(module, sd, path)
 
 
@@ -96,7 +98,7 @@ def _load_tokenizer(model: torch.nn.Module, sd: dict, path) -> None:
     check_keys(sd, model.state_dict(), f"tokenizer {path}", hint, ignore=TOKENIZER_IGNORE)
     used = sd.get("quantize.codebook_used")
     sd = {k: v for k, v in sd.items() if k not in TOKENIZER_IGNORE}
-    model.load_state_dict(sd, strict=False)
+    assign_state(model, sd, f"tokenizer {path}")
     if isinstance(used, torch.Tensor) and used.shape == model.quantize.codebook_used.shape:
         model.quantize.codebook_used.copy_(used)
 
@@ -108,7 +110,7 @@ def _load_backbone(model: torch.nn.Module, sd: dict, path) -> None:
             f"shared_aln {c.shared_aln})")
     check_keys(sd, model.state_dict(), f"backbone {path}", hint, ignore=BACKBONE_IGNORE)
     sd = {k: v for k, v in sd.items() if not k.endswith(BACKBONE_IGNORE)}
-    model.load_state_dict(sd, strict=False)
+    assign_state(model, sd, f"backbone {path}")
 
 
 def write_tokenizer(model: torch.nn.Module, path: str | Path) -> None:
@@ -127,4 +129,4 @@ def write_backbone(model: torch.nn.Module, path: str | Path, layout: str = "plai
 
 
 def _cpu(sd: dict) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in sd.items()}
+    return cpu_state(sd)

@@ -17,6 +17,7 @@ class; the backbone and its checkpoints are unchanged.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch
@@ -25,6 +26,7 @@ from sar_adapters.common.overrides import merge_overrides
 from sar_core.adapter import CheckpointError, CodeSpace, Generation, ScaleWiseAdapter
 from sar_adapters.common.fresh import FreshFromConfig
 from sar_adapters.common.precision import tokenizer_side
+from sar_core.checkpoint_io import params_on_meta
 from sar_core.schedule import Schedule
 
 from . import bsq
@@ -75,8 +77,13 @@ class InfinityAdapter(FreshFromConfig, ScaleWiseAdapter):
     init_backbone = staticmethod(init_weights)
 
     @staticmethod
-    def _build(config: InfinityConfig) -> tuple[BSQVAE, Infinity]:
-        return BSQVAE(config.tokenizer), Infinity(config.backbone, config.token_bits, config.h_div_w)
+    def _build(config: InfinityConfig, tok_on_meta: bool = False, bb_on_meta: bool = False) -> tuple[BSQVAE, Infinity]:
+        """The modules; with ``*_on_meta`` their parameters take no memory (a file fills them)."""
+        with params_on_meta() if tok_on_meta else nullcontext():
+            tok = BSQVAE(config.tokenizer)
+        with params_on_meta() if bb_on_meta else nullcontext():
+            bb = Infinity(config.backbone, config.token_bits, config.h_div_w)
+        return tok, bb
 
     def __init__(self, config: InfinityConfig, tokenizer, backbone):
         super().__init__(config, tokenizer, backbone)
@@ -106,7 +113,7 @@ class InfinityAdapter(FreshFromConfig, ScaleWiseAdapter):
                 f"{tokenizer_path} has d = {config.tokenizer.codebook_dim} ({config.token_bits} bits per token "
                 f"with spatial_patchify={config.spatial_patchify}); use the tokenizer the backbone was trained "
                 "with (e.g. infinity_vae_d32reg.pth for infinity_2b_reg.pth)")
-        tok, bb = cls._build(config)
+        tok, bb = cls._build(config, tok_on_meta=True, bb_on_meta=bb_sd is not None)
         ckpt.load_tokenizer_state(tok, tok_sd, tokenizer_path)
         if bb_sd is not None:
             ckpt.load_backbone_state(bb, bb_sd, backbone_path)

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from sar_core.adapter import CheckpointError
-from sar_core.checkpoint_io import atomic_save, check_keys, load_file, strip_prefix, unwrap_state_dict
+from sar_core.checkpoint_io import (assign_state, atomic_save, check_keys, cpu_state, load_file, strip_prefix,
+                                    unwrap_state_dict)
 
 TOKENIZER_NESTED = (("vae",), ("trainer", "vae_local"), ("vae_local",))
 BACKBONE_NESTED = (("trainer", "gpt_fsdp"), ("trainer", "gpt_wo_ddp"), ("gpt_fsdp",), ("gpt_wo_ddp",))
@@ -140,16 +141,19 @@ def load_tokenizer_state(model: torch.nn.Module, sd: dict, path) -> None:
     expected = model.state_dict()
     sd = wrap_names(sd, expected)
     _check(sd, expected, f"tokenizer {path}", hint, TOKENIZER_IGNORE)
-    model.load_state_dict({k: v for k, v in sd.items() if not k.endswith(TOKENIZER_IGNORE)}, strict=False)
+    assign_state(model, {k: v for k, v in sd.items() if not k.endswith(TOKENIZER_IGNORE)}, f"tokenizer {path}")
 
 
 def fit_cfg_uncond(sd: dict, model: torch.nn.Module) -> dict:
-    """Upstream's load_state_dict adapts cfg_uncond to the model's text_maxlen."""
+    """Upstream's load_state_dict adapts cfg_uncond to the model's text_maxlen (rows the
+    file lacks keep the model's own: zeros, as built, when the model is on the meta device)."""
     want = model.cfg_uncond
     have = sd["cfg_uncond"]
     if have.shape[1] == want.shape[1] and have.shape[0] != want.shape[0]:
         n = min(have.shape[0], want.shape[0])
-        sd = dict(sd, cfg_uncond=torch.cat([have[:n].to(want.dtype), want.detach()[n:].cpu()], 0))
+        rest = (torch.zeros(want.shape[0] - n, want.shape[1], dtype=want.dtype) if want.is_meta
+                else want.detach()[n:].cpu())
+        sd = dict(sd, cfg_uncond=torch.cat([have[:n].to(want.dtype), rest], 0))
     return sd
 
 
@@ -160,7 +164,7 @@ def load_backbone_state(model: torch.nn.Module, sd: dict, path) -> None:
             f"{c.text_maxlen})")
     sd = fit_cfg_uncond(sd, model)
     _check(sd, model.state_dict(), f"backbone {path}", hint, ("zero_k_bias",))
-    model.load_state_dict({k: v for k, v in sd.items() if not k.endswith("zero_k_bias")}, strict=False)
+    assign_state(model, {k: v for k, v in sd.items() if not k.endswith("zero_k_bias")}, f"backbone {path}")
 
 
 def _check(sd, expected, what, hint, ignore) -> None:
@@ -182,4 +186,4 @@ def write_backbone(model: torch.nn.Module, path: str | Path, layout: str = "plai
 
 
 def _cpu(sd: dict) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in sd.items()}
+    return cpu_state(sd)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from sar_core.adapter import CodeSpace, Codes, Generation, ScaleWiseAdapter
+from sar_core.checkpoint_io import params_on_meta
 from sar_core.schedule import Schedule
 
 from sar_adapters.common.init import NO_DECAY_KEYWORDS
@@ -55,7 +57,11 @@ class VARAdapter(ScaleWiseAdapter):
         if backbone_path is not None:
             bb_sd, layout = ckpt.read_backbone(backbone_path)
         cfg = infer_var_config(tok_sd, bb_sd, overrides)
-        tokenizer, backbone = VQVAE(cfg), VAR(cfg)
+        # parameters that a file fills are built without memory and become the file's tensors
+        with params_on_meta() if tok_sd is not None else nullcontext():
+            tokenizer = VQVAE(cfg)
+        with params_on_meta() if bb_sd is not None else nullcontext():
+            backbone = VAR(cfg)
         if tok_sd is not None:
             ckpt.load_into(tokenizer, tok_sd, cfg, "tokenizer", tokenizer_path)
         if bb_sd is not None:

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from sar_core.adapter import CheckpointError
-from sar_core.checkpoint_io import atomic_save, check_keys, load_file, strip_prefix, unwrap_state_dict
+from sar_core.checkpoint_io import (assign_state, atomic_save, check_keys, cpu_state, load_file, strip_prefix,
+                                    unwrap_state_dict)
 
 from .config import VARConfig
 
@@ -114,19 +115,20 @@ def _size_hint(cfg: VARConfig, part: str) -> str:
 
 
 def load_into(module: nn.Module, sd: dict, cfg: VARConfig, part: str, path: str | Path) -> None:
-    """Strict load of ``sd`` into ``module`` except the rebuilt / ignored buffers."""
+    """Strict load of ``sd`` into ``module`` except the rebuilt / ignored buffers; the
+    module's parameters become ``sd``'s tensors (build it under ``params_on_meta``)."""
     ignore = BACKBONE_REBUILT if part == "backbone" else TOKENIZER_IGNORED
     expected = module.state_dict()
     check_keys(sd, expected, f"VAR {part} checkpoint {path}", _size_hint(cfg, part), ignore=ignore)
     keep = {k: v for k, v in sd.items() if not any(k == i or k.endswith(i) for i in ignore)}
-    module.load_state_dict(keep, strict=False)
+    assign_state(module, keep, f"VAR {part} checkpoint {path}")
     if part == "tokenizer" and "quantize.ema_vocab_hit_SV" in sd:
         # keep the file's statistics (any shape) so saving reproduces them
         module.quantize.ema_vocab_hit_SV = sd["quantize.ema_vocab_hit_SV"].clone()
 
 
 def _plain(module: nn.Module) -> OrderedDict:
-    return OrderedDict((k, v.detach().cpu().clone()) for k, v in module.state_dict().items())
+    return OrderedDict(cpu_state(module.state_dict()))
 
 
 def write_tokenizer(tokenizer: nn.Module, path: str | Path) -> None:

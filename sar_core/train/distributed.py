@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sar_core.checkpoint_io import cpu_state
+
 
 @dataclass
 class DistEnv:
@@ -192,7 +194,8 @@ def model_state(module: nn.Module) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    # saved at once, so no copy: torch.save writes each storage from its own memory
+    return cpu_state(module.state_dict())
 
 
 def load_model_state(module: nn.Module, sd: dict) -> None:
