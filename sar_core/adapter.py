@@ -44,7 +44,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from sar_core.schedule import Schedule, ScheduleSampler
+from sar_core.schedule import ATTENTION_PATTERNS, Schedule, ScheduleSampler  # noqa: F401
 from sar_core.tokens import CodeSpace  # noqa: F401  (a contract name: what a token is)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -123,9 +123,18 @@ class ScaleWiseAdapter(ABC):
     #: golden-case support (``sar conformance``): a :class:`sar_core.conformance.CaseRunner`
     #: subclass, or None for a family without golden cases. Not part of training.
     case_runner: ClassVar[Optional[type]] = None
-    #: True when the backbone's ``forward`` accepts ``prefix=`` (a
+    #: which scales a token attends to (``ATTENTION_PATTERNS``; masks from
+    #: ``Schedule.attention_mask(pattern=...)``). ``"block-causal"``: its own and every
+    #: coarser scale (VAR, FlexVAR, Infinity). ``"within-scale"``: its own scale only
+    #: (Switti's default): scale k's logits are those of ``forward`` over the sub-schedule
+    #: [scale 0, scale k] on scale k's inputs, so the core runs a student pass that changes
+    #: one scale over that scale alone, reads no prefix, and treats the family as
+    #: ``prefix_stable``. Checked by the contract suite.
+    attention: ClassVar[str] = "block-causal"
+    #: block-causal only: True when the backbone's ``forward`` accepts ``prefix=`` (a
     #: :mod:`sar_core.sar.prefix_cache` record / replay handle), so a student pass that only
-    #: changes the last scale runs over that scale's tokens alone. Default: a full pass.
+    #: changes the last scale runs over that scale's tokens on pass 1's keys / values.
+    #: Default: a full pass. A within-scale family leaves it False (it has no prefix to read).
     reuses_prefix: ClassVar[bool] = False
     #: True when the logits of a schedule's first j scales do not depend on its later
     #: scales: ``forward(cond, inputs[:, :offsets[j] - first_len], schedule.first(j))``
@@ -345,7 +354,7 @@ class ScaleWiseAdapter(ABC):
         rollout): ``schedule`` is a two-scale sub-schedule [scale 0, scale k] of the
         training schedule and ``inputs`` are scale k's inputs; the start token(s) are then
         built without their start position, everything else exactly as with the flag off
-        (whose short-pass start logits equal the full pass's: attention is block-causal).
+        (whose short-pass start logits equal the full pass's: no scale reads a later one).
         Checked by :class:`sar_core.testing.AdapterContractTests`."""
         return self.backbone(cond, inputs, schedule, student_forcing=student_forcing)
 

@@ -86,6 +86,13 @@ def _validate(kind: str, name: str, obj: Any) -> Optional[str]:
         missing = sorted(getattr(obj, "__abstractmethods__", ()))
         if missing:
             return f"adapter '{name}' ({obj.__qualname__}) does not implement: {', '.join(missing)}"
+        from sar_core.schedule import ATTENTION_PATTERNS
+
+        if obj.attention not in ATTENTION_PATTERNS:
+            return (f"adapter '{name}' declares attention {obj.attention!r}; the contract supports "
+                    f"{', '.join(ATTENTION_PATTERNS)}")
+        if obj.attention == "within-scale" and obj.reuses_prefix:
+            return f"adapter '{name}' attends within each scale, so it has no prefix to reuse: set reuses_prefix False"
     elif not callable(obj):
         return f"{kind} '{name}' is {obj!r}, which is not callable"
     return None

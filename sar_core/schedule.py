@@ -2,8 +2,9 @@
 
 A schedule is an ordered tuple of (h, w) token grids, coarsest first. Scale k owns the
 tokens ``offsets[k] : offsets[k + 1]`` of the flattened sequence (row-major inside a
-scale). The block-causal mask lets a token attend to every token of its own scale and of
-every coarser scale, never to a finer one.
+scale). The attention patterns of the adapter contract (``ATTENTION_PATTERNS``): the
+block-causal mask lets a token attend to every token of its own scale and of every
+coarser scale, never to a finer one; the within-scale mask to its own scale only.
 
 Square schedules (VAR, FlexVAR) are written as side lengths ``(1, 2, 3, 4)``; non-square
 ones (Infinity) as pairs ``((1, 1), (1, 2), (2, 4))``. Both normalise to pairs.
@@ -20,6 +21,9 @@ from typing import Iterable, Sequence, Union
 import torch
 
 ScaleLike = Union[int, Sequence[int]]
+
+#: the attention patterns the adapter contract supports (``ScaleWiseAdapter.attention``)
+ATTENTION_PATTERNS = ("block-causal", "within-scale")
 
 
 def _as_hw(scale: ScaleLike) -> tuple[int, int]:
@@ -101,14 +105,21 @@ class Schedule:
         counts = torch.tensor(self.token_counts, device=device)
         return torch.repeat_interleave(torch.arange(len(self), device=device), counts)
 
-    def attention_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """(L, L) bool, True where query token a may attend to key token b."""
+    def attention_mask(self, device: torch.device | str | None = None,
+                       pattern: str = "block-causal") -> torch.Tensor:
+        """(L, L) bool, True where query token a may attend to key token b under
+        ``pattern`` (one of ``ATTENTION_PATTERNS``)."""
         ids = self.scale_ids(device)
-        return ids[None, :] <= ids[:, None]
+        if pattern == "block-causal":
+            return ids[None, :] <= ids[:, None]
+        if pattern == "within-scale":
+            return ids[None, :] == ids[:, None]
+        raise ValueError(f"unknown attention pattern {pattern!r}; one of {', '.join(ATTENTION_PATTERNS)}")
 
-    def attention_bias(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def attention_bias(self, device=None, dtype: torch.dtype = torch.float32,
+                       pattern: str = "block-causal") -> torch.Tensor:
         """(1, 1, L, L) additive mask: 0 where allowed, -inf where not (upstream layout)."""
-        allowed = self.attention_mask(device)
+        allowed = self.attention_mask(device, pattern)
         bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
         bias.masked_fill_(~allowed, float("-inf"))
         return bias[None, None]

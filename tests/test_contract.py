@@ -9,7 +9,7 @@ from sar_adapters.var import VARAdapter, VARConfig
 from sar_core.sar.sampling import guide
 from sar_core.testing import AdapterContractTests
 from sar_core.testing import text_feature_batch
-from toy_adapter import ToyAdapter, ToyConfig
+from toy_adapter import ToyAdapter, ToyConfig, ToyWithinScaleAdapter
 from toy_bits_adapter import PAYLOAD, ToyBitsAdapter, ToyBitsConfig
 
 FIX = Path(__file__).parent / "fixtures"
@@ -21,6 +21,14 @@ class TestToyContract(AdapterContractTests):
 
     def foreign_checkpoints(self, tmp_path):
         return super().foreign_checkpoints(tmp_path) + [FIX / "var" / "vae_ch32v64z8.pth"]
+
+
+class TestToyWithinScaleContract(AdapterContractTests):
+    """Attention within each scale only (Switti-style): the suite checks the pattern and
+    that a one-scale student pass runs that scale alone."""
+
+    def make_adapter(self):
+        return ToyWithinScaleAdapter.from_config(ToyConfig())
 
 
 class TestVARContract(AdapterContractTests):

@@ -5,11 +5,12 @@
   not residual); the input of scale k+1 is scale k's codewords bilinearly resized.
 * backbone: class token (+ a start position, left out in a student-forcing pass), word
   embedding of the inputs, level embeddings, a few pre-norm transformer layers under the
-  schedule's block-causal mask, a linear head. Class dropout and dropout draw from torch's
+  schedule's block-causal mask (``ToyWithinScaleAdapter``: the within-scale mask), a
+  linear head. Class dropout and dropout draw from torch's
   global RNG, so they exercise the trainer's RNG checkpointing.
 
-Registered (as a plugin object for ``build_registry(extra_plugins=...)``): adapter
-``toy``, dataset ``toy-images`` (deterministic random images, random flips), schedule
+Registered (as a plugin object for ``build_registry(extra_plugins=...)``): adapters
+``toy`` and ``toy-within``, dataset ``toy-images`` (deterministic random images, random flips), schedule
 sampler ``toy-random`` (a random subset of the default scales every step).
 """
 
@@ -79,9 +80,10 @@ class ToyTokenizer(nn.Module):
 
 
 class ToyBackbone(nn.Module):
-    def __init__(self, cfg: ToyConfig):
+    def __init__(self, cfg: ToyConfig, attention: str = "block-causal"):
         super().__init__()
         C = cfg.embed_dim
+        self.attention = attention
         self.num_classes = cfg.num_classes
         self.cond_drop_rate = cfg.cond_drop_rate
         self.class_emb = nn.Embedding(cfg.num_classes + 1, C)
@@ -105,11 +107,19 @@ class ToyBackbone(nn.Module):
         if not student_forcing:
             sos = sos + self.pos_start
         x = torch.cat([sos, self.word_embed(inputs.to(sos.dtype))], dim=1)
-        x = x + self.lvl_embed(schedule.scale_ids(x.device))[None]
-        mask = ~schedule.attention_mask(x.device)
+        x = x + self.lvl_embed(self.levels(schedule, x.device))[None]
+        mask = ~schedule.attention_mask(x.device, self.attention)
         for blk in self.blocks:
             x = blk(x, src_mask=mask)
         return self.head(self.head_norm(x))
+
+    def levels(self, schedule: Schedule, device) -> torch.Tensor:
+        """Level id of every token: the scale's index (block-causal), or its side, which a
+        sub-schedule [scale 0, scale k] keeps (within-scale: scale k alone = full pass)."""
+        if self.attention == "block-causal":
+            return schedule.scale_ids(device)
+        sides = torch.tensor([h for h, _ in schedule], device=device)
+        return torch.repeat_interleave(sides, torch.tensor(schedule.token_counts, device=device))
 
 
 class ToyAdapter(ScaleWiseAdapter):
@@ -120,7 +130,7 @@ class ToyAdapter(ScaleWiseAdapter):
     @classmethod
     def from_config(cls, config: ToyConfig | dict) -> "ToyAdapter":
         cfg = config if isinstance(config, ToyConfig) else ToyConfig(**config)
-        return cls(cfg, ToyTokenizer(cfg), ToyBackbone(cfg))
+        return cls(cfg, ToyTokenizer(cfg), ToyBackbone(cfg, cls.attention))
 
     @classmethod
     def load(cls, tokenizer_path, backbone_path=None, overrides=None) -> "ToyAdapter":
@@ -201,6 +211,18 @@ class ToyAdapter(ScaleWiseAdapter):
         return Generation(codes, (self.decode(codes, schedule) + 1) / 2, guided_logits)
 
 
+class ToyWithinScaleAdapter(ToyAdapter):
+    """The toy with Switti-style attention: every token attends to its own scale only (the
+    input of scale k+1 already carries scale k's codes), levels by side."""
+
+    name = "toy-within"
+    attention = "within-scale"
+    prefix_stable = True
+
+    def transformer_blocks(self):
+        return list(self.backbone.blocks)
+
+
 # ------------------------------------------------------------------------- data, schedules
 class ToyImages(Dataset):
     """Deterministic random images of ``num_classes`` classes; flips draw from torch's RNG."""
@@ -243,6 +265,7 @@ class ToyPlugin:
     @hookimpl
     def register_adapters(self, register):
         register("toy", ToyAdapter)
+        register("toy-within", ToyWithinScaleAdapter)
 
     @hookimpl
     def register_datasets(self, register):

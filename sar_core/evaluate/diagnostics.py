@@ -14,7 +14,9 @@ Only the adapter contract is used, so every family works; accuracy of bitwise co
 per bit. For a family that is :attr:`~sar_core.adapter.ScaleWiseAdapter.prefix_stable`, the
 per-scale pass for transition k runs over the first k+2 scales only (what it measures); one
 that also :attr:`~sar_core.adapter.ScaleWiseAdapter.reuses_prefix` runs scale k+1 alone on the
-teacher pass's keys / values. Scale 0 (the start token) has no student-forced counterpart.
+teacher pass's keys / values; a within-scale family
+(:attr:`~sar_core.adapter.ScaleWiseAdapter.attention`) runs [scale 0, scale k+1] alone, reading
+nothing of the teacher pass. Scale 0 (the start token) has no student-forced counterpart.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Dataset
 
 from sar_core.batch import Batch, collate
-from sar_core.sar.prefix_cache import PrefixKV
+from sar_core.sar.prefix_cache import PrefixKV, scale_alone, scales_alone
 from sar_core.schedule import Schedule
 from sar_core.tokens import cat_codes, group_codes, group_logits, token_argmax, token_ce
 
@@ -76,8 +78,9 @@ def _one_batch(adapter, codes: list, cond: Any, schedule: Schedule, mode: str,
     bits, K, dev = adapter.bits_per_token, len(schedule), adapter.device
     codes = [c.to(dev) for c in codes]
     target = cat_codes(codes)
-    short = mode == "per_scale" and adapter.prefix_stable
-    cache = PrefixKV(schedule.offsets[K - 1]) if short and adapter.reuses_prefix else None
+    short = mode == "per_scale" and (adapter.prefix_stable or scales_alone(adapter))
+    cache = (PrefixKV(schedule.offsets[K - 1]) if short and adapter.reuses_prefix and not scales_alone(adapter)
+             else None)
     tf_in = adapter.teacher_inputs(codes, schedule)
     if cache is not None:
         logits_tf = adapter.backbone(cond, tf_in, schedule, prefix=cache.record()).float()
@@ -112,10 +115,14 @@ def _student_logits(adapter, cond: Any, inputs: torch.Tensor, schedule: Schedule
                     cache: Optional[PrefixKV]):
     """(k, logits of scale k+1) of the student-forced pass over ``inputs`` for each k in ``ks``.
     One transition of a prefix-stable family runs over the first k+2 scales only; one that
-    also reuses prefixes runs scale k+1 alone on the teacher pass's keys / values."""
+    also reuses prefixes runs scale k+1 alone on the teacher pass's keys / values; one of a
+    within-scale family runs [scale 0, scale k+1] only."""
     first = schedule.first_len
     if short and len(ks) == 1:
         k = ks[0]
+        if scales_alone(adapter):
+            sub, logits = scale_alone(adapter.forward, cond, inputs, schedule, k + 1)
+            return [(k, logits[:, sub.first_len:].float())]
         head = schedule.first(k + 2)
         if cache is not None:
             n0 = schedule.offsets[k + 1]

@@ -1,10 +1,19 @@
-"""Reusing pass 1's keys / values for an unchanged prefix (``ssr`` with ``scales='last'``).
+"""Running a student pass over the scales it changes only: pass 1's keys / values for an
+unchanged prefix (``ssr`` with ``scales='last'``), or no prefix at all.
 
-Under the block-causal mask a token of scale k attends only to scales <= k. When the
-student pass changes only the inputs of the last scale, every token before it sees the
-same inputs as in the teacher pass, so its hidden states - and its keys and values in
-every layer - are pass 1's. The student pass then only has to run the last scale's
-tokens, attending to pass 1's prefix keys / values.
+What a scale reads depends on the family's attention pattern
+(:attr:`~sar_core.adapter.ScaleWiseAdapter.attention`):
+
+* ``within-scale``: a token attends to its own scale only, so scale k's logits are those
+  of a pass over the sub-schedule [scale 0, scale k] on scale k's inputs
+  (:func:`scale_alone`). A student pass that changes one scale runs that short pass: no
+  keys / values are recorded, nothing of pass 1 is read, and the SAR step keeps its
+  memory-lean two backwards.
+* ``block-causal``: a token of scale k attends to scales <= k. When the student pass
+  changes only the inputs of the last scale, every token before it sees the same inputs
+  as in the teacher pass, so its hidden states - and its keys and values in every layer -
+  are pass 1's. The student pass then only has to run the last scale's tokens, attending
+  to pass 1's prefix keys / values.
 
 Gradients stay those of a full second pass because the prefix keys / values are kept
 *with their graph*: the CSF loss back-propagates through them into pass 1, so the step
@@ -12,9 +21,9 @@ does one backward over both passes (instead of the memory-lean two). The conditi
 pass 1 drew (after condition dropout) is reused as well, so both passes see the same
 row conditions.
 
-A family opts in by setting :attr:`ScaleWiseAdapter.reuses_prefix` and accepting
-``prefix=`` in its backbone's ``forward`` (see :class:`PrefixRecord` /
-:class:`PrefixReplay`). Other families get a full second pass.
+A block-causal family opts in by setting :attr:`ScaleWiseAdapter.reuses_prefix` and
+accepting ``prefix=`` in its backbone's ``forward`` (see :class:`PrefixRecord` /
+:class:`PrefixReplay`). Other block-causal families get a full second pass.
 """
 
 from __future__ import annotations
@@ -22,6 +31,25 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+
+from sar_core.schedule import Schedule
+
+
+def scales_alone(adapter) -> bool:
+    """True when each scale's logits read no other scale (within-scale attention)."""
+    return adapter.attention == "within-scale"
+
+
+def scale_alone(model, cond: Any, inputs: torch.Tensor, schedule: Schedule, k: int) -> tuple[Schedule, torch.Tensor]:
+    """Scale k (>= 1) of a within-scale family on its own: ``model`` over the sub-schedule
+    [scale 0, scale k] on scale k's inputs, cut from ``inputs`` (B, L - first_len, C) of
+    ``schedule``. Returns (that sub-schedule, its logits (B, first_len + n_k, V)); scale
+    k's are ``[:, first_len:]``."""
+    if not 1 <= k < len(schedule):
+        raise ValueError(f"scale_alone({k}) of a {len(schedule)}-scale schedule")
+    first = schedule.first_len
+    short = schedule.sub([0, k])
+    return short, model(cond, inputs[:, schedule.offsets[k] - first:schedule.offsets[k + 1] - first], short)
 
 
 class PrefixKV:

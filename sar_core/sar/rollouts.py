@@ -28,8 +28,11 @@ condition) with gradients and every scale is sampled, exactly as the official tr
 Cost notes: the student pass keeps its logits whole (``StudentPass.full``) so CSF losses
 run over one contiguous tensor (no copy of the logits, no zero-filled gradient); ``ssr``
 with ``scales='last'`` on a family with :attr:`~sar_core.adapter.ScaleWiseAdapter.reuses_prefix`
-runs pass 2 over the last scale only, on pass 1's prefix keys / values
-(:mod:`sar_core.sar.prefix_cache`; ``reuse_prefix=False`` runs the full pass).
+runs pass 2 over the last scale only, on pass 1's prefix keys / values; on a within-scale
+family (:attr:`~sar_core.adapter.ScaleWiseAdapter.attention`) every ``ssr`` pass that
+changes one scale (``last``, ``random``) runs over [scale 0, that scale] only, reading
+nothing of pass 1 (:mod:`sar_core.sar.prefix_cache`; ``reuse_prefix=False`` runs the full
+pass in both cases).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
+from sar_core.sar.prefix_cache import scale_alone, scales_alone
 from sar_core.sar.sampling import sample_candidates, sample_logits
 from sar_core.schedule import Schedule
 from sar_core.tokens import group_logits, token_argmax, ungroup_codes
@@ -224,7 +228,7 @@ class StaggerScaleRollout(Rollout):
 
     def prefix_length(self, adapter, schedule):
         if (self.reuse_prefix and self.scales == "last" and adapter.reuses_prefix and len(schedule) >= 2
-                and not self.joint_cfg):
+                and not self.joint_cfg and not scales_alone(adapter)):
             return schedule.offsets[-2]
         return None
 
@@ -239,6 +243,13 @@ class StaggerScaleRollout(Rollout):
         gt = torch.cat([gt_codes[k] for k in shifted], dim=1)
         teacher_codes = torch.cat([pred_codes[k] for k in shifted], dim=1)
         teacher = _gather_scales(teacher_logits, schedule, shifted).detach()
+        if self.reuse_prefix and len(shifted) == 1 and scales_alone(adapter):  # it reads no other scale
+            k, first = shifted[0], schedule.first_len
+            short, full = scale_alone(model, cond, inputs, schedule, k)
+            seen = inputs[:, schedule.offsets[k] - first:schedule.offsets[k + 1] - first]
+            return StudentPass(schedule=short, inputs=seen, logits=full[:, short.first_len:], full=full,
+                               start=short.first_len, teacher_logits=teacher, teacher_codes=teacher_codes,
+                               gt_codes=gt, scales=tuple(shifted))
         if prefix is not None:  # only the last scale changed: run it alone on pass 1's prefix
             tail = inputs[:, prefix.length - schedule.first_len:]
             logits = model(cond, tail, schedule, prefix=prefix.replay())

@@ -13,10 +13,13 @@ back-propagated and ``StepResult.total`` keeps its graph (single-backward form).
 
 Guided rollouts run the null-condition rows as a separate forward without gradients
 (they only steer the detached rollout) and only the scales the student pass reads are
-predicted; ``upstream_exact=True`` keeps upstream's single 2B-row pass and its draws. ``ssr`` with ``scales='last'`` on a family that reuses prefixes records pass
+predicted; ``upstream_exact=True`` keeps upstream's single 2B-row pass and its draws.
+``ssr`` with ``scales='last'`` on a block-causal family that reuses prefixes records pass
 1's prefix keys / values and runs pass 2 over the last scale only; the step then does ONE
 backward of ``L_TF + gamma * L_CSF`` (the CSF gradient flows through the prefix into pass
-1), so pass 1's activations stay alive during the (short) pass 2.
+1), so pass 1's activations stay alive during the (short) pass 2. A within-scale family
+(``adapter.attention``) has no prefix to read: its one-scale pass 2 is independent of pass
+1, so nothing is recorded and the two memory-lean backwards stay.
 
 ``model`` is the (possibly DDP/FSDP-wrapped) backbone: ``model(cond, inputs, schedule,
 student_forcing=False) -> logits``. Under DDP the official rollout leaves some parameters

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from sar_core.sar.prefix_cache import scale_alone
+from sar_core.schedule import ATTENTION_PATTERNS
 from sar_core.testing.base import ContractBase
 from sar_core.testing.helpers import input_slice
 
@@ -72,10 +74,17 @@ class BlockChecks(ContractBase):
                     f"{effect:.2e} only (block_effect {self.block_effect:g}): the block is near-identity, so "
                     "no check can see a bug inside it; liven() must re-draw its weights at a larger scale")
 
+    def test_attention_pattern_is_one_the_contract_supports(self, adapter):
+        assert adapter.attention in ATTENTION_PATTERNS, \
+            f"attention {adapter.attention!r} is none of {', '.join(ATTENTION_PATTERNS)}"
+        if adapter.attention == "within-scale":
+            assert not adapter.reuses_prefix, "a within-scale family has no prefix to reuse: reuses_prefix False"
+
     def test_teacher_forced_logits_read_no_later_scale(self, adapter, batch, gt):
         """Changing the inputs of scale k leaves the logits of every coarser scale alone
         (the teacher-forced pass never sees a later scale) and changes scale k's; under
-        block-causal attention it changes every finer scale's too."""
+        block-causal attention it changes every finer scale's too, under within-scale
+        attention none."""
         sched, cond = self.schedule(adapter), self._cond(adapter, batch)
         x = adapter.teacher_inputs(gt, sched)
         g = torch.Generator().manual_seed(5)
@@ -94,8 +103,33 @@ class BlockChecks(ContractBase):
                                        f"teacher-forced pass sees later scales (its attention mask?): {m}")
                 own = _max_change(out[:, sched.slice(k)], ref[:, sched.slice(k)])
                 assert own > self.block_effect, f"scale {k}'s logits do not read its own inputs ({own:.2e})"
-                if k + 1 < len(sched):
-                    later = _max_change(out[:, sched.offsets[k + 1]:], ref[:, sched.offsets[k + 1]:])
-                    assert later > self.block_effect, (
-                        f"new inputs at scale {k} changed no finer scale's logits ({later:.2e}): attention "
-                        "does not reach earlier scales as block-causal attention does")
+                if k + 1 == len(sched):
+                    continue
+                rest = slice(sched.offsets[k + 1], None)
+                if adapter.attention == "within-scale":
+                    torch.testing.assert_close(
+                        out[:, rest], ref[:, rest], atol=atol, rtol=rtol,
+                        msg=lambda m, k=k: f"new inputs at scale {k} changed finer scales' logits, but the family "
+                                           f"declares within-scale attention: {m}")
+                    continue
+                later = _max_change(out[:, rest], ref[:, rest])
+                assert later > self.block_effect, (
+                    f"new inputs at scale {k} changed no finer scale's logits ({later:.2e}): attention does not "
+                    "reach earlier scales as block-causal attention does (declare attention = 'within-scale'?)")
+
+    def test_within_scale_a_scale_alone_equals_the_full_pass(self, adapter, batch, gt):
+        """``attention = "within-scale"``: scale k's logits are those of the pass over
+        [scale 0, scale k] on scale k's inputs (what the core runs for a one-scale student
+        pass). Block-causal families: nothing to check here."""
+        if adapter.attention != "within-scale":
+            return
+        sched, cond = self.schedule(adapter), self._cond(adapter, batch)
+        x = adapter.teacher_inputs(gt, sched)
+        atol, rtol = self.forward_tol
+        with torch.no_grad():
+            full = adapter.forward(cond, x, sched)
+            for k in range(1, len(sched)):
+                short, logits = scale_alone(adapter.forward, cond, x, sched, k)
+                assert tuple(logits.shape[:2]) == (self.batch_size, short.total_tokens)
+                torch.testing.assert_close(logits[:, short.first_len:], full[:, sched.slice(k)], atol=atol, rtol=rtol,
+                                           msg=lambda m, k=k: f"scale {k} alone: {m}")

@@ -59,7 +59,7 @@ class InputChecks(ContractBase):
         """``student_forcing=True``: the official short student pass, run on the two-scale
         schedule [scale 0, scale k] with scale k's real inputs; only the start token(s)
         differ: they are built without their start position. With the flag off, the start
-        token(s) of a short pass equal those of the full pass (block-causal attention)."""
+        token(s) of a short pass equal those of the full pass (no scale reads a later one)."""
         sched = self.schedule(adapter)
         cond, k = self._cond(adapter, batch), len(sched) - 1
         x = adapter.teacher_inputs(gt, sched)

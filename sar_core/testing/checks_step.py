@@ -84,10 +84,24 @@ class StepChecks(ContractBase):
 
     def test_prefix_reuse_equals_a_full_second_pass(self, adapter, batch, gt):
         """``reuses_prefix``: ssr scales=last runs pass 2 on the last scale with pass 1's
-        prefix keys / values; gradients equal a full second pass."""
+        prefix keys / values; gradients equal a full second pass. Within-scale attention:
+        a one-scale pass 2 (scales last or random) runs [scale 0, that scale] alone, no
+        prefix recorded, with the gradients of a full second pass."""
         sched, cond = self.schedule(adapter), self._cond(adapter, batch)
         ssr = BUILTIN_ROLLOUTS["ssr"]
         fast = ssr(scales="last")
+        if adapter.attention == "within-scale":
+            assert fast.prefix_length(adapter, sched) is None
+            for scales in ("last", "random"):
+                with torch.no_grad():
+                    res = sar_step(adapter, adapter.backbone, cond, gt, sched, ssr(scales=scales),
+                                   BUILTIN_LOSSES["hard"](), rng=random.Random(1))
+                k = res.student.scales[0]
+                assert res.student.scales == (k,) and res.student.schedule == sched.sub([0, k])
+                self._assert_same_grads(
+                    self._step_grads(adapter, cond, gt, sched, ssr(scales=scales)),
+                    self._step_grads(adapter, cond, gt, sched, ssr(scales=scales, reuse_prefix=False)))
+            return
         if not adapter.reuses_prefix:
             assert fast.prefix_length(adapter, sched) is None
             return
@@ -99,8 +113,9 @@ class StepChecks(ContractBase):
 
     def test_prefix_stable_logits_do_not_depend_on_later_scales(self, adapter, batch, gt):
         """``prefix_stable``: a pass over the schedule's first j scales gives the same
-        logits as the first j scales of the full pass (the exposure gap relies on it)."""
-        if not adapter.prefix_stable:
+        logits as the first j scales of the full pass (the exposure gap relies on it).
+        Within-scale families are prefix-stable by construction: checked too."""
+        if not (adapter.prefix_stable or adapter.attention == "within-scale"):
             return
         sched, cond = self.schedule(adapter), self._cond(adapter, batch)
         x = adapter.teacher_inputs(gt, sched)
