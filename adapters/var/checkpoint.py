@@ -1,5 +1,9 @@
 """Reading and writing VAR checkpoints in upstream layouts.
 
+The tokenizer half (``read_tokenizer``, ``load_into(..., "tokenizer", ...)``,
+``write_tokenizer``) is reusable by other families that ship VAR's VQVAE (docs/plugins.md):
+its messages name the file layout ("VAR's VQVAE layout"), never the family being run.
+
 Tokenizer: a plain VQVAE state dict (``vae_ch160v4096z32.pth``), or nested under
 ``['trainer']['vae_local']`` of a training checkpoint. Backbone: a plain VAR state dict
 (``var_d16.pth``, with buffers) or a training checkpoint ``{'trainer': {'var_wo_ddp': sd,
@@ -31,6 +35,7 @@ TOKENIZER_NESTED = (("trainer", "vae_local"), ("vae_local",), ("model",), ("stat
 BACKBONE_REBUILT = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")
 TOKENIZER_IGNORED = ("quantize.ema_vocab_hit_SV",)
 LAYOUTS = ("plain", "nested")
+TOKENIZER_FILE = "tokenizer checkpoint (VAR's VQVAE layout)"
 
 
 def _strip(sd: dict) -> dict:
@@ -52,34 +57,34 @@ def _family_guess(sd: dict) -> Optional[str]:
     pos = sd.get("pos_1LC")
     if isinstance(pos, torch.Tensor) and pos.ndim == 4 and "lvl_embed.weight" not in sd:
         return ("a FlexVAR transformer checkpoint (pos_1LC is a 2-D position grid "
-                f"{tuple(pos.shape)} and there is no lvl_embed); load it with the 'flexvar' adapter")
+                f"{tuple(pos.shape)} and there is no lvl_embed; the 'flexvar' adapter reads it)")
     if any(k.startswith(("encoder.conv_blocks.", "decoder.conv_blocks.")) for k in sd) or "quantize.codebook_used" in sd:
         return ("a FlexVAR / LlamaGen VQModel tokenizer checkpoint (encoder.conv_blocks.*, "
-                "quantize.codebook_used); load it with the 'flexvar' adapter")
+                "quantize.codebook_used; the 'flexvar' adapter reads it)")
     if any(k.startswith(("block_chunks.", "text_norm.", "text_proj_for_sos.")) for k in sd) or "cfg_uncond" in sd:
-        return "an Infinity transformer checkpoint (text-conditioned, bitwise); load it with the 'infinity' adapter"
+        return "an Infinity transformer checkpoint (text-conditioned, bitwise; the 'infinity' adapter reads it)"
     if "quantizer.lfq.mask" in sd or "encoder.conv_in.conv.weight" in sd:
-        return "an Infinity BSQ tokenizer checkpoint; load it with the 'infinity' adapter"
+        return "an Infinity BSQ tokenizer checkpoint (the 'infinity' adapter reads it)"
     return None
 
 
 def read_tokenizer(path: str | Path) -> dict:
     """-> state dict (plain, or nested in a training checkpoint)."""
     p = Path(path)
-    obj = load_file(p, what="VAR tokenizer checkpoint")
-    sd, used = unwrap_state_dict(obj, TOKENIZER_NESTED, f"VAR tokenizer checkpoint {p}")
-    sd = _strip(_tensors_only(sd, "VAR tokenizer checkpoint", p))
+    obj = load_file(p, what=TOKENIZER_FILE)
+    sd, used = unwrap_state_dict(obj, TOKENIZER_NESTED, f"{TOKENIZER_FILE} {p}")
+    sd = _strip(_tensors_only(sd, TOKENIZER_FILE, p))
     other = _family_guess(sd)
     if "pos_1LC" in sd and "quantize.embedding.weight" not in sd:
-        raise CheckpointError(f"{p} is a transformer (backbone) checkpoint, not a VAR tokenizer; "
-                              "swap the tokenizer and backbone paths")
+        raise CheckpointError(f"{p} is a transformer (backbone) checkpoint, not a tokenizer in VAR's VQVAE "
+                              "layout; swap the tokenizer and backbone paths")
     if other:
-        raise CheckpointError(f"{p} looks like {other}, not a VAR multi-scale VQVAE tokenizer "
+        raise CheckpointError(f"{p} looks like {other}, not a multi-scale VQVAE tokenizer in VAR's layout "
                               "(expected keys encoder.down.*, quantize.embedding.weight, quantize.quant_resi.*)")
     need = ("quantize.embedding.weight", "encoder.conv_in.weight", "quant_conv.weight", "encoder.down.0.block.0.conv2.weight")
     missing = [k for k in need if k not in sd]
     if missing:
-        raise CheckpointError(f"{p} is not a VAR VQVAE tokenizer: missing {', '.join(missing)}")
+        raise CheckpointError(f"{p} is not a tokenizer in VAR's VQVAE layout: missing {', '.join(missing)}")
     return sd
 
 
@@ -107,7 +112,7 @@ def read_backbone(path: str | Path) -> tuple[dict, str]:
 
 def _size_hint(cfg: VARConfig, part: str) -> str:
     if part == "tokenizer":
-        return (f"a VAR VQVAE with vocab {cfg.vocab_size}, Cvae {cfg.Cvae}, ch {cfg.ch}, ch_mult "
+        return (f"a VQVAE in VAR's layout with vocab {cfg.vocab_size}, Cvae {cfg.Cvae}, ch {cfg.ch}, ch_mult "
                 f"{list(cfg.ch_mult)}, {cfg.num_res_blocks} res blocks, {cfg.num_phi} phi convs")
     return (f"a VAR transformer of depth {cfg.depth}, width {cfg.embed_dim}, {cfg.num_heads} heads, "
             f"patch_nums {list(cfg.patch_nums)}, {cfg.num_classes} classes, vocab {cfg.vocab_size}"
@@ -119,9 +124,10 @@ def load_into(module: nn.Module, sd: dict, cfg: VARConfig, part: str, path: str 
     module's parameters become ``sd``'s tensors (build it under ``params_on_meta``)."""
     ignore = BACKBONE_REBUILT if part == "backbone" else TOKENIZER_IGNORED
     expected = module.state_dict()
-    check_keys(sd, expected, f"VAR {part} checkpoint {path}", _size_hint(cfg, part), ignore=ignore)
+    what = f"{TOKENIZER_FILE} {path}" if part == "tokenizer" else f"VAR backbone checkpoint {path}"
+    check_keys(sd, expected, what, _size_hint(cfg, part), ignore=ignore)
     keep = {k: v for k, v in sd.items() if not any(k == i or k.endswith(i) for i in ignore)}
-    assign_state(module, keep, f"VAR {part} checkpoint {path}")
+    assign_state(module, keep, what)
     if part == "tokenizer" and "quantize.ema_vocab_hit_SV" in sd:
         # keep the file's statistics (any shape) so saving reproduces them
         module.quantize.ema_vocab_hit_SV = sd["quantize.ema_vocab_hit_SV"].clone()
