@@ -7,7 +7,8 @@
 
 As a script:
     python signal_worker.py cli train ...        # `sar` with the toy + these plugins;
-                                                 # SAR_TEST_ACT="step:kill:SIGTERM" or "step:sleep:8"
+                                                 # SAR_TEST_ACT="step:kill:SIGTERM" or "step:sleep:8";
+                                                 # SAR_TEST_REPORT=DIR: pid, status, step, exit per rank
     torchrun ... signal_worker.py dist-resume TMP   # 2 ranks: reference, SIGTERM on rank 0
                                                     # at step 2, resume; writes TMP/result-<rank>.json
 """
@@ -72,13 +73,43 @@ class SlowData:
         register("toy-slow", toy_slow)
 
 
+def _report_to(folder: Path):
+    """Record this rank's pid now (``pid-<rank>``) and, at exit, its run's status, step and
+    exit status (``exit-<rank>.json``)."""
+    from sar_core.train.trainer import Trainer
+
+    rank = int(os.environ.get("RANK", "0"))
+    (folder / f"pid-{rank}").write_text(str(os.getpid()))
+    seen: dict = {}
+    run = Trainer.run
+
+    def recorded(self):
+        res = run(self)
+        seen.update(status=res.status, step=res.step)
+        return res
+
+    Trainer.run = recorded
+
+    def write(code):
+        (folder / f"exit-{rank}.json").write_text(json.dumps({**seen, "exit": code}))
+
+    return write
+
+
 def _cli(args: list[str]) -> None:
     from sar_core import plugins
     from sar_cli.main import app
 
     act = ActAt.from_env()
     plugins._REGISTRY = toy.make_registry(*(act,) if act else (SlowData(),))
-    app(args)
+    report = os.environ.get("SAR_TEST_REPORT")  # a folder (see _report_to)
+    write = _report_to(Path(report)) if report else None
+    try:
+        app(args)
+    except SystemExit as exc:
+        if write is not None:
+            write(exc.code)
+        raise
 
 
 def _dist_resume(tmp: Path) -> None:

@@ -21,9 +21,12 @@ determinism, rank-disjointness and resumability. Other datasets are sampled as b
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import random
+import weakref
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Hashable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -160,14 +163,29 @@ class GroupedBatchSampler(Sampler):
         return iter([[(self.epoch, i) for i in b] for b in batches])
 
 
+_LIVE_STREAMS: "weakref.WeakSet[BatchStream]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_streams() -> None:
+    # runs before multiprocessing's exit handler (registered earlier), which would
+    # terminate() workers (SIGTERM, ignored by the trainer's workers) and join them
+    for stream in list(_LIVE_STREAMS):
+        stream.close()
+
+
 class BatchStream:
     """Endless micro-batches across epochs with a resumable position (epoch, batch)."""
 
     def __init__(self, dataset: Dataset, micro_batch: int, rank: int, world_size: int, seed: int,
-                 workers: int = 0, pin_memory: bool = False):
+                 workers: int = 0, pin_memory: bool = False, worker_init_fn: Optional[Callable] = None,
+                 spawn_guard: Optional[Callable[[], ContextManager]] = None):
+        """``worker_init_fn`` runs first in every worker; ``spawn_guard()`` is entered while
+        workers are started (the trainer's stop-signal policy, :mod:`sar_core.train.signals`)."""
         self.micro_batch, self.grouped = micro_batch, isinstance(dataset, AspectGrouped)
+        self.spawn_guard = spawn_guard or contextlib.nullcontext
         common = dict(num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=worker_init_fn)
         if self.grouped:
             self.sampler = GroupedBatchSampler(dataset, micro_batch, rank, world_size, seed)
             self.batches_per_epoch = self.sampler.batches_per_epoch
@@ -183,6 +201,14 @@ class BatchStream:
                              f"micro-batch {micro_batch}; lower --batch-size or add data")
         self.epoch, self.batch = 0, 0
         self._it: Optional[Iterator] = None
+        _LIVE_STREAMS.add(self)
+
+    def close(self) -> None:
+        """Stop the loader's workers now (workers that ignore SIGTERM would make the
+        interpreter's exit wait on them forever otherwise)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch}
@@ -196,7 +222,8 @@ class BatchStream:
             self.epoch, self.batch, self._it = self.epoch + 1, 0, None
         if self._it is None:
             self.sampler.set_position(self.epoch, self.batch if self.grouped else self.batch * self.micro_batch)
-            self._it = iter(self.loader)
+            with self.spawn_guard():
+                self._it = iter(self.loader)
         b = next(self._it)
         self.batch += 1
         return b

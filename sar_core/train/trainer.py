@@ -46,6 +46,7 @@ from sar_core.train.nonfinite import NonFiniteGuard
 from sar_core.train.optim import build_optimizer, lr_at
 from sar_core.train.rng_state import RNGState
 from sar_core.train.runlock import held_run_folder
+from sar_core.train import signals
 from sar_core.train.signals import StopRequest
 from sar_core.train.activation_ckpt import apply_activation_checkpointing
 from sar_core.train.train_step import DataReadError, StepRunner, amp_setup  # noqa: F401  (DataReadError: cli)
@@ -123,7 +124,8 @@ class Trainer:
         check_classes(data_num_classes(self.dataset), self.adapter, cfg.model.resize_classes,
                       f"--data {cfg.data.name}", self.log)
         self.stream = BatchStream(self.dataset, self.micro_batch, env.rank, env.world_size, seed,
-                                  workers=cfg.data.workers, pin_memory=env.device.type == "cuda")
+                                  workers=cfg.data.workers, pin_memory=env.device.type == "cuda",
+                                  worker_init_fn=signals.ignore_in_worker, spawn_guard=signals.held_while_spawning)
         self.data = DataPosition(self.stream, seed, self.micro_batch, env.world_size, self.log)
         self.amp_dtype, self.scaler = amp_setup(cfg.train.amp, env.device, self.log)
         find_unused = cfg.dist.find_unused_parameters
@@ -210,11 +212,13 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
         """Lock the run folder, handle stop signals, train; see the module docstring."""
-        with held_run_folder(self.out_dir, self.ckpt_dir, self.env, self.log), StopRequest() as stop:
+        with held_run_folder(self.out_dir, self.ckpt_dir, self.env, self.log), \
+                StopRequest(abandon_on_repeat=not self.env.enabled) as stop:
             self.stop = stop
             try:
                 return self._train()
             finally:
+                self.stream.close()  # its workers ignore stop signals: end them explicitly
                 self.stop = StopRequest()
 
     def _train(self) -> TrainResult:

@@ -1,0 +1,75 @@
+"""Runs left alone on a cluster (issue 19): stops reach every process, failures never
+report success, unreadable resumes touch nothing, the run-folder lock is taken first and
+never follows a link."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sar_core.train import checkpointing as ckpt
+
+import toy_adapter as toy
+from test_train_signals import ENV, HERE, _free_port, _wait_for_steps
+
+#: a slow toy run with the default two DataLoader workers per rank
+SLOW_RUN = ["train", "-f", "toy", "--data", "toy-slow", "--batch-size", "4", "--workers", "2",
+            "--loggers", "jsonl", "--steps", "200", "--save-every", "0"]
+SLOW_ENV = {**ENV, "SAR_TEST_SLOW_S": "0.02"}
+
+
+def _finish(proc, timeout=180) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def _stopped_cleanly(out: Path, step: int) -> None:
+    """Metrics of steps 1..step, one checkpoint: that of ``step``."""
+    assert [m["step"] for m in toy.read_metrics(out)] == list(range(1, step + 1))
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [step]
+
+
+# ----------------------------------------------------------------------------- 1: stop signals
+def test_sigterm_to_the_process_group_with_workers_checkpoints_and_exits_143(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(HERE / "signal_worker.py"), "cli", *SLOW_RUN, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent,
+                            env=SLOW_ENV, start_new_session=True)
+    _wait_for_steps(out, 3, proc, limit=200)
+    os.killpg(proc.pid, signal.SIGTERM)  # like scancel / kill -TERM -PGID: the workers get it too
+    stdout, stderr = _finish(proc)
+    assert proc.returncode == 143, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr and "error" not in stderr
+    step = toy.read_metrics(out)[-1]["step"]
+    assert f"stopped by SIGTERM after step {step}" in stderr
+    _stopped_cleanly(out, step)
+
+
+@pytest.mark.parametrize("who", ["every process", "the launcher"])
+def test_sigterm_under_torchrun_with_workers_stops_every_rank_at_one_step(tmp_path, who):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(HERE / "signal_worker.py"), "cli", *SLOW_RUN, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent,
+                            env={**SLOW_ENV, "SAR_TEST_REPORT": str(tmp_path)}, start_new_session=True)
+    _wait_for_steps(out, 2, proc, limit=200)
+    os.kill(proc.pid, signal.SIGTERM)  # torchrun forwards it to each rank's process group
+    if who == "every process":  # and each rank (with its workers) gets it directly, like scancel does
+        for rank in (0, 1):
+            os.killpg(int((tmp_path / f"pid-{rank}").read_text()), signal.SIGTERM)
+    stdout, stderr = _finish(proc)
+    files = [tmp_path / f"exit-{r}.json" for r in (0, 1)]  # none: the rank died without exiting
+    ranks = [json.loads(f.read_text()) if f.exists() else None for f in files]
+    step = (ranks[0] or {}).get("step")
+    assert ranks == [{"status": "signalled", "step": step, "exit": 143}] * 2, stdout[-2000:] + stderr[-3000:]
+    assert f"stopped by SIGTERM after step {step}" in stdout + stderr
+    _stopped_cleanly(out, step)
+    assert len(ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "checkpoints"))["rng"]) == 2
