@@ -47,7 +47,7 @@ def parse_overrides(pairs: Optional[list[str]]) -> Optional[dict]:
     return out or None
 
 
-def load_model(console: Console, family: str, tokenizer: Path, backbone: Optional[Path], device: str,
+def load_model(console: Console, family: str, tokenizer: str, backbone: Optional[str], device: str,
                random_backbone: Optional[bool] = None, overrides: Optional[list[str]] = None):
     """Load a model. ``random_backbone`` (False / True) is the answer to "may the backbone be
     freshly initialised?": False requires ``--backbone``; True with no file says so once;
@@ -132,9 +132,10 @@ CONFIG = typer.Option(None, "--config", "-c", is_eager=True, callback=_read_defa
 FAMILY = typer.Option(..., "--family", "-f", envvar="SAR_FAMILY", rich_help_panel="Model",
                       help="Model family (see `sar plugins`), e.g. var, flexvar.")
 TOKENIZER = typer.Option(..., "--tokenizer", envvar="SAR_TOKENIZER", rich_help_panel="Model",
-                         help="Tokenizer checkpoint (upstream layout).")
+                         help="Tokenizer checkpoint (upstream layout, .safetensors, or "
+                              "hf://OWNER/REPO/FILE[@REVISION] from the Hugging Face cache / Hub).")
 BACKBONE = typer.Option(None, "--backbone", envvar="SAR_BACKBONE", rich_help_panel="Model",
-                        help="Backbone checkpoint (upstream layout); required unless --random-backbone.")
+                        help="Backbone checkpoint (as --tokenizer); required unless --random-backbone.")
 OVERRIDE = typer.Option(None, "--override", rich_help_panel="Model", metavar="KEY=VALUE",
                         help="Adapter config field the checkpoint files do not hold, as YAML, repeatable "
                         "(e.g. --override patch_nums=[1,2,3,4,6,8]; see each miniature's README).")

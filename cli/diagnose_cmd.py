@@ -48,8 +48,8 @@ def _data(data: str, adapter, schedule: Optional[str], split: str):
 def diagnose(
     config: Optional[Path] = CONFIG,
     family: str = FAMILY,
-    tokenizer: Path = TOKENIZER,
-    backbone: Optional[Path] = BACKBONE,
+    tokenizer: str = TOKENIZER,
+    backbone: Optional[str] = BACKBONE,
     random_backbone: bool = RANDOM_BACKBONE,
     data: str = typer.Option(..., "--data", rich_help_panel="Data", envvar="SAR_DATA",
                              help="Dataset name, NAME:FOLDER, image folder, or code cache folder."),

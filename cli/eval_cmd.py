@@ -37,8 +37,8 @@ def print_report(console: Console, report: dict, title: str = "sar eval") -> Non
 def evaluate(
     config: Optional[Path] = CONFIG,
     family: str = FAMILY,
-    tokenizer: Path = TOKENIZER,
-    backbone: Optional[Path] = BACKBONE,
+    tokenizer: str = TOKENIZER,
+    backbone: Optional[str] = BACKBONE,
     random_backbone: bool = RANDOM_BACKBONE,
     reference: Optional[str] = typer.Option(None, "--reference", rich_help_panel="Reference",
                                             help="Reference images: a registered dataset name or a folder "

@@ -35,8 +35,8 @@ def _labels(adapter, labels: Optional[str], per_class: Optional[int]):
 def sample(
     config: Optional[Path] = CONFIG,
     family: str = FAMILY,
-    tokenizer: Path = TOKENIZER,
-    backbone: Optional[Path] = BACKBONE,
+    tokenizer: str = TOKENIZER,
+    backbone: Optional[str] = BACKBONE,
     random_backbone: bool = RANDOM_BACKBONE,
     labels: Optional[str] = typer.Option(None, "--labels", rich_help_panel="Conditions",
                                          help="Class labels, e.g. 1,2,3 (one image each)."),

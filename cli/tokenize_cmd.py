@@ -54,8 +54,8 @@ def smallest_source_side(data: str, split: str, probe: int = 64) -> Optional[int
 def tokenize(
     config: Optional[Path] = CONFIG,
     family: str = FAMILY,
-    tokenizer: Path = TOKENIZER,
-    backbone: Optional[Path] = typer.Option(None, "--backbone", envvar="SAR_BACKBONE", rich_help_panel="Model",
+    tokenizer: str = TOKENIZER,
+    backbone: Optional[str] = typer.Option(None, "--backbone", envvar="SAR_BACKBONE", rich_help_panel="Model",
                                             help="Backbone checkpoint: only its schedule is used (without it, "
                                             "pass --schedule to match the backbone you will train)."),
     data: str = typer.Option(..., "--data", rich_help_panel="Data",
@@ -83,6 +83,7 @@ def tokenize(
 
     Example: [bold]sar tokenize -f var --tokenizer vae.pth --backbone var_d16.pth --data /data/imagenet
     --out codes/[/]"""
+    from sar_core.checkpoint_io.hub import local_path
     from sar_core.data.code_cache import build_code_cache
     from sar_core.data.datasets import image_hw, parse_image_size
     from sar_core.data.datasets import open_dataset
@@ -107,7 +108,7 @@ def tokenize(
         n = len(dataset) * (2 if flips else 1)
         with progress_bar(console, f"encoding {data}/{split}", len(dataset)) as advance:
             path = build_code_cache(adapter, dataset, sched, out, flips=flips, batch_size=batch_size,
-                                    tokenizer_file=tokenizer, overwrite=overwrite, num_workers=workers,
+                                    tokenizer_file=local_path(tokenizer), overwrite=overwrite, num_workers=workers,
                                     progress=advance)
     except user_errors() as exc:
         fail(console, exc)

@@ -33,7 +33,7 @@ FLAG_FIELDS = {
     "grad_clip": "optim.grad_clip",
     "steps": "train.steps", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
     "amp": "train.amp", "ema": "train.ema", "seed": "train.seed", "device": "train.device",
-    "save_every": "train.save_every", "keep_last": "train.keep_last", "log_every": "train.log_every",
+    "save_every": "train.save_every", "save_format": "train.save_format", "keep_last": "train.keep_last", "log_every": "train.log_every",
     "max_nonfinite": "train.max_nonfinite", "loggers": "train.loggers",
     "dist": "dist.strategy", "out": "out",
 }
@@ -101,8 +101,9 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Run config file (YAML or TOML)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     family: Optional[str] = typer.Option(None, "--family", "-f", help="Model family (see `sar plugins`)."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer checkpoint (upstream layout)."),
-    backbone: Optional[Path] = typer.Option(None, "--backbone", help="Backbone checkpoint to post-train."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer checkpoint (upstream layout, "
+                                            ".safetensors, or hf://OWNER/REPO/FILE[@REVISION])."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone checkpoint to post-train (as --tokenizer)."),
     schedule: Optional[str] = typer.Option(None, "--schedule",
                                            help="Training schedule (1_2_3_4) or a schedule sampler (flexvar-random)."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset name, NAME:FOLDER (e.g. "
@@ -143,6 +144,9 @@ def train(
     amp: Optional[str] = typer.Option(None, "--amp", help="none | bf16 | fp16 (CUDA only)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the backbone."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
+    save_format: Optional[str] = typer.Option(None, "--save-format", help="pt | safetensors: run checkpoints "
+                                              "(step_N.pt / .safetensors) and the export (backbone.pth in the "
+                                              "upstream layout / a plain backbone.safetensors)."),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Checkpoints to keep."),
     log_every: Optional[int] = typer.Option(None, "--log-every"),
     max_nonfinite: Optional[int] = typer.Option(None, "--max-nonfinite",
@@ -204,6 +208,7 @@ def run_training(cfg, console: Console) -> int:
     """Build the trainer, run it, report; returns the exit status (see the module docstring)."""
     from sar_core.train import distributed as D
     from sar_core.train.signals import EXIT_INTERRUPTED, EXIT_SIGNALLED
+    from sar_core.train.checkpointing import exported
     from sar_core.train.trainer import Trainer
 
     err = Console(stderr=True)
@@ -237,7 +242,7 @@ def run_training(cfg, console: Console) -> int:
     if not env.is_main:
         return {"finished": 0, "signalled": EXIT_SIGNALLED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 1)
     if result.status == "finished":
-        console.print(f"trained {result.step} steps; backbone written to {result.out_dir / 'backbone.pth'}; "
+        console.print(f"trained {result.step} steps; backbone written to {exported(result.out_dir) or result.out_dir / 'backbone.pth'}; "
                       f"checkpoint {result.checkpoint}")
         return 0
     if result.status == "nonfinite":

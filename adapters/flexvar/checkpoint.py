@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 
 from sar_core.adapter import CheckpointError
-from sar_core.checkpoint_io import (assign_state, atomic_save, check_keys, cpu_state, load_file, strip_prefix,
-                                    unwrap_state_dict)
+from sar_core.checkpoint_io import (assign_state, atomic_save, check_keys, cpu_state, is_safetensors, load_file,
+                                    strip_prefix, unwrap_state_dict)
 
 FAMILY = "a FlexVAR (jiaosiyu1999/FlexVAR) checkpoint"
 TOKENIZER_IGNORE = ("quantize.codebook_used",)
@@ -114,7 +114,9 @@ def _load_backbone(model: torch.nn.Module, sd: dict, path) -> None:
 
 
 def write_tokenizer(model: torch.nn.Module, path: str | Path) -> None:
-    atomic_save({"model": _cpu(model.state_dict())}, path)
+    """``{'model': sd}`` as upstream; a ``.safetensors`` path gets the plain state dict."""
+    sd = _cpu(model.state_dict())
+    atomic_save(sd if is_safetensors(path) else {"model": sd}, path)
 
 
 def write_backbone(model: torch.nn.Module, path: str | Path, layout: str = "plain",
@@ -122,7 +124,7 @@ def write_backbone(model: torch.nn.Module, path: str | Path, layout: str = "plai
     if layout not in LAYOUTS:
         raise ValueError(f"unknown FlexVAR checkpoint layout {layout!r}; choose one of {LAYOUTS}")
     sd = _cpu(model.state_dict())
-    if layout == "plain":
+    if layout == "plain" or is_safetensors(path):  # .safetensors: always the plain state dict
         atomic_save(sd, path)
     else:
         atomic_save({"epoch": int(epoch or 0), "iter": 0, "trainer": {"var_wo_ddp": sd}}, path)

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from sar_core.adapter import CheckpointError
-from sar_core.checkpoint_io import (assign_state, atomic_save, check_keys, cpu_state, load_file, strip_prefix,
-                                    unwrap_state_dict)
+from sar_core.checkpoint_io import (assign_state, atomic_save, check_keys, cpu_state, is_safetensors, load_file,
+                                    strip_prefix, unwrap_state_dict)
 
 TOKENIZER_NESTED = (("vae",), ("trainer", "vae_local"), ("vae_local",))
 BACKBONE_NESTED = (("trainer", "gpt_fsdp"), ("trainer", "gpt_wo_ddp"), ("gpt_fsdp",), ("gpt_wo_ddp",))
@@ -175,14 +175,17 @@ def _check(sd, expected, what, hint, ignore) -> None:
 
 
 def write_tokenizer(model: torch.nn.Module, path: str | Path) -> None:
-    atomic_save({"vae": _cpu(model.state_dict())}, path)
+    """``{'vae': sd}`` as upstream; a ``.safetensors`` path gets the plain state dict."""
+    sd = _cpu(model.state_dict())
+    atomic_save(sd if is_safetensors(path) else {"vae": sd}, path)
 
 
 def write_backbone(model: torch.nn.Module, path: str | Path, layout: str = "plain") -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown Infinity checkpoint layout {layout!r}; choose one of {LAYOUTS}")
     sd = _cpu(model.state_dict())
-    atomic_save(sd if layout == "plain" else {"epoch": 0, "iter": 0, "trainer": {"gpt_fsdp": sd}}, path)
+    plain = layout == "plain" or is_safetensors(path)  # .safetensors: always the plain state dict
+    atomic_save(sd if plain else {"epoch": 0, "iter": 0, "trainer": {"gpt_fsdp": sd}}, path)
 
 
 def _cpu(sd: dict) -> dict:

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from sar_core.adapter import CheckpointError
-from sar_core.checkpoint_io import (assign_state, atomic_save, check_keys, cpu_state, load_file, strip_prefix,
-                                    unwrap_state_dict)
+from sar_core.checkpoint_io import (assign_state, atomic_save, check_keys, cpu_state, is_safetensors, load_file,
+                                    strip_prefix, unwrap_state_dict)
 
 from .config import VARConfig
 
@@ -70,7 +70,7 @@ def _family_guess(sd: dict) -> Optional[str]:
 
 def read_tokenizer(path: str | Path) -> dict:
     """-> state dict (plain, or nested in a training checkpoint)."""
-    p = Path(path)
+    p = path  # a file or an hf:// reference (load_file resolves it)
     obj = load_file(p, what=TOKENIZER_FILE)
     sd, used = unwrap_state_dict(obj, TOKENIZER_NESTED, f"{TOKENIZER_FILE} {p}")
     sd = _strip(_tensors_only(sd, TOKENIZER_FILE, p))
@@ -90,7 +90,7 @@ def read_tokenizer(path: str | Path) -> dict:
 
 def read_backbone(path: str | Path) -> tuple[dict, str]:
     """-> (state dict, layout 'plain' | 'nested')."""
-    p = Path(path)
+    p = path  # a file or an hf:// reference (load_file resolves it)
     obj = load_file(p, what="VAR backbone checkpoint")
     sd, used = unwrap_state_dict(obj, BACKBONE_NESTED, f"VAR backbone checkpoint {p}")
     sd = _strip(_tensors_only(sd, "VAR backbone checkpoint", p))
@@ -146,13 +146,13 @@ def write_backbone(backbone: nn.Module, path: str | Path, layout: str = "plain",
                    tokenizer: Optional[nn.Module] = None, extra: Optional[dict] = None) -> None:
     """Write the backbone in an upstream layout, atomically.
 
-    ``plain``: a bare state dict. ``nested``: upstream train.py's checkpoint,
+    ``plain``: a bare state dict (always, for a ``.safetensors`` path). ``nested``: upstream train.py's checkpoint,
     ``{'epoch', 'iter', 'trainer': {'var_wo_ddp', 'vae_local', 'config'}}``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown VAR checkpoint layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     sd = _plain(backbone)
-    if layout == "plain":
+    if layout == "plain" or is_safetensors(path):  # .safetensors: always the plain state dict
         atomic_save(sd, path)
         return
     extra = dict(extra or {})

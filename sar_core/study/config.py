@@ -34,6 +34,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sar_core.checkpoint_io import hub
+from sar_core.checkpoint_io.hub import CheckpointRef
 from sar_core.train.config import ConfigError, format_validation_error, read_config_file, set_path
 
 START = "start"  # the reserved arm name of the start checkpoint's own evaluation
@@ -45,8 +47,9 @@ class _Section(BaseModel):
 
 class FamilySpec(_Section):
     family: str = Field(description="registered adapter name (see `sar plugins`)")
-    tokenizer: Optional[Path] = Field(None, description="tokenizer checkpoint every arm starts from")
-    backbone: Optional[Path] = Field(None, description="backbone checkpoint every arm starts from")
+    tokenizer: Optional[CheckpointRef] = Field(None, description="tokenizer checkpoint every arm starts from "
+                                               "(a file, or hf://OWNER/REPO/FILE[@REVISION])")
+    backbone: Optional[CheckpointRef] = Field(None, description="backbone checkpoint every arm starts from")
     overrides: dict[str, Any] = Field(default_factory=dict, description="adapter config overrides")
     data: str = Field(description="training data: registered dataset, image folder or code cache")
     val_data: Optional[str] = Field(None, description="data of the exposure gap / maps (default: data)")
@@ -119,7 +122,7 @@ def _absolute(tree: dict, base: Path) -> None:
         if not isinstance(fam, dict):
             continue
         for key in ("tokenizer", "backbone"):
-            if fam.get(key) and not Path(fam[key]).is_absolute():
+            if fam.get(key) and not hub.is_hub_ref(fam[key]) and not Path(fam[key]).is_absolute():
                 fam[key] = str((base / fam[key]).resolve())
         for key in ("data", "val_data"):  # a relative folder next to the file, not a dataset name
             if isinstance(fam.get(key), str) and (base / fam[key]).exists() and not Path(fam[key]).is_absolute():
@@ -149,10 +152,15 @@ def load_study(path: str | Path, overrides: Optional[dict[str, Any]] = None,
 
 
 def validate_study(tree: dict) -> StudyConfig:
+    """A validated StudyConfig whose ``hf://`` checkpoints are pinned to the commit they
+    resolve to (so every arm, seed and job of the study, and its study.yaml, use one file)."""
     try:
-        return StudyConfig.model_validate(tree)
+        study = StudyConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc).replace("invalid run config", "invalid study")) from None
+    for fam in study.families.values():
+        fam.tokenizer, fam.backbone = hub.pin(fam.tokenizer), hub.pin(fam.backbone)
+    return study
 
 
 def read_families(path: str | Path) -> dict:

@@ -27,6 +27,7 @@ from sar_core.checkpoint_io import atomic_write_text
 from sar_core.hookspecs import hookimpl
 from sar_core.study.config import START, StudyConfig
 from sar_core.study.evaluate import FamilyContext, evaluate_model, evaluate_start, fixed_from
+from sar_core.train.checkpointing import exported
 from sar_core.study.plan import Log, RunSpec, arm_config, check_registered, longest_first, plan, training_data, write_study_file
 
 
@@ -70,8 +71,8 @@ def run_one(study: StudyConfig, out: Path, spec: RunSpec, ctx: Optional[FamilyCo
         raise RuntimeError(f"{spec.family}/{spec.arm}/seed{spec.seed} stopped: {result.status} {result.message}")
     if not trainer.env.is_main:
         return None
-    ema = folder / "backbone_ema.pth"
-    adapter = ctx.load(ema if ema.is_file() else folder / "backbone.pth", cfg.model.overrides)
+    weights = exported(folder, "backbone_ema") or exported(folder, "backbone") or folder / "backbone.pth"
+    adapter = ctx.load(weights, cfg.model.overrides)
     maps = study.eval.maps and spec.seed == study.seeds[0]
     res = evaluate_model(adapter, ctx, list(study.eval.sampling_seeds), folder, maps)
     res.update(fixed_from(res))

@@ -120,9 +120,11 @@ class Saved:
 class Checkpointer:
     def __init__(self, ckpt_dir: Path, keep_last: int, parts: dict[str, Any], guard: NonFiniteGuard,
                  env: D.DistEnv, log: Callable[[str], None], buffer_names: Callable[[], frozenset],
-                 on_saved: Callable[[Path], None]):
+                 on_saved: Callable[[Path], None], fmt: str = "pt"):
         """``parts``: name -> part, in file order (must include ``model`` and ``nonfinite``:
-        ``guard``); ``buffer_names``: the model's buffers (may hold -inf by design)."""
+        ``guard``); ``buffer_names``: the model's buffers (may hold -inf by design);
+        ``fmt``: the file format of new checkpoints (pt | safetensors)."""
+        self.fmt = fmt
         self.dir, self.keep_last, self.parts, self.guard = Path(ckpt_dir), keep_last, parts, guard
         self.env, self.log, self.buffer_names, self.on_saved = env, log, buffer_names, on_saved
         self._snapshot: Optional[dict] = None
@@ -154,7 +156,8 @@ class Checkpointer:
         if self.env.is_main:
             self.guard.mark_saved(step, ckpt.weights_finite(state["model"], self.buffer_names()))
             state["nonfinite"] = self.guard.state_dict()
-            path = ckpt.save_checkpoint(state, self.dir, step, self.keep_last, protect=self.guard.good)
+            path = ckpt.save_checkpoint(state, self.dir, step, self.keep_last, protect=self.guard.good,
+                                        fmt=self.fmt)
             self.on_saved(path)
         D.barrier(self.env)
         return path

@@ -1,6 +1,8 @@
 """Run checkpoints of ``sar train``: full training state, atomic, keep-last-N, resume.
 
-A run folder keeps ``checkpoints/step_00001000.pt`` files. Each is written atomically
+A run folder keeps ``checkpoints/step_00001000.pt`` files (``.safetensors`` with
+``--save-format safetensors``: the same tree, tensors in safetensors, the rest as JSON in
+its header; both are read, whichever is newest wins). Each is written atomically
 (:func:`sar_core.checkpoint_io.atomic_save`: temp file, fsync, rename), so an interrupted
 write leaves the previous checkpoints intact and never a truncated file under the final
 name (:func:`remove_stale_tmp` clears what a killed write left). Only the newest
@@ -30,7 +32,9 @@ from sar_core.checkpoint_io import atomic_save, load_file, remove_stale_tmp
 
 FORMAT = "sar-run-checkpoint"
 VERSION = 1
-_NAME = re.compile(r"^step_(\d+)\.pt$")
+#: --save-format -> (run checkpoint suffix, exported model suffix)
+SUFFIXES = {"pt": (".pt", ".pth"), "safetensors": (".safetensors", ".safetensors")}
+_NAME = re.compile(r"^step_(\d+)\.(pt|safetensors)$")
 
 
 def last_line(exc: BaseException) -> str:
@@ -39,8 +43,27 @@ def last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
-    return Path(ckpt_dir) / f"step_{step:08d}.pt"
+def checkpoint_path(ckpt_dir: str | Path, step: int, fmt: str = "pt") -> Path:
+    return Path(ckpt_dir) / f"step_{step:08d}{SUFFIXES[fmt][0]}"
+
+
+def step_checkpoint(ckpt_dir: str | Path, step: int) -> Path:
+    """The checkpoint file of ``step`` in whichever format it was written (else its .pt name)."""
+    found = [p for s, p in list_checkpoints(ckpt_dir) if s == step]
+    return found[-1] if found else checkpoint_path(ckpt_dir, step)
+
+
+def export_path(out_dir: str | Path, name: str = "backbone", fmt: str = "pt") -> Path:
+    """``backbone.pth`` (the family's upstream layout) or ``backbone.safetensors`` (plain state dict)."""
+    return Path(out_dir) / f"{name}{SUFFIXES[fmt][1]}"
+
+
+def exported(out_dir: str | Path, name: str = "backbone") -> Optional[Path]:
+    """The exported model file of a finished run (either format), or None."""
+    for fmt in SUFFIXES:
+        if export_path(out_dir, name, fmt).is_file():
+            return export_path(out_dir, name, fmt)
+    return None
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
@@ -62,11 +85,11 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Optional[Path]:
 
 
 def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int,
-                    protect: Optional[int] = None) -> Path:
-    """Write ``state`` atomically as the checkpoint of ``step``; prune older ones
-    (never the checkpoint of step ``protect``)."""
+                    protect: Optional[int] = None, fmt: str = "pt") -> Path:
+    """Write ``state`` atomically as the checkpoint of ``step`` (``fmt``: pt | safetensors);
+    prune older ones (never the checkpoint of step ``protect``)."""
     payload = {"format": FORMAT, "version": VERSION, "step": int(step), **state}
-    path = atomic_save(payload, checkpoint_path(ckpt_dir, step))
+    path = atomic_save(payload, checkpoint_path(ckpt_dir, step, fmt))
     prune(ckpt_dir, keep_last, protect)
     return path
 

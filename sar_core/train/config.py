@@ -28,6 +28,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from sar_core.checkpoint_io import hub
+from sar_core.checkpoint_io.hub import CheckpointRef
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -35,9 +38,13 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     family: str = Field(description="adapter name, e.g. var, flexvar (see `sar plugins`)")
-    tokenizer: Optional[Path] = Field(None, description="tokenizer checkpoint (upstream layout); "
-                                      "without tokenizer and backbone the model is built from `overrides`")
-    backbone: Optional[Path] = Field(None, description="backbone checkpoint to post-train (upstream layout)")
+    tokenizer: Optional[CheckpointRef] = Field(None, description="tokenizer checkpoint (upstream layout, "
+                                               ".pth / .pt / .safetensors, or hf://OWNER/REPO/FILE[@REVISION]); "
+                                               "without tokenizer and backbone the model is built from `overrides`")
+    backbone: Optional[CheckpointRef] = Field(None, description="backbone checkpoint to post-train (as tokenizer)")
+    sources: dict[str, dict[str, str]] = Field(default_factory=dict, description="written by sar train: for "
+                                               "each hf:// checkpoint, the commit and cached file it resolved to "
+                                               "(tokenizer / backbone then hold the reference pinned to that commit)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="adapter config fields that win "
                                       "over what the checkpoints imply")
     schedule: Optional[str] = Field(None, description="training schedule: sides like 1_2_3_4, or a "
@@ -124,6 +131,9 @@ class TrainConfig(Section):
     seed: int = 0
     device: str = "auto"
     save_every: int = Field(1000, ge=0, description="checkpoint every N steps (0: only at the end)")
+    save_format: Literal["pt", "safetensors"] = Field(
+        "pt", description="file format of run checkpoints and the final export: pt (step_N.pt, backbone.pth "
+        "in the family's upstream layout) or safetensors (step_N.safetensors, a plain backbone.safetensors)")
     keep_last: int = Field(3, ge=1)
     log_every: int = Field(10, gt=0, description="console line every N steps (metrics.jsonl: every step)")
     max_nonfinite: int = Field(5, gt=0, description="stop after this many consecutive non-finite steps")
@@ -164,14 +174,27 @@ class RunConfig(Section):
         ``config.yaml`` means the same from any working directory. ``data.name`` stays as
         it is when it names a registered dataset (``dataset_names``) or no existing path."""
         cfg = self.model_copy(deep=True)
-        if cfg.model.tokenizer is not None:
-            cfg.model.tokenizer = absolute(cfg.model.tokenizer)
-        if cfg.model.backbone is not None:
-            cfg.model.backbone = absolute(cfg.model.backbone)
+        for key in ("tokenizer", "backbone"):
+            ref = getattr(cfg.model, key)
+            if ref is not None and not hub.is_hub_ref(ref):
+                setattr(cfg.model, key, absolute(ref))
         name = cfg.data.name
         if name not in dataset_names and Path(os.path.expanduser(name)).exists():
             cfg.data.name = os.path.abspath(os.path.expanduser(name))
         cfg.out = absolute(cfg.out)
+        return cfg
+
+
+    def with_pinned_checkpoints(self) -> "RunConfig":
+        """A copy whose ``hf://`` checkpoints are pinned to the commit they resolve to now
+        (fetched or found in the hub cache), each recorded in ``model.sources`` with its local
+        file: ``config.yaml`` then names the exact files, and a resume reuses them."""
+        cfg = self.model_copy(deep=True)
+        for key in ("tokenizer", "backbone"):
+            rec = hub.record(getattr(cfg.model, key))
+            if rec is not None:
+                setattr(cfg.model, key, rec["ref"])
+                cfg.model.sources = {**cfg.model.sources, key: rec}
         return cfg
 
 

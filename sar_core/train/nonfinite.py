@@ -54,7 +54,7 @@ def stop_message(state: dict, step: int, reason: str, ckpt_dir: Path) -> str:
     msg = f"stopped at step {step}: {reason}; the first non-finite step was {first}"
     if good is None:
         return msg + "; no checkpoint was written before it: start again (e.g. with a lower --lr)"
-    path = ckpt.checkpoint_path(ckpt_dir, good)
+    path = ckpt.step_checkpoint(ckpt_dir, good)
     newer = [s for s, _ in ckpt.list_checkpoints(ckpt_dir) if s > good]
     if not newer:
         return msg + f"; newest good checkpoint: step {good} ({path}): continue with --resume"

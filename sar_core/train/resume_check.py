@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from sar_core.checkpoint_io.hub import is_hub_ref
 from sar_core.train.config import absolute
 
 #: fields a resume must keep
 IDENTITY = ("model.family", "model.tokenizer", "model.backbone", "model.overrides", "model.resize_classes",
             "data.name", "data.split", "data.image_size", "data.options")
 #: fields that change nothing about what is trained
-NOT_HYPER = ("out", "resume", "data.workers", "train.loggers", "train.log_every")
+NOT_HYPER = ("out", "resume", "data.workers", "train.loggers", "train.log_every", "model.sources",
+             "train.save_format")
 _PATHS = ("model.tokenizer", "model.backbone")
 
 
@@ -43,7 +45,7 @@ def _norm(key: str, value: Any) -> Any:
     if value is None:
         return None
     if key in _PATHS:
-        return str(absolute(value))
+        return value if is_hub_ref(value) else str(absolute(value))
     if isinstance(value, tuple):
         return list(value)
     return value

@@ -83,7 +83,7 @@ class Trainer:
         from sar_core.plugins import get_registry
 
         self.registry = registry or get_registry()
-        self.config = cfg = config.with_absolute_paths(tuple(self.registry.names("dataset")))
+        self.config = cfg = config.with_absolute_paths(tuple(self.registry.names("dataset"))).with_pinned_checkpoints()
         self.env = env or D.init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
         self.log = log or (_console_print if self.env.is_main else _silent)
         self.console = None  # a rich Console the console logger shares (set by the CLI)
@@ -145,7 +145,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             self.ckpt_dir, cfg.train.keep_last, self._parts(), self.guard, env, self.log,
             buffer_names=lambda: frozenset(n for n, _ in self.adapter.backbone.named_buffers()),
-            on_saved=lambda path: self.registry.hook.on_checkpoint_saved(path=path))
+            on_saved=lambda path: self.registry.hook.on_checkpoint_saved(path=path), fmt=cfg.train.save_format)
 
     def _parts(self) -> dict:
         """The checkpoint's entries, in file order (see :mod:`sar_core.train.checkpointer`)."""
@@ -305,11 +305,14 @@ class Trainer:
     def _save_on_signal(self) -> str:
         self._save_unless_saved()
         return (f"stopped by {self.stop.name} after step {self.step}; checkpoint "
-                f"{ckpt.checkpoint_path(self.ckpt_dir, self.step)} (continue with --resume)")
+                f"{ckpt.step_checkpoint(self.ckpt_dir, self.step)} (continue with --resume)")
 
     def export(self) -> None:
-        """Write the trained backbone (and its EMA) in the family's upstream layout."""
+        """Write the trained backbone (and its EMA) in the family's upstream layout
+        (``backbone.pth``), or as a plain ``backbone.safetensors`` (``--save-format``)."""
         main = self.env.is_main
+        fmt = self.config.train.save_format
+        bb_path, ema_path = ckpt.export_path(self.out_dir, "backbone", fmt), ckpt.export_path(self.out_dir, "backbone_ema", fmt)
         if D.is_fsdp(self.backbone):  # gather full weights, export from a plain copy on rank 0
             full = D.model_state(self.backbone)
             ema = self.ema.state_dict()["shadow"] if self.ema is not None else None
@@ -318,13 +321,13 @@ class Trainer:
                 if plain.num_classes != self.adapter.num_classes:  # model.resize_classes
                     plain.resize_classes(self.adapter.num_classes)
                 plain.backbone.load_state_dict(full)
-                plain.save(None, self.out_dir / "backbone.pth")
+                plain.save(None, bb_path)
                 if ema is not None:
                     plain.backbone.load_state_dict({**full, **ema})
-                    plain.save(None, self.out_dir / "backbone_ema.pth")
+                    plain.save(None, ema_path)
         elif main:
-            self.adapter.save(None, self.out_dir / "backbone.pth")
+            self.adapter.save(None, bb_path)
             if self.ema is not None:
                 with self.ema.swap_into(self.backbone):
-                    self.adapter.save(None, self.out_dir / "backbone_ema.pth")
+                    self.adapter.save(None, ema_path)
         D.barrier(self.env)

@@ -7,13 +7,18 @@ page cache until they are touched, and with :func:`params_on_meta` +
 :func:`assign_state` a model is built around the file's tensors instead of copying them
 into freshly allocated parameters, so loading a model needs its weights once in RAM, not
 twice. Saving writes the tensors as they are (:func:`cpu_state` copies only views of a
-larger storage and tensors on another device). Writes go to a temporary file in the same folder,
-are fsync'ed, then renamed over the target, so a crash never leaves a truncated file.
+larger storage and tensors on another device). Paths may be Hub references
+(``hf://OWNER/REPO/FILE[@REVISION]``, :mod:`.hub`) and ``.safetensors`` files (:mod:`.st`).
+
+Writes go to a temporary file in the same folder, are fsync'ed, then renamed over the target, so a crash never leaves a truncated file.
 Written files get the permissions of a plain ``open()`` (``0o666`` less the umask), not
 ``mkstemp``'s private ``0600``, so a team can read each other's runs. A failed write
 removes its temporary file and raises :class:`WriteError` naming the file and the cause
 (a full disk included, whichever layer reports it); :func:`remove_stale_tmp` clears the
 temporary files a killed process left behind.
+
+A contract module (a package only to keep each file short: ``hub`` for ``hf://``
+references, ``st`` for ``.safetensors``). May import: the other contract modules only.
 """
 
 from __future__ import annotations
@@ -31,27 +36,31 @@ from typing import Any, Iterator
 import torch
 
 from sar_core.adapter import CheckpointError
+from sar_core.checkpoint_io import hub, st
+from sar_core.checkpoint_io.hub import is_hub_ref
+from sar_core.checkpoint_io.st import is_safetensors
 
 
 def load_file(path: str | Path, what: str = "checkpoint") -> Any:
     """``torch.load(path, weights_only=True, map_location='cpu', mmap=True)`` with clear errors.
 
-    The tensors returned are views of a private (copy-on-write) mapping of the file:
-    nothing is read until it is used, and writing to one copies only the pages written.
-    Files in torch's legacy (pre-1.6, non-zip) format cannot be mapped and are read whole."""
-    p = Path(path)
+    ``path`` may be a Hub reference ``hf://OWNER/REPO/FILE[@REVISION]`` (resolved through
+    the local hub cache, see :mod:`sar_core.checkpoint_io.hub`) and a ``.safetensors`` file
+    (see :mod:`sar_core.checkpoint_io.st`). The tensors returned are views of a private
+    (copy-on-write) mapping of the file: nothing is read until it is used, and writing to
+    one copies only the pages written. Files in torch's legacy (pre-1.6, non-zip) format
+    cannot be mapped and are read whole."""
+    p = Path(hub.local_path(path))
     if not p.exists():
         raise CheckpointError(f"{what} file not found: {p}")
     if p.is_dir():
         raise CheckpointError(f"{what} path is a folder, expected a file: {p}")
-    if p.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file as st_load
-        except ImportError as exc:  # pragma: no cover - optional dependency
-            raise CheckpointError(f"{p}: reading .safetensors needs the 'safetensors' package") from exc
-        return st_load(str(p))
     try:
+        if st.is_safetensors(p):
+            return st.read(p)
         return torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
+    except CheckpointError:
+        raise
     except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"cannot read {what} {p}: {msg}. The file is corrupted, truncated, "
@@ -158,18 +167,28 @@ def write_error(exc: BaseException, path: Path) -> WriteError:
     return WriteError(code or errno.EIO, f"writing {path} failed: {reason} ({free:.0f} MB free)")
 
 
-def _atomic_write(path: str | Path, mode: str, write) -> Path:
-    """Write through ``write(fh)`` into a temp file next to ``path``, fsync, rename."""
+def _atomic_write(path: str | Path, mode: str, write, by_name: bool = False) -> Path:
+    """Write through ``write(fh)`` (``write(tmp_path)`` when ``by_name``) into a temp file
+    next to ``path``, fsync, rename."""
     p = Path(path)
     tmp = None
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
         os.fchmod(fd, file_mode())
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        if by_name:
+            os.close(fd)
+            write(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            with os.fdopen(fd, mode) as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, p)
         _fsync_dir(p.parent)
     except BaseException as exc:
@@ -182,7 +201,10 @@ def _atomic_write(path: str | Path, mode: str, write) -> Path:
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save ``obj`` to ``path`` atomically (temp file, fsync, rename)."""
+    """Save ``obj`` to ``path`` atomically (temp file, fsync, rename): ``torch.save``, or a
+    safetensors file when ``path`` ends in ``.safetensors`` (see :mod:`.st`)."""
+    if is_safetensors(path):
+        return _atomic_write(path, "wb", lambda tmp: st.write(obj, tmp), by_name=True)
     return _atomic_write(path, "wb", lambda fh: torch.save(obj, fh))
 
 
