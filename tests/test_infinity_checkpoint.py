@@ -44,6 +44,19 @@ def test_backbone_round_trip_strict_in_upstream_layout(inf, tmp_path):
     assert again.config == inf.config
 
 
+@pytest.mark.parametrize("layout", ["trainer-weights", "nested"])   # nested: the old name
+def test_trainer_weights_layout_round_trip(inf, tmp_path, layout):
+    inf.save(None, tmp_path / "bb.pth", layout=layout)
+    raw = torch.load(tmp_path / "bb.pth", weights_only=True)
+    assert set(raw["trainer"]) == {"gpt_fsdp"} and "args" not in raw   # weights only: not resumable upstream
+    assert set(raw["trainer"]["gpt_fsdp"]) == set(torch.load(BB, weights_only=True))
+    again = InfinityAdapter.load(TOK, tmp_path / "bb.pth")
+    for a, b in zip(again.backbone.state_dict().values(), inf.backbone.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="trainer-weights"):
+        inf.save(None, tmp_path / "x.pth", layout="zip")
+
+
 def test_bare_tokenizer_names_and_nested_backbone_load(inf, tmp_path):
     sd = torch.load(TOK, weights_only=True)["vae"]
     bare = {k.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias")

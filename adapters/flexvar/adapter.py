@@ -78,6 +78,7 @@ class FlexVARAdapter(FreshFromConfig, ScaleWiseAdapter):
         return cls(config, tok, bb)
 
     def save(self, tokenizer_path, backbone_path, layout: str = "plain") -> None:
+        layout = ckpt.OLD_LAYOUT_NAMES.get(layout, layout)
         if layout not in ckpt.LAYOUTS:
             raise ValueError(f"unknown FlexVAR checkpoint layout {layout!r}; choose one of {ckpt.LAYOUTS}")
         if tokenizer_path is not None:

@@ -31,7 +31,11 @@ TOKENIZER_IGNORE = ("quantize.codebook_used",)
 BACKBONE_IGNORE = ("attn_bias_for_masking", "zero_k_bias")
 NESTED = ("trainer", "var_wo_ddp")
 TOKENIZER_NESTED = (("model",), ("trainer", "vae_local"), ("vae_local",))
-LAYOUTS = ("plain", "nested")
+#: ``trainer-weights``: the weights at ``['trainer']['var_wo_ddp']`` as upstream train.py keeps
+#: them, without its optimizer state or args: upstream's inference_c2i.py / eval_c2i.py read
+#: it, train.py cannot resume from it. ``nested`` is its old name, still accepted when saving.
+LAYOUTS = ("plain", "trainer-weights")
+OLD_LAYOUT_NAMES = {"nested": "trainer-weights"}
 
 
 def _clean(sd: dict) -> dict:
@@ -52,7 +56,7 @@ def read_tokenizer(path: str | Path) -> dict:
 
 
 def read_backbone(path: str | Path) -> tuple[dict, str]:
-    """-> (state dict, layout 'plain' | 'nested')."""
+    """-> (state dict, layout 'plain' | 'trainer-weights')."""
     obj = load_file(path, what="FlexVAR backbone checkpoint")
     # ("model",) only so that a tokenizer file given here is recognised and named below
     sd, used = unwrap_state_dict(obj, (NESTED, ("model",)), f"FlexVAR backbone {path}")
@@ -62,7 +66,7 @@ def read_backbone(path: str | Path) -> tuple[dict, str]:
     missing = [k for k in needed if k not in sd]
     if missing:
         raise CheckpointError(f"{path} is not a FlexVAR transformer: it lacks {', '.join(missing)}")
-    return sd, ("nested" if used else "plain")
+    return sd, ("trainer-weights" if used else "plain")
 
 
 def _reject_other_families(sd: dict, path, role: str) -> None:
@@ -121,6 +125,7 @@ def write_tokenizer(model: torch.nn.Module, path: str | Path) -> None:
 
 def write_backbone(model: torch.nn.Module, path: str | Path, layout: str = "plain",
                    epoch: Optional[int] = None) -> None:
+    layout = OLD_LAYOUT_NAMES.get(layout, layout)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown FlexVAR checkpoint layout {layout!r}; choose one of {LAYOUTS}")
     sd = _cpu(model.state_dict())

@@ -29,7 +29,12 @@ TOKENIZER_NESTED = (("vae",), ("trainer", "vae_local"), ("vae_local",))
 BACKBONE_NESTED = (("trainer", "gpt_fsdp"), ("trainer", "gpt_wo_ddp"), ("gpt_fsdp",), ("gpt_wo_ddp",))
 LEGACY = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
 TOKENIZER_IGNORE = ("lfq.mask",)
-LAYOUTS = ("plain", "nested")
+#: ``trainer-weights``: the weights at ``['trainer']['gpt_fsdp']`` as upstream's training
+#: checkpoints keep them, without optimizer state or args: loaders that take
+#: ``['trainer']['gpt_fsdp']`` read it, upstream training cannot resume from it. ``nested``
+#: is its old name, still accepted when saving.
+LAYOUTS = ("plain", "trainer-weights")
+OLD_LAYOUT_NAMES = {"nested": "trainer-weights"}
 FIX = ("check that the tokenizer and backbone files belong together and come from FoundationVision/"
        "Infinity; sizes are read from the files, so a mismatch means another architecture variant "
        "(e.g. a flash-attn build with other parameter shapes): convert it to the released layout, or "
@@ -181,6 +186,7 @@ def write_tokenizer(model: torch.nn.Module, path: str | Path) -> None:
 
 
 def write_backbone(model: torch.nn.Module, path: str | Path, layout: str = "plain") -> None:
+    layout = OLD_LAYOUT_NAMES.get(layout, layout)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown Infinity checkpoint layout {layout!r}; choose one of {LAYOUTS}")
     sd = _cpu(model.state_dict())

@@ -72,6 +72,7 @@ class VARAdapter(ScaleWiseAdapter):
 
     def save(self, tokenizer_path: str | Path | None, backbone_path: str | Path | None,
              layout: str = "plain") -> None:
+        layout = ckpt.OLD_LAYOUT_NAMES.get(layout, layout)
         if layout not in ckpt.LAYOUTS:
             raise ValueError(f"unknown VAR checkpoint layout {layout!r}; choose one of {', '.join(ckpt.LAYOUTS)}")
         if tokenizer_path is not None:

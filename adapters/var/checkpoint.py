@@ -7,7 +7,8 @@ its messages name the file layout ("VAR's VQVAE layout"), never the family being
 Tokenizer: a plain VQVAE state dict (``vae_ch160v4096z32.pth``), or nested under
 ``['trainer']['vae_local']`` of a training checkpoint. Backbone: a plain VAR state dict
 (``var_d16.pth``, with buffers) or a training checkpoint ``{'trainer': {'var_wo_ddp': sd,
-...}, 'epoch': ...}``. ``module.`` / ``_orig_mod.`` prefixes are stripped.
+...}, 'epoch': ...}`` (read as layout ``trainer-weights``). ``module.`` / ``_orig_mod.``
+prefixes are stripped.
 
 Buffers rebuilt from the schedule (``lvl_1L``, ``attn_bias_for_masking``,
 ``*.zero_k_bias``) and the VQ statistics ``quantize.ema_vocab_hit_SV`` are never compared;
@@ -34,7 +35,9 @@ BACKBONE_NESTED = (("trainer", "var_wo_ddp"), ("var_wo_ddp",), ("model",), ("sta
 TOKENIZER_NESTED = (("trainer", "vae_local"), ("vae_local",), ("model",), ("state_dict",), ("vae",))
 BACKBONE_REBUILT = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")
 TOKENIZER_IGNORED = ("quantize.ema_vocab_hit_SV",)
-LAYOUTS = ("plain", "nested")
+LAYOUTS = ("plain", "trainer-weights")
+#: the old name of ``trainer-weights``, still accepted when saving
+OLD_LAYOUT_NAMES = {"nested": "trainer-weights"}
 TOKENIZER_FILE = "tokenizer checkpoint (VAR's VQVAE layout)"
 
 
@@ -89,7 +92,7 @@ def read_tokenizer(path: str | Path) -> dict:
 
 
 def read_backbone(path: str | Path) -> tuple[dict, str]:
-    """-> (state dict, layout 'plain' | 'nested')."""
+    """-> (state dict, layout 'plain' | 'trainer-weights')."""
     p = path  # a file or an hf:// reference (load_file resolves it)
     obj = load_file(p, what="VAR backbone checkpoint")
     sd, used = unwrap_state_dict(obj, BACKBONE_NESTED, f"VAR backbone checkpoint {p}")
@@ -107,7 +110,7 @@ def read_backbone(path: str | Path) -> tuple[dict, str]:
         raise CheckpointError(f"{p} is not a VAR transformer checkpoint: missing {', '.join(missing)}")
     if sd["pos_1LC"].ndim != 3:
         raise CheckpointError(f"{p}: pos_1LC has shape {tuple(sd['pos_1LC'].shape)}, VAR expects (1, L, C)")
-    return sd, ("nested" if used else "plain")
+    return sd, ("trainer-weights" if used else "plain")
 
 
 def _size_hint(cfg: VARConfig, part: str) -> str:
@@ -146,9 +149,15 @@ def write_backbone(backbone: nn.Module, path: str | Path, layout: str = "plain",
                    tokenizer: Optional[nn.Module] = None, extra: Optional[dict] = None) -> None:
     """Write the backbone in an upstream layout, atomically.
 
-    ``plain``: a bare state dict (always, for a ``.safetensors`` path). ``nested``: upstream train.py's checkpoint,
-    ``{'epoch', 'iter', 'trainer': {'var_wo_ddp', 'vae_local', 'config'}}``.
+    ``plain``: a bare state dict, the released ``var_d16.pth`` layout (always, for a
+    ``.safetensors`` path). ``trainer-weights``: the weights where upstream train.py's
+    checkpoints keep them, ``{'epoch', 'iter', 'trainer': {'var_wo_ddp', 'vae_local',
+    'config'}}``, but not a train.py checkpoint: no optimizer state (``var_opt``) and no
+    ``args``. Upstream's evaluation and inference code, which takes
+    ``['trainer']['var_wo_ddp']``, reads it; upstream train.py cannot resume from it.
+    ``nested`` is its old name.
     """
+    layout = OLD_LAYOUT_NAMES.get(layout, layout)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown VAR checkpoint layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     sd = _plain(backbone)
