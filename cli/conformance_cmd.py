@@ -32,12 +32,14 @@ def conformance(
     except (FileNotFoundError, ValueError, CheckpointError, PluginError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2)
-    table = Table(title=f"conformance: {report.family} case {report.case_dir}")
-    for col in ("key", "kind", "max abs err", "max rel err", "tolerance", "result"):
+    table = Table(title=f"conformance: {report.family} case {report.case_dir}",
+                  caption="rule: what decides, b the recorded value; used: the worst element's |a-b| "
+                          "over what the rule allows it (passes up to 1)")
+    for col in ("key", "kind", "max abs err", "rule", "used", "result"):
         table.add_column(col)
     style = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "computed": "[cyan]computed[/]"}
     for r in report.results:
-        table.add_row(r.key, r.kind, _fmt(r.max_abs), _fmt(r.max_rel), r.note, style[r.status])
+        table.add_row(r.key, r.kind, _fmt(r.max_abs), r.note, _fmt(r.used), style[r.status])
     console.print(table)
     n_fail = sum(r.status == "fail" for r in report.results)
     if dump is not None:

@@ -10,6 +10,10 @@ compares each key present in both with tolerances chosen by the value's kind:
 * 0-d floats (losses): ``atol 1e-5``; keys containing ``grad_norm``: ``rtol 1e-4``;
 * float tensors (latents, logits, images): ``|a - b| <= 1e-4 + 1e-4 * |b|``.
 
+Each result carries the rule that decided it (``KeyResult.note``) and ``used``, the worst
+element's share of what the rule allows (pass <= 1): a relative error alone says nothing
+for values near 0, where the absolute term decides.
+
 A runner may override tolerances per key with ``tolerances = {key: (atol, rtol)}``. A case
 that holds inputs only is computed and (with ``dump``) saved, nothing compared.
 
@@ -21,6 +25,7 @@ dropout 0 (``adapter.inference()``), in float32 (autocast off), with the global 
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +47,8 @@ class KeyResult:
     kind: str                   # "exact" | "float" | "scalar" | "-"
     max_abs: Optional[float] = None
     max_rel: Optional[float] = None
-    note: str = ""
+    note: str = ""              # the rule that decides, e.g. "|a-b| <= 1e-4 + 1e-4*|b|"
+    used: Optional[float] = None  # max over elements of |a-b| / (atol + rtol*|b|): pass iff <= 1
 
 
 @dataclass
@@ -70,9 +76,11 @@ class CaseRunner:
     #: per-key tolerance overrides, {key: (atol, rtol)}
     tolerances: ClassVar[dict] = {}
 
-    def overrides(self, config: dict) -> dict:
+    def overrides(self, config: dict, case_dir: Path) -> dict:
         """Config overrides for ``adapter_cls.load`` from a case's config.json (hyper-
-        parameters that the checkpoint's tensor shapes do not hold). Default: none."""
+        parameters that the checkpoint's tensor shapes do not hold); ``case_dir`` is the
+        case folder, for sidecar files. Default: none. (A runner whose ``overrides`` takes
+        ``config`` alone, as before, still works.)"""
         return {}
 
     def run(self, adapter, case: dict, config: dict) -> dict:
@@ -106,7 +114,17 @@ def load_case_adapter(adapter_cls, config: dict, case_dir: Path, runner: Optiona
     files = config["files"]
     tok = case_dir / files["tokenizer"] if files.get("tokenizer") else None
     bb = case_dir / files["backbone"] if files.get("backbone") else None
-    return adapter_cls.load(tok, bb, overrides=runner.overrides(config))
+    return adapter_cls.load(tok, bb, overrides=runner_overrides(runner, config, case_dir))
+
+
+def runner_overrides(runner: CaseRunner, config: dict, case_dir: Path) -> dict:
+    """``runner.overrides(config, case_dir)``, or ``(config)`` for a runner written before
+    the case folder was passed."""
+    params = [p for p in inspect.signature(runner.overrides).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    if len(params) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params):
+        return runner.overrides(config, Path(case_dir))
+    return runner.overrides(config)
 
 
 def read_case(case_dir: str | Path) -> tuple[dict, dict, Path]:
@@ -164,7 +182,7 @@ def compare_key(key: str, got: Any, want: Any, overrides: dict | None = None) ->
     exact = all(not (w.is_floating_point() or w.is_complex()) for w in w_list)
     kind = "exact" if exact else ("scalar" if all(w.ndim == 0 for w in w_list) else "float")
     atol, rtol = _tolerance(key, kind, overrides or {})
-    max_abs = max_rel = 0.0
+    max_abs = max_rel = used = 0.0
     ok = True
     for g, w in zip(g_list, w_list):
         g = g.detach().cpu()
@@ -180,9 +198,22 @@ def compare_key(key: str, got: Any, want: Any, overrides: dict | None = None) ->
         if exact:
             ok &= bool((diff == 0).all())
         else:
-            ok &= bool((diff <= atol + rtol * w.double().abs()).all())
-    note = "exact match required" if exact else f"atol {atol:g}, rtol {rtol:g}"
-    return KeyResult(key, "pass" if ok else "fail", kind, max_abs, max_rel, note)
+            allowed = atol + rtol * w.double().abs()
+            ok &= bool((diff <= allowed).all())
+            share = torch.where(diff == 0, torch.zeros_like(diff), diff / allowed)   # inf where nothing is allowed
+            used = max(used, share.max().item())
+    if exact:
+        return KeyResult(key, "pass" if ok else "fail", kind, max_abs, max_rel, "exact match required")
+    return KeyResult(key, "pass" if ok else "fail", kind, max_abs, max_rel, tolerance_rule(atol, rtol), used)
+
+
+def tolerance_rule(atol: float, rtol: float) -> str:
+    """The element-wise rule of a float comparison, as the report prints it."""
+    if rtol == 0:
+        return f"|a-b| <= {atol:g}"
+    if atol == 0:
+        return f"|a-b| <= {rtol:g}*|b|"
+    return f"|a-b| <= {atol:g} + {rtol:g}*|b|"
 
 
 def run_conformance(case_dir: str | Path, registry=None, dump: str | Path | None = None) -> ConformanceReport:

@@ -85,3 +85,44 @@ def test_family_without_golden_cases_implements_nothing_and_is_told_so(tmp_path)
         {"family": "toy", "files": {"tokenizer": tok.name, "backbone": bb.name}}))
     with pytest.raises(ValueError, match="no golden-case support"):
         run_conformance(tmp_path, registry=make_registry())
+
+
+def test_near_zero_values_pass_by_the_absolute_term_and_the_report_says_so():
+    """A relative error alone misleads near 0: the result names the rule that decided and
+    the share of it the worst element used."""
+    want = torch.tensor([1e-9, -2e-9, 3.0])
+    ok = compare_key("f", want + 5e-5, want)
+    assert ok.status == "pass" and ok.max_rel > 1e3          # a huge relative error ...
+    assert ok.note == "|a-b| <= 0.0001 + 0.0001*|b|" and 0.4 < ok.used < 0.51   # ... half the allowance
+    bad = compare_key("f", want + 3e-4, want)
+    assert bad.status == "fail" and bad.used > 1
+    loss = compare_key("tf_loss", torch.tensor(1.0 + 5e-6), torch.tensor(1.0))
+    assert loss.note == "|a-b| <= 1e-05" and loss.status == "pass"
+    assert compare_key("idx", torch.tensor([1]), torch.tensor([1])).used is None
+    res = CliRunner().invoke(app, ["conformance", str(FIXTURES / "var")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "used" in res.output and "max rel" not in res.output
+    assert "|a-b| <= 0.0001 + 0.0001*|b|" in res.output and "exact match required" in res.output
+
+
+def test_case_runner_overrides_receive_the_case_folder(tmp_path):
+    from sar_adapters.var.adapter import VARAdapter
+    from sar_adapters.var.case import VARCaseRunner
+    from sar_core.conformance import CaseRunner, load_case_adapter, read_case, runner_overrides
+
+    class Sidecar(VARCaseRunner):   # reads a file beside config.json
+        def overrides(self, config, case_dir):
+            return json.loads((case_dir / "sidecar.json").read_text())
+
+    class Old(CaseRunner):          # written before the folder was passed: still called
+        def overrides(self, config):
+            return {"seen": config["family"]}
+
+    case = tmp_path / "case"
+    shutil.copytree(FIXTURES / "var", case)
+    (case / "sidecar.json").write_text(json.dumps({"num_heads": 2}))
+    config, _, d = read_case(case)
+    assert runner_overrides(Old(), config, d) == {"seen": "var"}
+    assert load_case_adapter(VARAdapter, config, d, Sidecar()).config.num_heads == 2
+    (case / "sidecar.json").write_text(json.dumps({"num_heads": 3}))   # 64 wide: heads must divide it
+    with pytest.raises(ValueError):
+        load_case_adapter(VARAdapter, config, d, Sidecar())

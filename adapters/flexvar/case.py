@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import random
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -32,7 +33,7 @@ def _sides(value) -> list[int]:
 
 
 class FlexVARCaseRunner(CaseRunner):
-    def overrides(self, config: dict) -> dict:
+    def overrides(self, config: dict, case_dir: Path) -> dict:
         """Heads cannot be read from a checkpoint without ``scale_mul_1H11``: take them
         from config.json when it names them."""
         heads = config.get("backbone", {}).get("num_heads")

@@ -10,6 +10,7 @@ runs it in eval mode, dropout 0, float32, with the global RNG seeded 0.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ def case_overrides(config: dict) -> dict:
 class InfinityCaseRunner(CaseRunner):
     """Golden cases of FoundationVision/Infinity (keys: tests/fixtures/infinity/README.md)."""
 
-    def overrides(self, config: dict) -> dict:
+    def overrides(self, config: dict, case_dir: Path) -> dict:
         return case_overrides(config)
 
     def run(self, adapter, case: dict, config: dict) -> dict:

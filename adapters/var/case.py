@@ -3,6 +3,8 @@ inputs. The conformance kit pins eval mode, condition dropout 0 and float32 arou
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from sar_core.conformance import CaseRunner
@@ -16,7 +18,7 @@ CASE_SECTIONS = ("tokenizer", "backbone")
 
 
 class VARCaseRunner(CaseRunner):
-    def overrides(self, config: dict) -> dict:
+    def overrides(self, config: dict, case_dir: Path) -> dict:
         """Hyper-parameters a golden case's config.json states (those not in tensor shapes
         included: quant_resi, using_znorm, norm_eps, patch_nums...)."""
         fields = VARConfig.model_fields
