@@ -48,11 +48,13 @@ def parse_overrides(pairs: Optional[list[str]]) -> Optional[dict]:
 
 
 def load_model(console: Console, family: str, tokenizer: str, backbone: Optional[str], device: str,
-               random_backbone: Optional[bool] = None, overrides: Optional[list[str]] = None):
+               random_backbone: Optional[bool] = None, overrides: Optional[list[str]] = None,
+               tokenizer_only: bool = False):
     """Load a model. ``random_backbone`` (False / True) is the answer to "may the backbone be
     freshly initialised?": False requires ``--backbone``; True with no file says so once;
     None (commands that only use the tokenizer) loads whatever is given. ``overrides``:
-    the ``--override KEY=VALUE`` strings (adapter config fields the files do not hold)."""
+    the ``--override KEY=VALUE`` strings (adapter config fields the files do not hold).
+    ``tokenizer_only``: no backbone is built (``adapter.load_tokenizer``)."""
     from sar_core.evaluate.generation import load_adapter
 
     if random_backbone is False and backbone is None:
@@ -64,7 +66,8 @@ def load_model(console: Console, family: str, tokenizer: str, backbone: Optional
         console.print("[yellow]warning:[/] --random-backbone: using a freshly initialised, untrained "
                       "backbone; its outputs are noise", highlight=False)
     with console.status(f"loading {family} from {tokenizer}" + (f" + {backbone}" if backbone else "")):
-        return load_adapter(family, tokenizer, backbone, device=device, overrides=parse_overrides(overrides))
+        return load_adapter(family, tokenizer, backbone, device=device, overrides=parse_overrides(overrides),
+                            tokenizer_only=tokenizer_only)
 
 
 @contextmanager

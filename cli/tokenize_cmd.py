@@ -57,7 +57,8 @@ def tokenize(
     tokenizer: str = TOKENIZER,
     backbone: Optional[str] = typer.Option(None, "--backbone", envvar="SAR_BACKBONE", rich_help_panel="Model",
                                             help="Backbone checkpoint: only its schedule is used (without it, "
-                                            "pass --schedule to match the backbone you will train)."),
+                                            "no backbone is built; pass --schedule to match the backbone you "
+                                            "will train)."),
     data: str = typer.Option(..., "--data", rich_help_panel="Data",
                              help="A registered dataset name (e.g. digits), NAME:FOLDER "
                                   "(e.g. textimages:/data/captioned) or an image folder."),
@@ -90,7 +91,8 @@ def tokenize(
 
     console = Console()
     try:
-        adapter = load_model(console, family, tokenizer, backbone, device, overrides=override)
+        adapter = load_model(console, family, tokenizer, backbone, device, overrides=override,
+                             tokenizer_only=backbone is None)   # no throwaway backbone
         sched = cache_schedule(adapter, schedule)
         h, w = adapter.image_size(sched)
         if image_size is not None and image_hw(parse_image_size(image_size)) != (h, w):

@@ -95,10 +95,9 @@ def cat_conditions(conds: Sequence[Any]) -> Any:
 
 @torch.no_grad()
 def liven_parameters(module: nn.Module, generator: torch.Generator) -> None:
-    """Seeded re-draw of every floating-point parameter of ``module`` (``parameters()`` order,
-    drawn on the CPU): N(0, 1/n) for a tensor of >= 2 dims whose last dim is n (a linear
-    layer's fan-in, an embedding's width), N(0, 1/4) for vectors and scalars (biases, norm
-    weights, gates). Every block's update is then of the order of its input."""
+    """Seeded re-draw (on the CPU) of every float parameter of ``module``: N(0, 1/n) for a
+    tensor of >= 2 dims whose last dim is n (a linear layer's fan-in, an embedding's width),
+    N(0, 1/4) for vectors and scalars. Every block's update is of the order of its input."""
     for p in module.parameters():
         if p.is_floating_point():
             std = p.shape[-1] ** -0.5 if p.dim() >= 2 else 0.5
@@ -123,25 +122,21 @@ class ScaleWiseAdapter(ABC):
     #: golden-case support (``sar conformance``): a :class:`sar_core.conformance.CaseRunner`
     #: subclass, or None for a family without golden cases. Not part of training.
     case_runner: ClassVar[Optional[type]] = None
-    #: which scales a token attends to (``ATTENTION_PATTERNS``; masks from
-    #: ``Schedule.attention_mask(pattern=...)``). ``"block-causal"``: its own and every
-    #: coarser scale (VAR, FlexVAR, Infinity). ``"within-scale"``: its own scale only
-    #: (Switti's default): scale k's logits are those of ``forward`` over the sub-schedule
-    #: [scale 0, scale k] on scale k's inputs, so the core runs a student pass that changes
-    #: one scale over that scale alone, reads no prefix, and treats the family as
-    #: ``prefix_stable``. Checked by the contract suite.
+    #: which scales a token attends to (``ATTENTION_PATTERNS``, masks from
+    #: ``Schedule.attention_mask(pattern=...)``): ``"block-causal"``, its own and every
+    #: coarser scale; ``"within-scale"``, its own only (Switti): scale k's logits are those of
+    #: ``forward`` over [scale 0, scale k] on scale k's inputs, so a one-scale student pass
+    #: runs that scale alone, reads no prefix, and the family counts as ``prefix_stable``.
     attention: ClassVar[str] = "block-causal"
     #: block-causal only: True when the backbone's ``forward`` accepts ``prefix=`` (a
-    #: :mod:`sar_core.sar.prefix_cache` record / replay handle), so a student pass that only
-    #: changes the last scale runs over that scale's tokens on pass 1's keys / values.
-    #: Default: a full pass. A within-scale family leaves it False (it has no prefix to read).
+    #: :mod:`sar_core.sar.prefix_cache` handle), so a student pass that only changes the last
+    #: scale runs over its tokens on pass 1's keys / values. Default: a full pass.
     reuses_prefix: ClassVar[bool] = False
     #: True when the logits of a schedule's first j scales do not depend on its later
     #: scales: ``forward(cond, inputs[:, :offsets[j] - first_len], schedule.first(j))``
-    #: equals the first ``offsets[j]`` rows of the full pass on the same inputs (positions
-    #: do not depend on the schedule's last scale). The exposure-gap diagnostics then run
-    #: each one-step student-forced pass only up to the scale it measures. Checked by the
-    #: contract suite. Default: full passes.
+    #: equals the first ``offsets[j]`` rows of the full pass (positions do not depend on the
+    #: last scale); the exposure gap then runs each per-scale pass only up to the scale it
+    #: measures. Default: full passes. The contract suite checks these three members.
     prefix_stable: ClassVar[bool] = False
 
     def __init__(self, config: AdapterConfig, tokenizer: nn.Module, backbone: nn.Module):
@@ -166,6 +161,12 @@ class ScaleWiseAdapter(ABC):
         over inference. ``backbone_path=None`` builds a fresh backbone for the tokenizer.
         Raise :class:`CheckpointError` naming missing / unexpected keys on mismatch.
         """
+
+    @classmethod
+    def load_tokenizer(cls, tokenizer_path: str | Path, overrides: dict | None = None) -> "ScaleWiseAdapter":
+        """The tokenizer alone (``sar tokenize``), backbone a ``checkpoint_io.NoBackbone``.
+        Default: :meth:`load` without a backbone file (builds a fresh one); override it."""
+        return cls.load(tokenizer_path, None, overrides)
 
     @abstractmethod
     def save(self, tokenizer_path: str | Path | None, backbone_path: str | Path | None,
@@ -277,8 +278,10 @@ class ScaleWiseAdapter(ABC):
 
     @property
     def condition_dropout(self) -> float:
-        """Probability that training replaces a row's condition by the null condition.
-        Default: the backbone's ``cond_drop_rate`` attribute (override if stored elsewhere)."""
+        """Probability that the backbone replaces a row's condition by the null condition.
+        Whether it also drops in eval mode is the family's (upstream VAR and FlexVAR do), so
+        the core runs every evaluation, sampling and golden case inside :meth:`inference`,
+        which sets it to 0. Default: the backbone's ``cond_drop_rate`` attribute."""
         return float(self.backbone.cond_drop_rate)
 
     @condition_dropout.setter
@@ -299,8 +302,10 @@ class ScaleWiseAdapter(ABC):
 
     # ---------------------------------------------------------------- guidance
     def guidance_scale(self, step: int, num_steps: int, cfg: float) -> float:
-        """Guidance strength t at scale ``step`` of ``num_steps`` for a rollout guided with
-        ``cfg``; logits = (1 + t) * cond - t * uncond. Default: the official SAR ramp."""
+        """Guidance strength t at scale ``step`` of ``num_steps`` for a *rollout* guided with
+        ``cfg`` (a SAR step's sampled predictions); logits = (1 + t) * cond - t * uncond.
+        Default: the official SAR trainer's ramp. :meth:`generate` keeps the upstream
+        sampler's own ramp (VAR's cfg * i / (n - 1), ...; the suite's ``sampler_guided_logits``)."""
         return official_guidance_ramp(step, num_steps, cfg)
 
     def guide_logits(self, cond_logits: torch.Tensor, uncond_logits: torch.Tensor, step: int,
@@ -366,12 +371,11 @@ class ScaleWiseAdapter(ABC):
         return ()
 
     def liven(self, generator: torch.Generator) -> None:
-        """Re-draw the backbone's weights (seeded by ``generator``) so that each transformer
-        block changes its output far more than any tolerance: the contract suite does it
-        before its checks, since upstream inits make blocks near-identity (AdaLN gates
-        ~1e-5) and hide every bug inside them. Default: :func:`liven_parameters` over the
-        backbone. Override when some parameter must keep a structure (a positive scale, a
-        codebook): call the default, then fix those. Golden cases: docs/conformance.md."""
+        """Seeded re-draw of the backbone's weights so that each transformer block changes
+        its output far more than any tolerance (the contract suite's first step: upstream
+        inits make blocks near-identity and hide bugs inside them; golden cases: see
+        docs/conformance.md). Default: :func:`liven_parameters`. Override when a parameter
+        must keep a structure (a positive scale): call the default, then fix it."""
         liven_parameters(self.backbone, generator)
 
     @abstractmethod
@@ -384,7 +388,7 @@ class ScaleWiseAdapter(ABC):
     # ---------------------------------------------------------------- helpers
     @property
     def device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
+        return next(iter([*self.backbone.parameters(), *self.tokenizer.parameters()])).device
 
     def to(self, device: torch.device | str) -> "ScaleWiseAdapter":
         self.tokenizer.to(device)

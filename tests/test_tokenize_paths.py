@@ -26,24 +26,19 @@ def files(tmp_path_factory):
     return d
 
 
-@pytest.fixture(autouse=True)
-def small_fresh_backbone(monkeypatch):
-    """A tokenizer alone implies a 306M-parameter VAR-d16 backbone (tokenize never uses it):
-    load the same tokenizer-only path with a one-block backbone to keep the test fast."""
-    import sar_core.evaluate.generation as G
-
-    real = G.load_adapter
-
-    def load(family, tokenizer, backbone=None, device=None, overrides=None):
-        small = None if backbone else {"depth": 1, "embed_dim": 32, "num_heads": 2}
-        return real(family, tokenizer, backbone, device=device, overrides=small)
-
-    monkeypatch.setattr(G, "load_adapter", load)
-
-
 def _tokenize(d, out, *extra):
-    return toy.invoke("tokenize", "-f", "var", "--tokenizer", d / "tok.pth", "--data", d / "imgs",
-                      "--out", out, "--device", "cpu", *extra)
+    """``sar tokenize`` with a tokenizer alone. It used to build a fresh 306M-parameter
+    VAR-d16 backbone that tokenize never uses; now none is built (adapter.load_tokenizer),
+    and building one fails here."""
+    from sar_adapters.var.backbone import VAR
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("sar tokenize built a backbone")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(VAR, "__init__", refuse)
+        return toy.invoke("tokenize", "-f", "var", "--tokenizer", d / "tok.pth", "--data", d / "imgs",
+                          "--out", out, "--device", "cpu", *extra)
 
 
 def test_cache_without_backbone_says_its_schedule_and_trains_when_it_matches(files, tmp_path):
@@ -92,3 +87,19 @@ def test_train_sends_a_schedule_name_through_the_adapter_size_check(tmp_path):
                    "--schedule", "flexvar-random", "--steps", "1", "--batch-size", "2", "--workers", "0",
                    "--loggers", "jsonl", "--out", tmp_path / "run")
     assert r.exit_code == 2 and "end at side 16" in " ".join(r.output.split()), r.output
+
+
+@pytest.mark.parametrize("family,tok", [("var", FIX / "var" / "vae_ch32v64z8.pth"),
+                                        ("flexvar", FIX / "flexvar" / "FlexVAE_tiny.pth"),
+                                        ("infinity", FIX / "infinity" / "infinity_vae_d16_tiny.pth")])
+def test_tokenizer_only_loads_build_no_backbone(family, tok):
+    from sar_core.checkpoint_io import NoBackbone
+    from sar_core.evaluate.generation import load_adapter
+
+    ad = load_adapter(family, tok, device="cpu", tokenizer_only=True)
+    assert isinstance(ad.backbone, NoBackbone) and ad.device.type == "cpu"
+    assert not list(ad.backbone.parameters()) and not ad.backbone.training
+    with pytest.raises(RuntimeError, match="tokenizer only"):
+        ad.backbone(None, None, None)
+    with pytest.raises(ValueError, match="no backbone file"):
+        load_adapter(family, tok, FIX / "var" / "var_tiny_d2w64.pth", tokenizer_only=True)

@@ -15,7 +15,7 @@ import torch
 from sar_core.adapter import CodeSpace, Generation, ScaleWiseAdapter, CheckpointError
 from sar_adapters.common.fresh import FreshFromConfig
 from sar_adapters.common.precision import tokenizer_side
-from sar_core.checkpoint_io import params_on_meta
+from sar_core.checkpoint_io import NoBackbone, params_on_meta
 from sar_core.schedule import Schedule, ScheduleSampler
 
 from sar_adapters.common.classes import resize_class_embedding
@@ -52,10 +52,14 @@ class FlexVARAdapter(FreshFromConfig, ScaleWiseAdapter):
     init_backbone = staticmethod(init_weights)
 
     @staticmethod
-    def _build(config: FlexVARConfig, tok_on_meta: bool = False, bb_on_meta: bool = False) -> tuple[VQModel, FlexVAR]:
-        """The modules; with ``*_on_meta`` their parameters take no memory (a file fills them)."""
+    def _build(config: FlexVARConfig, tok_on_meta: bool = False, bb_on_meta: bool = False,
+               backbone: bool = True) -> tuple[VQModel, FlexVAR]:
+        """The modules; with ``*_on_meta`` their parameters take no memory (a file fills them);
+        ``backbone=False``: a :class:`NoBackbone` (tokenizer-only loads)."""
         with params_on_meta() if tok_on_meta else nullcontext():
             tok = VQModel(config.tokenizer)
+        if not backbone:
+            return tok, NoBackbone()
         with params_on_meta() if bb_on_meta else nullcontext():
             bb = FlexVAR(config.backbone, config.tokenizer.codebook_size,
                          config.tokenizer.codebook_embed_dim, config.train_schedule.sides)
@@ -63,17 +67,25 @@ class FlexVARAdapter(FreshFromConfig, ScaleWiseAdapter):
 
     @classmethod
     def load(cls, tokenizer_path, backbone_path=None, overrides: dict | None = None) -> "FlexVARAdapter":
+        return cls._load(tokenizer_path, backbone_path, overrides, with_backbone=True)
+
+    @classmethod
+    def load_tokenizer(cls, tokenizer_path, overrides: dict | None = None) -> "FlexVARAdapter":
+        return cls._load(tokenizer_path, None, overrides, with_backbone=False)
+
+    @classmethod
+    def _load(cls, tokenizer_path, backbone_path, overrides, with_backbone: bool) -> "FlexVARAdapter":
         if tokenizer_path is None:
             raise CheckpointError("the flexvar family needs a tokenizer checkpoint (FlexVAE.pth)")
         tok_sd = ckpt.read_tokenizer(tokenizer_path)
         bb_sd, layout = ckpt.read_backbone(backbone_path) if backbone_path is not None else (None, "plain")
         source = f"{tokenizer_path}{' / ' + str(backbone_path) if backbone_path else ''}"
         config = infer_flexvar_config(tok_sd, bb_sd, overrides, source)
-        tok, bb = cls._build(config, tok_on_meta=True, bb_on_meta=bb_sd is not None)
+        tok, bb = cls._build(config, tok_on_meta=True, bb_on_meta=bb_sd is not None, backbone=with_backbone)
         ckpt.load_into(tok, tok_sd, config, "tokenizer", tokenizer_path)
         if bb_sd is not None:
             ckpt.load_into(bb, bb_sd, config, "backbone", backbone_path)
-        else:
+        elif with_backbone:
             init_weights(bb)
         return cls(config, tok, bb)
 

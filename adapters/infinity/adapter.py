@@ -26,7 +26,7 @@ from sar_adapters.common.overrides import merge_overrides
 from sar_core.adapter import CheckpointError, CodeSpace, Generation, ScaleWiseAdapter
 from sar_adapters.common.fresh import FreshFromConfig
 from sar_adapters.common.precision import tokenizer_side
-from sar_core.checkpoint_io import params_on_meta
+from sar_core.checkpoint_io import NoBackbone, params_on_meta
 from sar_core.schedule import Schedule
 
 from . import bsq
@@ -77,10 +77,14 @@ class InfinityAdapter(FreshFromConfig, ScaleWiseAdapter):
     init_backbone = staticmethod(init_weights)
 
     @staticmethod
-    def _build(config: InfinityConfig, tok_on_meta: bool = False, bb_on_meta: bool = False) -> tuple[BSQVAE, Infinity]:
-        """The modules; with ``*_on_meta`` their parameters take no memory (a file fills them)."""
+    def _build(config: InfinityConfig, tok_on_meta: bool = False, bb_on_meta: bool = False,
+               backbone: bool = True) -> tuple[BSQVAE, Infinity]:
+        """The modules; with ``*_on_meta`` their parameters take no memory (a file fills them);
+        ``backbone=False``: a :class:`NoBackbone` (tokenizer-only loads)."""
         with params_on_meta() if tok_on_meta else nullcontext():
             tok = BSQVAE(config.tokenizer)
+        if not backbone:
+            return tok, NoBackbone()
         with params_on_meta() if bb_on_meta else nullcontext():
             bb = Infinity(config.backbone, config.token_bits, config.h_div_w)
         return tok, bb
@@ -92,6 +96,14 @@ class InfinityAdapter(FreshFromConfig, ScaleWiseAdapter):
 
     @classmethod
     def load(cls, tokenizer_path, backbone_path=None, overrides: dict | None = None) -> "InfinityAdapter":
+        return cls._load(tokenizer_path, backbone_path, overrides, with_backbone=True)
+
+    @classmethod
+    def load_tokenizer(cls, tokenizer_path, overrides: dict | None = None) -> "InfinityAdapter":
+        return cls._load(tokenizer_path, None, overrides, with_backbone=False)
+
+    @classmethod
+    def _load(cls, tokenizer_path, backbone_path, overrides, with_backbone: bool) -> "InfinityAdapter":
         if tokenizer_path is None:
             raise CheckpointError("the infinity family needs a tokenizer checkpoint (e.g. infinity_vae_d32reg.pth)")
         tok_sd = ckpt.read_tokenizer(tokenizer_path)
@@ -113,11 +125,11 @@ class InfinityAdapter(FreshFromConfig, ScaleWiseAdapter):
                 f"{tokenizer_path} has d = {config.tokenizer.codebook_dim} ({config.token_bits} bits per token "
                 f"with spatial_patchify={config.spatial_patchify}); use the tokenizer the backbone was trained "
                 "with (e.g. infinity_vae_d32reg.pth for infinity_2b_reg.pth)")
-        tok, bb = cls._build(config, tok_on_meta=True, bb_on_meta=bb_sd is not None)
+        tok, bb = cls._build(config, tok_on_meta=True, bb_on_meta=bb_sd is not None, backbone=with_backbone)
         ckpt.load_tokenizer_state(tok, tok_sd, tokenizer_path)
         if bb_sd is not None:
             ckpt.load_backbone_state(bb, bb_sd, backbone_path)
-        else:
+        elif with_backbone:
             init_weights(bb)
         return cls(config, tok, bb)
 

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from sar_core.adapter import CodeSpace, Codes, Generation, ScaleWiseAdapter
-from sar_core.checkpoint_io import params_on_meta
+from sar_core.checkpoint_io import NoBackbone, params_on_meta
 from sar_core.schedule import Schedule
 
 from sar_adapters.common.init import NO_DECAY_KEYWORDS
@@ -50,6 +50,14 @@ class VARAdapter(ScaleWiseAdapter):
     @classmethod
     def load(cls, tokenizer_path: str | Path | None, backbone_path: str | Path | None,
              overrides: dict | None = None) -> "VARAdapter":
+        return cls._load(tokenizer_path, backbone_path, overrides, with_backbone=True)
+
+    @classmethod
+    def load_tokenizer(cls, tokenizer_path: str | Path, overrides: dict | None = None) -> "VARAdapter":
+        return cls._load(tokenizer_path, None, overrides, with_backbone=False)
+
+    @classmethod
+    def _load(cls, tokenizer_path, backbone_path, overrides, with_backbone: bool) -> "VARAdapter":
         tok_sd = bb_sd = None
         layout = "plain"
         if tokenizer_path is not None:
@@ -60,10 +68,12 @@ class VARAdapter(ScaleWiseAdapter):
         # parameters that a file fills are built without memory and become the file's tensors
         with params_on_meta() if tok_sd is not None else nullcontext():
             tokenizer = VQVAE(cfg)
-        with params_on_meta() if bb_sd is not None else nullcontext():
-            backbone = VAR(cfg)
         if tok_sd is not None:
             ckpt.load_into(tokenizer, tok_sd, cfg, "tokenizer", tokenizer_path)
+        if not with_backbone:
+            return cls(cfg, tokenizer, NoBackbone(), layout)
+        with params_on_meta() if bb_sd is not None else nullcontext():
+            backbone = VAR(cfg)
         if bb_sd is not None:
             ckpt.load_into(backbone, bb_sd, cfg, "backbone", backbone_path)
         else:

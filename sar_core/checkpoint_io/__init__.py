@@ -67,6 +67,22 @@ def load_file(path: str | Path, what: str = "checkpoint") -> Any:
                               "or holds pickled Python objects that weights_only loading refuses.") from exc
 
 
+class NoBackbone(torch.nn.Module):
+    """The backbone of an adapter loaded with its tokenizer only
+    (:meth:`~sar_core.adapter.ScaleWiseAdapter.load_tokenizer`): no parameters, and calling
+    it is an error naming the fix."""
+
+    cond_drop_rate = 0.0
+
+    def __init__(self):
+        super().__init__()
+        self.eval()
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this model was loaded with its tokenizer only: load it with a backbone "
+                           "checkpoint (--backbone FILE) to run the backbone")
+
+
 @contextmanager
 def params_on_meta() -> Iterator[None]:
     """Inside, every ``nn.Parameter`` a module registers lives on the meta device (shape

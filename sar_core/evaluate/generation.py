@@ -29,12 +29,19 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def load_adapter(family: str, tokenizer: str | Path, backbone: str | Path | None = None,
-                 device: str | torch.device | None = None, overrides: dict | None = None) -> ScaleWiseAdapter:
-    """Look ``family`` up in the plugin registry and load its upstream checkpoint files."""
+                 device: str | torch.device | None = None, overrides: dict | None = None,
+                 tokenizer_only: bool = False) -> ScaleWiseAdapter:
+    """Look ``family`` up in the plugin registry and load its upstream checkpoint files;
+    ``tokenizer_only`` (no ``backbone``): the tokenizer alone (``adapter.load_tokenizer``)."""
     from sar_core.plugins import get_registry
 
     cls = get_registry().get("adapter", family)
-    adapter = cls.load(tokenizer, backbone, overrides=overrides)
+    if tokenizer_only:
+        if backbone is not None:
+            raise ValueError("a tokenizer-only load takes no backbone file")
+        adapter = cls.load_tokenizer(tokenizer, overrides=overrides)
+    else:
+        adapter = cls.load(tokenizer, backbone, overrides=overrides)
     adapter.to(resolve_device(device))
     adapter.backbone.eval()
     return adapter

@@ -52,6 +52,19 @@ class ModelChecks(ContractBase):
         with torch.no_grad():
             assert torch.equal(loaded.forward(cond, x, sched), adapter.forward(cond, x, sched))
 
+    def test_tokenizer_only_load_encodes_as_the_full_load(self, adapter, batch, gt, tmp_path):
+        """``load_tokenizer`` (``sar tokenize`` without a backbone): the same codes, inputs
+        and images as the model loaded with its backbone."""
+        tok, bb = self.save_load_paths(tmp_path)
+        adapter.save(tok, bb)
+        alone = type(adapter).load_tokenizer(tok, overrides=self.load_overrides(adapter))
+        sched = self.schedule(adapter)
+        assert alone.code_space == adapter.code_space
+        assert tuple(alone.image_size(sched)) == tuple(adapter.image_size(sched))
+        assert same_codes(alone.encode(batch.images, sched), gt)
+        assert torch.equal(alone.teacher_inputs(gt, sched), adapter.teacher_inputs(gt, sched))
+        assert torch.equal(alone.decode(gt, sched), adapter.decode(gt, sched))
+
     def test_foreign_and_truncated_checkpoints_raise_checkpoint_error(self, adapter, tmp_path):
         tok, bb = self.save_load_paths(tmp_path)
         adapter.save(tok, bb)
