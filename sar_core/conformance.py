@@ -76,11 +76,11 @@ class CaseRunner:
     #: per-key tolerance overrides, {key: (atol, rtol)}
     tolerances: ClassVar[dict] = {}
 
-    def overrides(self, config: dict, case_dir: Path) -> dict:
+    def overrides(self, config: dict, case_dir: Optional[Path] = None) -> dict:
         """Config overrides for ``adapter_cls.load`` from a case's config.json (hyper-
         parameters that the checkpoint's tensor shapes do not hold); ``case_dir`` is the
-        case folder, for sidecar files. Default: none. (A runner whose ``overrides`` takes
-        ``config`` alone, as before, still works.)"""
+        case folder, for sidecar files (the kit always passes it). Default: none. (A runner
+        whose ``overrides`` takes ``config`` alone, as before, still works.)"""
         return {}
 
     def run(self, adapter, case: dict, config: dict) -> dict:

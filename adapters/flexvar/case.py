@@ -33,7 +33,7 @@ def _sides(value) -> list[int]:
 
 
 class FlexVARCaseRunner(CaseRunner):
-    def overrides(self, config: dict, case_dir: Path) -> dict:
+    def overrides(self, config: dict, case_dir: Optional[Path] = None) -> dict:
         """Heads cannot be read from a checkpoint without ``scale_mul_1H11``: take them
         from config.json when it names them."""
         heads = config.get("backbone", {}).get("num_heads")

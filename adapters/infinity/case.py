@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ def case_overrides(config: dict) -> dict:
 class InfinityCaseRunner(CaseRunner):
     """Golden cases of FoundationVision/Infinity (keys: tests/fixtures/infinity/README.md)."""
 
-    def overrides(self, config: dict, case_dir: Path) -> dict:
+    def overrides(self, config: dict, case_dir: Optional[Path] = None) -> dict:
         return case_overrides(config)
 
     def run(self, adapter, case: dict, config: dict) -> dict:

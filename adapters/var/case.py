@@ -4,6 +4,7 @@ inputs. The conformance kit pins eval mode, condition dropout 0 and float32 arou
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -18,7 +19,7 @@ CASE_SECTIONS = ("tokenizer", "backbone")
 
 
 class VARCaseRunner(CaseRunner):
-    def overrides(self, config: dict, case_dir: Path) -> dict:
+    def overrides(self, config: dict, case_dir: Optional[Path] = None) -> dict:
         """Hyper-parameters a golden case's config.json states (those not in tensor shapes
         included: quant_resi, using_znorm, norm_eps, patch_nums...)."""
         fields = VARConfig.model_fields
