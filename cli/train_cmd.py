@@ -241,12 +241,21 @@ def run_training(cfg, console: Console) -> int:
     D.cleanup()
     if not env.is_main:
         return {"finished": 0, "signalled": EXIT_SIGNALLED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 1)
+    skipped = ""
+    if result.skipped:
+        skipped = f"{result.skipped} of {result.step} steps skipped (non-finite loss or gradient: no update)"
+        if result.skipped_last:
+            skipped += f", the last {result.skipped_last} in a row"
     if result.status == "finished":
-        console.print(f"trained {result.step} steps; backbone written to {exported(result.out_dir) or result.out_dir / 'backbone.pth'}; "
-                      f"checkpoint {result.checkpoint}")
+        done = (f"trained {result.step} steps; backbone written to "
+                f"{exported(result.out_dir) or result.out_dir / 'backbone.pth'}; checkpoint {result.checkpoint}")
+        if skipped:
+            console.print(f"[yellow]warning:[/] {skipped}", highlight=False)
+        console.print(done + (f" ({skipped})" if skipped else ""))
         return 0
     if result.status == "nonfinite":
-        err.print("[bold red]error:[/] " + escape(result.message), highlight=False, soft_wrap=True)
+        msg = result.message + (f" ({skipped})" if skipped else "")
+        err.print("[bold red]error:[/] " + escape(msg), highlight=False, soft_wrap=True)
         return 1
     err.print(escape(result.message), style="yellow", highlight=False, soft_wrap=True)
     return EXIT_SIGNALLED if result.status == "signalled" else EXIT_INTERRUPTED

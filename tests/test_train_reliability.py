@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from sar_core.hookspecs import hookimpl
 from sar_core.train import checkpointing as ckpt
 
 import toy_adapter as toy
@@ -73,3 +75,84 @@ def test_sigterm_under_torchrun_with_workers_stops_every_rank_at_one_step(tmp_pa
     assert f"stopped by SIGTERM after step {step}" in stdout + stderr
     _stopped_cleanly(out, step)
     assert len(ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "checkpoints"))["rng"]) == 2
+
+
+# ----------------------------------------------------------------------------- 2: non-finite runs
+def _toy_run(out, *extra):
+    return ["train", "-f", "toy", "--data", "toy-images", "--batch-size", "4", "--workers", "0",
+            "--loggers", "jsonl", "--steps", "3", "--out", out, *extra]
+
+
+def _error_line(r, code: int) -> str:
+    assert r.exit_code == code, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
+    return lines[0]
+
+
+def test_nan_in_the_starting_weights_is_refused_before_step_1(tmp_path, monkeypatch):
+    toy.use_registry(monkeypatch)
+    tok, bb = toy.toy_files(tmp_path)
+    payload = torch.load(bb, weights_only=True)
+    name = sorted(k for k, v in payload["state_dict"].items() if v.is_floating_point())[-1]
+    payload["state_dict"][name].view(-1)[0] = float("nan")
+    torch.save(payload, bb)
+    out = tmp_path / "run"
+    r = toy.invoke(*_toy_run(out, "--tokenizer", tok, "--backbone", bb))
+    line = _error_line(r, 2)
+    assert "not finite" in line and f"'{name}'" in line and str(bb) in line and "NaN" in line
+    assert not (out / "backbone.pth").exists() and not (out / "metrics.jsonl").exists()
+    assert ckpt.list_checkpoints(out / "checkpoints") == []
+
+
+class _SpoilWeightsAt:
+    """Writes a NaN into the backbone after one step (weights gone bad during the run)."""
+
+    __name__ = "spoil-weights"
+
+    def __init__(self, step: int):
+        self.step, self.trainer = step, None
+
+    @hookimpl
+    def on_train_start(self, run):
+        self.trainer = run
+
+    @hookimpl
+    def on_step_end(self, step, metrics):
+        if step == self.step:
+            with torch.no_grad():
+                next(self.trainer.backbone.parameters()).view(-1)[0] = float("nan")
+
+
+def test_a_run_ending_with_nonfinite_weights_exports_nothing_and_fails(tmp_path, monkeypatch):
+    toy.use_registry(monkeypatch, _SpoilWeightsAt(1))
+    out = tmp_path / "run"
+    r = toy.invoke(*_toy_run(out))  # steps 2 and 3 are skipped: fewer than max_nonfinite (5)
+    line = _error_line(r, 1)
+    assert "weights are not finite" in line and "NaN" in line and "no backbone written" in line
+    assert "2 of 3 steps skipped" in line and "the last 2 in a row" in line
+    assert not (out / "backbone.pth").exists()
+
+
+def test_a_run_whose_every_step_was_skipped_fails_without_export(tmp_path, monkeypatch):
+    from test_train_safety import _NaNAt, _NaNPlugin
+
+    toy.use_registry(monkeypatch, _NaNPlugin())
+    _NaNAt.calls, _NaNAt.bad = 0, {1, 2, 3}  # the finite start weights are never updated
+    out = tmp_path / "run"
+    r = toy.invoke(*_toy_run(out, "--csfl", "nan-at"))
+    line = _error_line(r, 1)
+    assert "all 3 steps were skipped" in line and "no backbone written" in line
+    assert not (out / "backbone.pth").exists()
+
+
+def test_the_final_message_counts_skipped_steps(tmp_path, monkeypatch):
+    from test_train_safety import _NaNAt, _NaNPlugin
+
+    toy.use_registry(monkeypatch, _NaNPlugin())
+    _NaNAt.calls, _NaNAt.bad = 0, {3}  # the last of 3 steps
+    out = tmp_path / "run"
+    r = toy.invoke(*_toy_run(out, "--csfl", "nan-at"))
+    assert r.exit_code == 0, r.output
+    assert "1 of 3 steps skipped (non-finite loss or gradient: no update), the last 1 in a row" in r.stdout
+    assert (out / "backbone.pth").exists()

@@ -22,7 +22,7 @@ from sar_core.train import checkpointing as ckpt
 from sar_core.train import distributed as D
 from sar_core.train import resume_check
 from sar_core.train.ema import EMA
-from sar_core.train.nonfinite import NonFiniteGuard
+from sar_core.train.nonfinite import NonFiniteGuard, check_start_weights
 
 
 # ----------------------------------------------------------------------------- parts
@@ -177,6 +177,9 @@ class Checkpointer:
             self.log(f"[yellow]warning:[/] --resume: no checkpoint in {self.dir}; starting from step 0")
             return None
         self.check_resume(state, config, out_dir)
+        check_start_weights(state["model"], self.buffer_names(), f"the checkpoint {state['path']}",
+                            f"resume from an older checkpoint (move the newer ones out of {self.dir}), or "
+                            "start over with --restart")
         self.load_state_dict(state)
         return state
 

@@ -101,15 +101,27 @@ def prune(ckpt_dir: str | Path, keep_last: int, protect: Optional[int] = None) -
             p.unlink(missing_ok=True)
 
 
-def weights_finite(model_state: dict, buffers: frozenset[str] = frozenset()) -> bool:
-    """True when every floating-point tensor of a state dict is finite. Entries named in
-    ``buffers`` may hold infinities (an additive attention mask's -inf is by design) and
-    fail only on NaN."""
-    def ok(name: str, v: torch.Tensor) -> bool:
-        return not bool(torch.isnan(v).any()) if name in buffers else bool(torch.isfinite(v).all())
+def first_nonfinite(tensors, buffers: frozenset[str] = frozenset()) -> Optional[tuple[str, str]]:
+    """(name, "NaN" | "an infinity") of the first floating-point tensor of ``tensors`` (a
+    state dict or ``(name, tensor)`` pairs) that is not finite; None when all are. Entries
+    named in ``buffers`` may hold infinities (an additive attention mask's -inf is by
+    design) and fail only on NaN. A sharded tensor is checked on this rank's shard."""
+    items = tensors.items() if isinstance(tensors, dict) else tensors
+    for name, v in items:
+        if not (isinstance(v, torch.Tensor) and v.is_floating_point()):
+            continue
+        v = v.to_local() if hasattr(v, "to_local") else v
+        if bool(torch.isnan(v).any()):
+            return name, "NaN"
+        if name not in buffers and not bool(torch.isfinite(v).all()):
+            return name, "an infinity"
+    return None
 
-    return all(ok(k, v) for k, v in model_state.items()
-               if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+def weights_finite(model_state: dict, buffers: frozenset[str] = frozenset()) -> bool:
+    """True when every floating-point tensor of a state dict is finite (``buffers``: see
+    :func:`first_nonfinite`)."""
+    return first_nonfinite(model_state, buffers) is None
 
 
 def clean_interrupted_writes(ckpt_dir: str | Path) -> list[Path]:

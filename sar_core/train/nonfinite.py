@@ -1,5 +1,6 @@
 """The non-finite guard of ``sar train``: count skipped steps, know the good checkpoint.
 
+A run refuses to start from weights that are not finite (:func:`check_start_weights`).
 A step whose loss or gradient is not finite is skipped by the trainer; the guard counts
 them (in a row and in total) and says when to stop. It also remembers the run's first
 non-finite step and the newest *good* checkpoint: one whose weights are finite and that
@@ -14,6 +15,19 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from sar_core.train import checkpointing as ckpt
+
+
+class NonFiniteWeights(ValueError):
+    """The weights a run starts from hold NaN or an infinity (bad input: exit status 2)."""
+
+
+def check_start_weights(tensors, buffers: frozenset[str], where: str, fix: str) -> None:
+    """Raise NonFiniteWeights naming the first non-finite tensor of ``tensors`` (see
+    :func:`~sar_core.train.checkpointing.first_nonfinite`)."""
+    bad = ckpt.first_nonfinite(tensors, buffers)
+    if bad is not None:
+        raise NonFiniteWeights(f"the starting weights are not finite: tensor '{bad[0]}' of {where} holds "
+                               f"{bad[1]}; {fix}")
 
 
 def fresh_state() -> dict[str, Any]:
@@ -51,7 +65,9 @@ def mark_saved(state: dict, step: int, weights_finite: bool, log: Callable[[str]
 def stop_message(state: dict, step: int, reason: str, ckpt_dir: Path) -> str:
     """One line: why the run stopped and which checkpoint to continue from."""
     first, good = state["first"], state["good"]
-    msg = f"stopped at step {step}: {reason}; the first non-finite step was {first}"
+    msg = f"stopped at step {step}: {reason}"
+    if first is not None:
+        msg += f"; the first non-finite step was {first}"
     if good is None:
         return msg + "; no checkpoint was written before it: start again (e.g. with a lower --lr)"
     path = ckpt.step_checkpoint(ckpt_dir, good)

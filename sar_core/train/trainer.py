@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
 from sar_core.train import checkpointing as ckpt
 from sar_core.train import distributed as D
 from sar_core.train.builders import (build_adapter, build_rollout_and_loss, build_schedule_sampler,  # noqa: F401
@@ -42,7 +44,7 @@ from sar_core.train.config import RunConfig
 from sar_core.data.datasets import BatchStream
 from sar_core.train.data_position import DataPosition
 from sar_core.train.ema import EMA
-from sar_core.train.nonfinite import NonFiniteGuard
+from sar_core.train.nonfinite import NonFiniteGuard, check_start_weights
 from sar_core.train.optim import build_optimizer, lr_at
 from sar_core.train.rng_state import RNGState
 from sar_core.train.runlock import held_run_folder
@@ -59,6 +61,8 @@ class TrainResult:
     out_dir: Path
     checkpoint: Optional[Path]  # newest checkpoint on disk
     message: str = ""
+    skipped: int = 0            # steps skipped as non-finite (no update), in the whole run
+    skipped_last: int = 0       # of those, how many in a row at the end
 
 
 def _console_print(msg: str) -> None:
@@ -123,6 +127,9 @@ class Trainer:
 
         check_classes(data_num_classes(self.dataset), self.adapter, cfg.model.resize_classes,
                       f"--data {cfg.data.name}", self.log)
+        if not (cfg.resume and ckpt.list_checkpoints(self.ckpt_dir)):  # a resume checks the checkpoint's
+            check_start_weights(self.backbone.state_dict(), self._buffer_names(), self._weights_source(),
+                                "fix or replace that file")
         self.stream = BatchStream(self.dataset, self.micro_batch, env.rank, env.world_size, seed,
                                   workers=cfg.data.workers, pin_memory=env.device.type == "cuda",
                                   worker_init_fn=signals.ignore_in_worker, spawn_guard=signals.held_while_spawning)
@@ -144,8 +151,16 @@ class Trainer:
                                  self.csf_loss, self.rng, self._train_hw)
         self.checkpointer = Checkpointer(
             self.ckpt_dir, cfg.train.keep_last, self._parts(), self.guard, env, self.log,
-            buffer_names=lambda: frozenset(n for n, _ in self.adapter.backbone.named_buffers()),
+            buffer_names=self._buffer_names,
             on_saved=lambda path: self.registry.hook.on_checkpoint_saved(path=path), fmt=cfg.train.save_format)
+
+    def _buffer_names(self) -> frozenset:
+        """The backbone's buffers (may hold -inf by design, e.g. an additive attention mask)."""
+        return frozenset(n for n, _ in self.adapter.backbone.named_buffers())
+
+    def _weights_source(self) -> str:
+        b = self.config.model.backbone
+        return f"the backbone {b}" if b is not None else "the freshly initialised backbone"
 
     def _parts(self) -> dict:
         """The checkpoint's entries, in file order (see :mod:`sar_core.train.checkpointer`)."""
@@ -249,8 +264,7 @@ class Trainer:
                     status, message = "signalled", self._save_on_signal()
                     break
             if status == "finished":
-                self._save_unless_saved()
-                self.export()
+                status, message = self._finish()
         except KeyboardInterrupt:
             status, message = "interrupted", self.checkpointer.save_after_interrupt(self.step, self._dirty)
         except DataReadError as exc:
@@ -261,7 +275,8 @@ class Trainer:
                 lg.close()
             if main:
                 hook.on_train_end(run=self)
-        return TrainResult(status, self.step, self.out_dir, ckpt.latest_checkpoint(self.ckpt_dir), message)
+        return TrainResult(status, self.step, self.out_dir, ckpt.latest_checkpoint(self.ckpt_dir), message,
+                           skipped=self.guard.state["total"], skipped_last=self.guard.state["consecutive"])
 
     # ------------------------------------------------------------------ pieces of the loop
     def _loggers(self) -> list:
@@ -301,6 +316,28 @@ class Trainer:
             self.log(f"received {self.stop.name}: writing a checkpoint and stopping (send it again "
                      "to stop at once)")
         return self._stop_all
+
+    def _finish(self) -> tuple[str, str]:
+        """The last checkpoint and the export, unless no step updated the weights or they are
+        not finite: (status, message)."""
+        if self.step > 0 and self.guard.state["total"] >= self.step:
+            return "nonfinite", (f"all {self.step} steps were skipped (non-finite loss or gradient): nothing was "
+                                 "trained and no backbone written; check the data, --lr and --amp")
+        bad = self._nonfinite_weight()
+        if bad is not None:
+            return "nonfinite", self.guard.stop_message(self.step, f"the weights are not finite ({bad}); no "
+                                                        "backbone written", self.ckpt_dir)
+        self._save_unless_saved()
+        self.export()
+        return "finished", ""
+
+    def _nonfinite_weight(self) -> Optional[str]:
+        """Which weight is not finite on some rank (collective), or None."""
+        bad = ckpt.first_nonfinite(self.backbone.state_dict(), self._buffer_names())  # this rank's shards
+        flag = torch.tensor([float(bad is not None)], dtype=torch.float64, device=self.env.device)
+        if D.all_reduce_sum(flag, self.env).item() == 0:
+            return None
+        return f"tensor '{bad[0]}' holds {bad[1]}" if bad is not None else "on another rank's shard"
 
     def _save_on_signal(self) -> str:
         self._save_unless_saved()
