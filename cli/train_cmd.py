@@ -5,8 +5,9 @@ the run folder's own ``config.yaml``) < flags < ``--set key=value`` overrides. M
 ``torchrun --nproc-per-node N -m sar_cli.main train ...``.
 
 Exit status: 0 trained; 1 stopped by the non-finite guard, a frozen peer rank or a crash;
-2 bad input (one line on stderr naming the fix); 130 Ctrl-C; 143 SIGTERM / SIGUSR1
-(checkpoint written, continue with ``--resume``).
+2 bad input (one line on stderr naming the fix; also a ``--resume`` whose checkpoints are
+all unreadable: nothing is changed, ``--restart`` starts over); 130 Ctrl-C; 143 SIGTERM /
+SIGUSR1 (checkpoint written, continue with ``--resume``).
 """
 
 from __future__ import annotations
@@ -139,7 +140,10 @@ def train(
                                                   help="Resize the class embedding to the data's class count."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out "
+                                "(refused when checkpoints exist but none can be read)."),
+    restart: bool = typer.Option(False, "--restart", help="Start over at step 0 in an --out that holds "
+                                 "checkpoints: deletes them before step 1 and rewrites metrics.jsonl."),
     ema: Optional[float] = typer.Option(None, "--ema", help="EMA decay (0: off)."),
     amp: Optional[str] = typer.Option(None, "--amp", help="none | bf16 | fp16 (CUDA only)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the backbone."),
@@ -168,6 +172,10 @@ def train(
 
     console = Console(soft_wrap=True)  # a warning or error stays one line in logs
     flags = {k: v for k, v in locals().items() if k in FLAG_FIELDS}
+    if resume and restart:
+        Console(stderr=True).print("[bold red]error:[/] --restart starts over and --resume continues: pass one "
+                                   "of them", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
     try:
         cfg = resolve_config(config, collect_overrides(flags, sets), resume, compile_model)
     except ConfigError as exc:
@@ -176,7 +184,7 @@ def train(
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
-    raise typer.Exit(run_training(cfg, console))
+    raise typer.Exit(run_training(cfg, console, restart=restart))
 
 
 def run_errors() -> tuple[type[BaseException], ...]:
@@ -204,8 +212,9 @@ def _os_error_message(exc: OSError, cfg) -> Optional[str]:
     return None
 
 
-def run_training(cfg, console: Console) -> int:
-    """Build the trainer, run it, report; returns the exit status (see the module docstring)."""
+def run_training(cfg, console: Console, restart: bool = False) -> int:
+    """Build the trainer, run it, report; returns the exit status (see the module docstring).
+    ``restart``: start over where --out holds checkpoints (``--restart``)."""
     from sar_core.train import distributed as D
     from sar_core.train.signals import EXIT_INTERRUPTED, EXIT_SIGNALLED
     from sar_core.train.checkpointing import exported
@@ -222,7 +231,7 @@ def run_training(cfg, console: Console) -> int:
     try:
         env = D.init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
         log = console.print if env.is_main else (lambda *a, **k: None)
-        trainer = Trainer(cfg, env=env, log=log)
+        trainer = Trainer(cfg, env=env, log=log, restart=restart)
         trainer.console = console
         result = trainer.run()
     except run_errors() as exc:

@@ -20,7 +20,7 @@ PANELS = {
                   "weight_decay", "betas", "grad_clip", "ema", "amp", "compile_model", "seed"),
     "SAR rollout and loss": ("rollout", "ssr_scales", "rollout_sampling", "rollout_top_k", "rollout_top_p",
                              "rollout_cfg", "csfl", "csfl_temperature", "gamma", "label_smoothing"),
-    "Run folder, checkpoints and logs": ("out", "resume", "save_every", "save_format", "keep_last", "log_every",
+    "Run folder, checkpoints and logs": ("out", "resume", "restart", "save_every", "save_format", "keep_last", "log_every",
                                          "max_nonfinite", "loggers"),
     "Devices": ("device", "dist"),
     "Config": ("config", "print_config", "sets"),

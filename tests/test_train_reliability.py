@@ -156,3 +156,44 @@ def test_the_final_message_counts_skipped_steps(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "1 of 3 steps skipped (non-finite loss or gradient: no update), the last 1 in a row" in r.stdout
     assert (out / "backbone.pth").exists()
+
+
+# ----------------------------------------------------------------------------- 3: unreadable resumes
+def _run_with_two_checkpoints(out):
+    r = toy.invoke(*_toy_run(out, "--steps", "2", "--save-every", "1", "--keep-last", "2"))
+    assert r.exit_code == 0, r.output
+    found = ckpt.list_checkpoints(out / "checkpoints")
+    assert [s for s, _ in found] == [1, 2]
+    for _, p in found:  # truncated (a killed copy, a full disk elsewhere, another torch)
+        p.write_bytes(p.read_bytes()[:200])
+    return [p for _, p in found]
+
+
+def _snapshot(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+            and p.name != ".lock"}
+
+
+def test_resume_with_only_unreadable_checkpoints_refuses_and_touches_nothing(tmp_path, monkeypatch):
+    toy.use_registry(monkeypatch)
+    out = tmp_path / "run"
+    files = _run_with_two_checkpoints(out)
+    before = _snapshot(out)
+    r = toy.invoke("train", "--out", out, "--resume", "--steps", "4")
+    line = _error_line(r, 2)
+    assert all(p.name in line for p in files) and "--restart" in line and "nothing was changed" in line
+    assert _snapshot(out) == before  # metrics.jsonl, config.yaml, checkpoints: all as they were
+
+
+def test_restart_starts_over_explicitly(tmp_path, monkeypatch):
+    toy.use_registry(monkeypatch)
+    out = tmp_path / "run"
+    _run_with_two_checkpoints(out)
+    both = toy.invoke("train", "--out", out, "--resume", "--restart")
+    assert "pass one of them" in _error_line(both, 2)
+    r = toy.invoke(*_toy_run(out, "--steps", "3", "--save-every", "0", "--restart"))
+    assert r.exit_code == 0, r.output
+    assert "--restart: deleted the 2 checkpoint(s)" in r.stdout
+    assert [m["step"] for m in toy.read_metrics(out)] == [1, 2, 3]
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [3]
+    assert "--restart" in toy.invoke("train", "--help").stdout

@@ -18,11 +18,16 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
+from sar_core.adapter import CheckpointError
 from sar_core.train import checkpointing as ckpt
 from sar_core.train import distributed as D
 from sar_core.train import resume_check
 from sar_core.train.ema import EMA
 from sar_core.train.nonfinite import NonFiniteGuard, check_start_weights
+
+
+class UnreadableCheckpoints(CheckpointError):
+    """``--resume`` found checkpoints but could read none of them (bad input: exit status 2)."""
 
 
 # ----------------------------------------------------------------------------- parts
@@ -162,17 +167,37 @@ class Checkpointer:
         D.barrier(self.env)
         return path
 
-    def resume(self, resume: bool, config: dict, out_dir: Path) -> Optional[dict]:
+    def resume(self, resume: bool, config: dict, out_dir: Path, restart: bool = False) -> Optional[dict]:
         """Load the newest readable checkpoint into the parts (``--resume``); returns it, or
         None when the run starts from step 0. Without ``resume`` existing checkpoints are
-        an error (a new run must not overwrite them)."""
+        an error (a new run must not overwrite them) unless ``restart`` (start over: they
+        are deleted). Checkpoints that exist but none of which can be read are an error
+        too: nothing is changed, the run does not start over by itself."""
         existing = ckpt.list_checkpoints(self.dir)
+        if restart:
+            if existing and self.env.is_main:
+                for _, path in existing:
+                    path.unlink(missing_ok=True)
+                self.log(f"--restart: deleted the {len(existing)} checkpoint(s) of the previous run in {self.dir} "
+                         f"(newest: step {existing[-1][0]}); starting over at step 0")
+            D.barrier(self.env)
+            return None
         if not resume:
             if existing:
                 raise FileExistsError(f"{self.dir} already holds checkpoints (newest: step "
-                                      f"{existing[-1][0]}); pass --resume to continue, or another --out")
+                                      f"{existing[-1][0]}); pass --resume to continue, --restart to start over "
+                                      "(deletes them), or another --out")
             return None
-        state = ckpt.load_latest(self.dir, warn=self.log)
+        errors: list = []
+        state = ckpt.load_latest(self.dir, warn=self.log, errors=errors)
+        if state is None and existing:
+            why: dict[str, list[str]] = {}  # one reason, the files it applies to
+            for path, exc in errors:
+                why.setdefault(ckpt.last_line(exc).replace(str(path), "the file"), []).append(path.name)
+            raise UnreadableCheckpoints(
+                f"--resume: none of the {len(existing)} checkpoint(s) in {self.dir} can be read ("
+                + "; ".join(f"{', '.join(names)}: {text}" for text, names in why.items()) + "); nothing was "
+                "changed: restore them, or pass --restart instead of --resume to start over (deletes them)")
         if state is None:
             self.log(f"[yellow]warning:[/] --resume: no checkpoint in {self.dir}; starting from step 0")
             return None

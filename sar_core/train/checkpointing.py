@@ -139,13 +139,16 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def load_latest(ckpt_dir: str | Path, warn=print) -> Optional[dict]:
-    """The newest readable checkpoint (falling back to older ones with a warning)."""
+def load_latest(ckpt_dir: str | Path, warn=print, errors: Optional[list] = None) -> Optional[dict]:
+    """The newest readable checkpoint (falling back to older ones with a warning); each
+    unreadable one is appended to ``errors`` as (path, exception)."""
     for _, path in reversed(list_checkpoints(ckpt_dir)):
         try:
             state = load_checkpoint(path)
         except CheckpointError as exc:
             warn(f"skipping unreadable checkpoint {path}: {exc}")
+            if errors is not None:
+                errors.append((path, exc))
             continue
         state["path"] = str(path)
         return state

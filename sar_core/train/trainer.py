@@ -83,7 +83,9 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, registry=None, env: Optional[D.DistEnv] = None,
-                 log: Optional[Callable[[str], None]] = None):
+                 log: Optional[Callable[[str], None]] = None, restart: bool = False):
+        """``restart``: start over at step 0 even where ``out`` holds checkpoints (they are
+        deleted before step 1; ``sar train --restart``)."""
         from sar_core.plugins import get_registry
 
         self.registry = registry or get_registry()
@@ -95,6 +97,9 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.total_steps = cfg.train.steps
         self.step = 0
+        self.restart = restart
+        if restart and cfg.resume:
+            raise ValueError("--restart starts over and --resume continues: pass one of them")
         self.stop = StopRequest()  # replaced by an installed one while run() runs
         self._stop_all = False     # some rank got a stop signal (agreed in the step's all-reduce)
         self._check_batch()
@@ -201,7 +206,7 @@ class Trainer:
         return self.checkpointer.save(self.step, snapshot)
 
     def resume(self) -> bool:
-        state = self.checkpointer.resume(self.config.resume, self.config.to_dict(), self.out_dir)
+        state = self.checkpointer.resume(self.config.resume, self.config.to_dict(), self.out_dir, self.restart)
         if state is None:
             return False
         self.step = int(state["step"])
