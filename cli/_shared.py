@@ -49,12 +49,15 @@ def parse_overrides(pairs: Optional[list[str]]) -> Optional[dict]:
 
 def load_model(console: Console, family: str, tokenizer: str, backbone: Optional[str], device: str,
                random_backbone: Optional[bool] = None, overrides: Optional[list[str]] = None,
-               tokenizer_only: bool = False):
+               tokenizer_only: bool = False, null_payloads: Optional[list[str]] = None,
+               needs_null: bool = False):
     """Load a model. ``random_backbone`` (False / True) is the answer to "may the backbone be
     freshly initialised?": False requires ``--backbone``; True with no file says so once;
     None (commands that only use the tokenizer) loads whatever is given. ``overrides``:
     the ``--override KEY=VALUE`` strings (adapter config fields the files do not hold).
-    ``tokenizer_only``: no backbone is built (``adapter.load_tokenizer``)."""
+    ``tokenizer_only``: no backbone is built (``adapter.load_tokenizer``).
+    ``null_payloads``: the ``--null-payload`` strings, given to the adapter; ``needs_null``
+    (commands that guide): a family with encoder-derived null payloads must have them."""
     from sar_core.evaluate.generation import load_adapter
 
     if random_backbone is False and backbone is None:
@@ -66,8 +69,31 @@ def load_model(console: Console, family: str, tokenizer: str, backbone: Optional
         console.print("[yellow]warning:[/] --random-backbone: using a freshly initialised, untrained "
                       "backbone; its outputs are noise", highlight=False)
     with console.status(f"loading {family} from {tokenizer}" + (f" + {backbone}" if backbone else "")):
-        return load_adapter(family, tokenizer, backbone, device=device, overrides=parse_overrides(overrides),
-                            tokenizer_only=tokenizer_only)
+        adapter = load_adapter(family, tokenizer, backbone, device=device, overrides=parse_overrides(overrides),
+                               tokenizer_only=tokenizer_only)
+    if null_payloads:
+        from sar_core.data.payloads import null_payload_files, read_null_payloads
+
+        adapter.set_null_payloads(read_null_payloads(null_payload_files(null_payloads)))
+    if needs_null:
+        for name, spec in adapter.condition_payloads.items():
+            if spec.encoded_null:
+                adapter.null_payload(name)  # a clear error now, not after the first batch
+    return adapter
+
+
+def condition_payloads(adapter, payloads: Optional[list[str]], text_features: Optional[Path]) -> Optional[dict]:
+    """``--payload NAME=FILE`` / ``--text-features FILE`` -> {NAME: Padded} checked against
+    what the adapter reads (one error line naming a missing / unexpected payload), or None
+    when none are given."""
+    from sar_core.data.payloads import payload_files, read_payloads
+
+    files = payload_files(payloads, text_features)
+    if not files:
+        return None
+    loaded = read_payloads(files)
+    adapter.check_payloads(loaded, "--payload", "give one --payload NAME=FILE for each payload the family reads")
+    return loaded
 
 
 @contextmanager
@@ -151,5 +177,15 @@ DEVICE = typer.Option("auto", "--device", envvar="SAR_DEVICE", rich_help_panel="
 CFG = typer.Option(1.5, "--cfg", rich_help_panel="Sampling", help="Classifier-free guidance scale.")
 TOP_K = typer.Option(0, "--top-k", rich_help_panel="Sampling", help="Top-k sampling (0: off).")
 TOP_P = typer.Option(0.0, "--top-p", rich_help_panel="Sampling", help="Top-p sampling (0: off).")
+PAYLOAD = typer.Option(None, "--payload", rich_help_panel="Conditions", metavar="NAME=FILE",
+                       help="Condition payload NAME of every sample, repeatable (e.g. --payload clip_pooled=p.pt "
+                       "--payload clip_tokens=t.pt): a .pt list of (n_i, D) tensors, {features: (N, N_max, D), "
+                       "lengths: (N,)}, or an (N, D) tensor (one row each). Checked against what the family reads.")
+TEXT_FEATURES = typer.Option(None, "--text-features", rich_help_panel="Conditions",
+                             help="Shorthand for --payload text_features=FILE (Infinity's T5 features).")
+NULL_PAYLOAD = typer.Option(None, "--null-payload", rich_help_panel="Conditions", metavar="NAME=FILE",
+                            help="Encoder-derived null payload (features of the empty prompt) for families that "
+                            "need one: NAME=FILE (an (n, D) tensor) or FILE (a dict name -> tensor, e.g. the "
+                            "null_payloads.pt `sar encode-text` writes); repeatable.")
 SCHEDULE = typer.Option(None, "--schedule", rich_help_panel="Model",
                         help="Scale schedule, e.g. 1_2_3_4 (default: the model's).")

@@ -79,6 +79,9 @@ def diagnose(
     try:
         adapter = load_model(console, family, tokenizer, backbone, device, random_backbone, override)
         dataset, sched = _data(data, adapter, schedule, split)
+        from sar_core.data.payloads import check_dataset_payloads
+
+        check_dataset_payloads(adapter, dataset, f"--data {data}")
         with console.status("teacher- and student-forced passes ..."):
             with_maps = maps is not None and mode == "per_scale"  # one set of passes for both
             report = exposure_gap(adapter, dataset, sched, batches or None, batch_size=batch_size, mode=mode,

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from sar_cli._shared import (
-    OVERRIDE,
+    NULL_PAYLOAD, OVERRIDE, PAYLOAD, TEXT_FEATURES,
     BACKBONE, CFG, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY, TOP_K, TOP_P,
-    SCHEDULE, TOKENIZER, fail, load_model, pass_progress, user_errors,
+    SCHEDULE, TOKENIZER, condition_payloads, fail, load_model, pass_progress, user_errors,
 )
 
 ROWS = (("fid", "FID"), ("isc_mean", "IS"), ("isc_std", "IS std"), ("kid_mean", "KID"), ("kid_std", "KID std"),
@@ -51,10 +51,9 @@ def evaluate(
                                                    "(e.g. VIRTUAL_imagenet256_labeled.npz)."),
     num_samples: int = typer.Option(1000, "--num-samples", "-n", rich_help_panel="Sampling",
                                     help="Images to sample (class-balanced; 50000 for published FIDs)."),
-    text_features: Optional[Path] = typer.Option(
-        None, "--text-features", rich_help_panel="Sampling",
-        help="Condition the samples on these text features (families without classes): a .pt list of "
-        "(n_i, D) tensors or {features, lengths}; cycled to --num-samples."),
+    payload: Optional[list[str]] = PAYLOAD,
+    text_features: Optional[Path] = TEXT_FEATURES,
+    null_payload: Optional[list[str]] = NULL_PAYLOAD,
     cfg: float = CFG,
     top_k: int = TOP_K,
     top_p: float = TOP_P,
@@ -83,8 +82,9 @@ def evaluate(
     override: Optional[list[str]] = OVERRIDE,
     device: str = DEVICE,
 ) -> None:
-    """Sample N images class-balanced (or conditioned on --text-features) from the model and
-    compare them with a reference set through torch-fidelity. Nothing is downloaded:
+    """Sample N images class-balanced (or conditioned on the rows of --payload NAME=FILE /
+    --text-features, cycled to N) from the model and compare them with a reference set
+    through torch-fidelity. Nothing is downloaded:
     Inception needs --feature-weights.
 
     Example: [bold]sar eval -f var --tokenizer vae.pth --backbone var_d16.pth -n 50000 --cfg 1.5
@@ -101,12 +101,9 @@ def evaluate(
             raise ValueError("--save-reference-stats needs --reference")
         # resolve the extractor first: a missing weights file fails before any sampling
         extractor = get_feature_extractor(feature_extractor, weights)
-        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone, override)
-        conditions = None
-        if text_features is not None:
-            from sar_core.checkpoint_io import load_file
-
-            conditions = {"text_features": load_file(text_features, what="text features")}
+        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone, override,
+                             null_payloads=null_payload, needs_null=True)
+        conditions = condition_payloads(adapter, payload, text_features)
         with pass_progress(console) as start:
             report = evaluate_adapter(
                 adapter, num_samples=num_samples, extractor=extractor, reference=reference,

@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 
 from sar_cli._shared import (
-    OVERRIDE,
+    NULL_PAYLOAD, OVERRIDE, PAYLOAD, TEXT_FEATURES,
     BACKBONE, CFG, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY, TOP_K, TOP_P,
-    SCHEDULE, TOKENIZER, fail, load_model, progress_bar, user_errors,
+    SCHEDULE, TOKENIZER, condition_payloads, fail, load_model, progress_bar, user_errors,
 )
 
 
@@ -22,8 +22,8 @@ def _labels(adapter, labels: Optional[str], per_class: Optional[int]):
 
     n_classes = adapter.num_classes
     if n_classes is None:
-        raise ValueError(f"family '{adapter.name}' is not class-conditional; pass --text-features FILE "
-                         "instead of --labels / --per-class")
+        raise ValueError(f"family '{adapter.name}' is not class-conditional; pass --payload NAME=FILE "
+                         "(or --text-features FILE) instead of --labels / --per-class")
     if labels is not None:
         return torch.tensor(parse_labels(labels), dtype=torch.int64), None
     if per_class < 1:
@@ -42,10 +42,9 @@ def sample(
                                          help="Class labels, e.g. 1,2,3 (one image each)."),
     per_class: Optional[int] = typer.Option(None, "--per-class", rich_help_panel="Conditions",
                                             help="N images of every class."),
-    text_features: Optional[Path] = typer.Option(None, "--text-features", rich_help_panel="Conditions",
-                                                 help="Text features for text-conditioned families: a .pt "
-                                                 "file with a list of (n_i, D) tensors, or a dict "
-                                                 "{features: (N, N_max, D), lengths: (N,)}; one image each."),
+    payload: Optional[list[str]] = PAYLOAD,
+    text_features: Optional[Path] = TEXT_FEATURES,
+    null_payload: Optional[list[str]] = NULL_PAYLOAD,
     cfg: float = CFG,
     top_k: int = TOP_K,
     top_p: float = TOP_P,
@@ -61,25 +60,28 @@ def sample(
     override: Optional[list[str]] = OVERRIDE,
     device: str = DEVICE,
 ) -> None:
-    """Sample class-conditional (or text-conditional) images from a model.
+    """Sample class-conditional images, or one image per row of the condition payloads
+    (--payload NAME=FILE, repeatable; text-conditioned families), from a model.
 
     Example: [bold]sar sample -f var --tokenizer vae.pth --backbone var_d16.pth --per-class 4 --grid s.png[/]"""
-    from sar_core.checkpoint_io import load_file
     from sar_core.evaluate.generation import condition_batch, generate_images, save_folder, save_grid
     from sar_core.schedule import Schedule
 
     console = Console()
     try:
-        chosen = [o for o in (labels, per_class, text_features) if o is not None]
+        payloads = payload or ([] if text_features is None else ["text_features"])
+        chosen = [o for o in (labels, per_class, payloads or None) if o is not None]
         if len(chosen) != 1:
-            raise ValueError("pass exactly one of --labels, --per-class, --text-features")
+            raise ValueError("pass exactly one of --labels, --per-class, --payload NAME=FILE / --text-features")
         if grid is None and folder is None:
             raise ValueError("nothing to write: pass --grid FILE.png and/or --folder DIR")
-        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone, override)
+        adapter = load_model(console, family, tokenizer, backbone, device, random_backbone, override,
+                             null_payloads=null_payload, needs_null=True)
         sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
         opts = dict(schedule=sched, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
-        if text_features is not None:
-            batch = condition_batch({"text_features": load_file(text_features, what="text features")})
+        conditions = condition_payloads(adapter, payload, text_features)
+        if conditions is not None:
+            batch = condition_batch(conditions)
             lab, row, n = None, nrow, len(batch)
             opts["conditions"] = batch
         else:

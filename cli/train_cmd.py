@@ -23,6 +23,7 @@ from rich.markup import escape
 FLAG_FIELDS = {
     "family": "model.family", "tokenizer": "model.tokenizer", "backbone": "model.backbone",
     "schedule": "model.schedule", "cond_drop": "model.cond_drop", "resize_classes": "model.resize_classes",
+    "null_payload": "model.null_payloads",
     "class_map": "data.options.class_map",
     "data": "data.name", "split": "data.split", "image_size": "data.image_size", "workers": "data.workers",
     "rollout": "rollout.name", "ssr_scales": "rollout.scales", "rollout_sampling": "rollout.sampling",
@@ -55,6 +56,16 @@ def _image_size(text: str) -> Any:
     return list(size) if isinstance(size, tuple) else size
 
 
+def _null_payloads(pairs: list[str]) -> dict[str, str]:
+    from sar_core.data.payloads import null_payload_files
+    from sar_core.train.config import ConfigError
+
+    try:
+        return {k: str(v) for k, v in null_payload_files(pairs).items()}
+    except Exception as exc:  # a missing / unreadable file: one config error line
+        raise ConfigError(" ".join(str(exc).split())) from None
+
+
 def collect_overrides(flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     from sar_core.train.config import parse_set
 
@@ -70,6 +81,10 @@ def collect_overrides(flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
             value = _split_list(value)
         elif name == "image_size":
             value = _image_size(value)
+        elif name == "null_payload":
+            if not value:
+                continue
+            value = _null_payloads(value)
         out[FLAG_FIELDS[name]] = value
     out.update(parse_set(sets))
     return out
@@ -134,6 +149,10 @@ def train(
     gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
     cond_drop: Optional[float] = typer.Option(None, "--cond-drop", help="Class-dropout probability."),
+    null_payload: Optional[List[str]] = typer.Option(
+        None, "--null-payload", metavar="NAME=FILE", help="Encoder-derived null payload (features of the empty "
+        "prompt) for families that need one: NAME=FILE or FILE (a dict name -> tensor); repeatable; default: "
+        "the data's own (textimages: null_payloads.pt)."),
     class_map: Optional[Path] = typer.Option(None, "--class-map", help="Class map file: one class folder a "
                                              "line, optionally with its model label (a subset / mapping)."),
     resize_classes: Optional[bool] = typer.Option(None, "--resize-classes/--no-resize-classes",

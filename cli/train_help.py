@@ -14,7 +14,7 @@ import inspect
 from typing import Any, Callable
 
 PANELS = {
-    "Model": ("family", "tokenizer", "backbone", "schedule", "cond_drop", "resize_classes"),
+    "Model": ("family", "tokenizer", "backbone", "schedule", "cond_drop", "resize_classes", "null_payload"),
     "Data": ("data", "split", "image_size", "workers", "class_map"),
     "Optimizer": ("steps", "batch_size", "grad_accum", "lr", "lr_end", "lr_schedule", "warmup_steps",
                   "weight_decay", "betas", "grad_clip", "ema", "amp", "compile_model", "seed"),
@@ -63,6 +63,7 @@ NONE_TEXT = {
     "model.schedule": "the model's", "model.cond_drop": "the backbone's", "data.image_size": "the model's",
     "optim.lr_end": "none", "optim.lr_schedule": "linear with --lr-end, else constant",
     "loss.temperature": "the loss's", "dist.backend": "nccl on CUDA, gloo on CPU",
+    "model.null_payloads": "the data's own",
 }
 
 
@@ -71,7 +72,7 @@ def default_text(dotted: str) -> str | None:
     if info is None or info.is_required():
         return None
     value = info.get_default(call_default_factory=True)
-    if value is None:
+    if value is None or value == {}:
         return NONE_TEXT.get(dotted, "the rollout's" if dotted.startswith("rollout.") else "none")
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value) or "none"

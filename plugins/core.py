@@ -23,8 +23,9 @@ def register_losses(register):
 @hookimpl
 def register_datasets(register):
     from sar_plugins.datasets import BUILTIN_DATASETS
+    from sar_plugins.textimages import textimages
 
-    for name, factory in BUILTIN_DATASETS.items():
+    for name, factory in {**BUILTIN_DATASETS, "textimages": textimages}.items():
         register(name, factory)
 
 

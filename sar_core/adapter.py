@@ -25,8 +25,10 @@ Conventions every adapter follows
   dropout probability) is read and set through :attr:`ScaleWiseAdapter.condition_dropout`.
 * A condition is whatever the family needs (class ids (B,) int64, or a dict of text
   features). The core builds it only through :meth:`ScaleWiseAdapter.condition` (from a
-  :class:`~sar_core.data.datasets.Batch`), :meth:`null_condition` / :meth:`cfg_condition` and
-  :meth:`condition_to`; it never looks inside.
+  :class:`~sar_core.batch.Batch`), :meth:`null_condition` / :meth:`cfg_condition` and
+  :meth:`condition_to`; it never looks inside. The named payloads ``condition`` reads are
+  declared by :attr:`~ScaleWiseAdapter.condition_payloads` (checked before sampling /
+  training); encoder-derived null payloads arrive through ``set_null_payloads``.
 * Every fact the core needs is a member below (``num_classes``, ``code_space``,
   ``image_size``, ``training_image_size``, ``guidance_scale``, ...): the core never probes
   config field names or attributes.
@@ -44,6 +46,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from sar_core.batch import PayloadSpec, cat_conditions, check_null_payloads, check_payloads  # noqa: F401
 from sar_core.schedule import ATTENTION_PATTERNS, Schedule, ScheduleSampler  # noqa: F401
 from sar_core.tokens import CodeSpace  # noqa: F401  (a contract name: what a token is)
 
@@ -71,26 +74,6 @@ class Generation:
 def official_guidance_ramp(step: int, num_steps: int, cfg: float) -> float:
     """The official SAR trainer's ramp: t_i = cfg * 0.5 * (1 + i / (n - 1)) (cfg at n = 1)."""
     return cfg * 0.5 * (1 + step / (num_steps - 1)) if num_steps > 1 else cfg
-
-
-def cat_conditions(conds: Sequence[Any]) -> Any:
-    """Row-concatenate conditions that are tensors, or dicts of tensors padded along dim 1
-    (values) with per-row lengths. Families with another layout override
-    :meth:`ScaleWiseAdapter.cfg_condition`."""
-    first = conds[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(list(conds), dim=0)
-    if isinstance(first, dict):
-        out = {}
-        for key in first:
-            vals = [c[key] for c in conds]
-            if isinstance(vals[0], torch.Tensor) and vals[0].dim() >= 2 and len({v.shape[1] for v in vals}) > 1:
-                n = max(v.shape[1] for v in vals)
-                vals = [torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, n - v.shape[1])) for v in vals]
-            out[key] = torch.cat(vals, dim=0) if isinstance(vals[0], torch.Tensor) else sum(vals, [])
-        return out
-    raise TypeError(f"cannot concatenate conditions of type {type(first).__name__}; "
-                    "override cfg_condition() for this family")
 
 
 @torch.no_grad()
@@ -263,6 +246,34 @@ class ScaleWiseAdapter(ABC):
             raise ValueError(f"family '{self.name}' is not class-conditional; give condition payloads "
                              "(e.g. --text-features) instead of class labels")
         return labels
+
+    @property
+    def condition_payloads(self) -> dict[str, PayloadSpec]:
+        """The named payloads :meth:`condition` reads (name -> :class:`~sar_core.batch.PayloadSpec`),
+        checked before sampling / training against ``--payload NAME=FILE`` and the data.
+        Default: none for class-conditional families, else one ``text_features`` sequence."""
+        return {} if self.num_classes is not None else {"text_features": PayloadSpec()}
+
+    def check_payloads(self, payloads: dict, where: str, hint: str = "") -> None:
+        """One-line ValueError naming a missing / unexpected / misshapen payload from ``where``."""
+        check_payloads(self.condition_payloads, payloads, self.name, where, hint)
+
+    def set_null_payloads(self, payloads: dict) -> None:
+        """Receive the encoder-derived null payloads (name -> (n, dim): the encoder's output for
+        the empty prompt, in no checkpoint; from ``--null-payload``, a data folder's
+        ``null_payloads.pt``, ``sar encode-text``) of every ``encoded_null`` payload, checked
+        against the specs. ``null_condition`` and condition dropout read them through
+        :meth:`null_payload`; families keeping them elsewhere too (backbone buffers) extend this."""
+        self._null_payloads = {k: v.to(self.device) for k, v in
+                               check_null_payloads(self.condition_payloads, payloads, self.name).items()}
+
+    def null_payload(self, name: str) -> torch.Tensor:
+        """Null payload ``name`` (n, dim) on the model's device; a ValueError naming the fix if not given."""
+        if name not in getattr(self, "_null_payloads", {}):
+            raise ValueError(f"family '{self.name}' needs the null payload '{name}' (the text encoder's features "
+                             f"of the empty prompt, in no checkpoint): give --null-payload {name}=FILE "
+                             "(sar encode-text writes null_payloads.pt)")
+        return self._null_payloads[name].to(self.device)
 
     def null_condition(self, cond: Any) -> Any:
         """The null (unconditional) condition, one row per row of ``cond``.

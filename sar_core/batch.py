@@ -1,5 +1,6 @@
-"""The batch types of the adapter contract: :class:`Batch` and :class:`Padded`, and the
-collate that builds them from dataset items.
+"""The batch types of the adapter contract: :class:`Batch` and :class:`Padded`, the
+collate that builds them from dataset items, and :class:`PayloadSpec`: what a family says
+it reads from ``Batch.conditions`` (checked by :func:`check_payloads`).
 
 A dataset item is ``(x, target)``: ``x`` is an image float (3, H, W) in [-1, 1] or a list
 of per-scale int64 code tensors; ``target`` is a class id, or a dict ``{"label": int
@@ -11,7 +12,7 @@ Imports nothing of sar.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -126,3 +127,110 @@ def collate(items: list) -> Batch:
 
 
 
+
+
+def cat_conditions(conds: Sequence[Any]) -> Any:
+    """Row-concatenate conditions that are tensors, or dicts of tensors padded along dim 1
+    (values) with per-row lengths. Families with another layout override
+    :meth:`ScaleWiseAdapter.cfg_condition`."""
+    first = conds[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(conds), dim=0)
+    if isinstance(first, dict):
+        out = {}
+        for key in first:
+            vals = [c[key] for c in conds]
+            if isinstance(vals[0], torch.Tensor) and vals[0].dim() >= 2 and len({v.shape[1] for v in vals}) > 1:
+                n = max(v.shape[1] for v in vals)
+                vals = [torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, n - v.shape[1])) for v in vals]
+            out[key] = torch.cat(vals, dim=0) if isinstance(vals[0], torch.Tensor) else sum(vals, [])
+        return out
+    raise TypeError(f"cannot concatenate conditions of type {type(first).__name__}; "
+                    "override cfg_condition() for this family")
+
+
+# ----------------------------------------------------------------------------- payload specs
+@dataclass(frozen=True)
+class PayloadSpec:
+    """One named condition payload a family reads: per sample a float (n_i, dim) tensor.
+
+    ``dim``: the feature width (None: any); ``rows``: n_i when it is fixed (1 for a pooled
+    vector; None: any n_i >= 1); ``required``: False when the family can do without it
+    (e.g. it takes class labels too); ``encoded_null``: the payload's null (unconditional)
+    value is the text encoder's output for the empty prompt, which no checkpoint holds, so
+    the adapter must be given it (``ScaleWiseAdapter.set_null_payloads``: ``--null-payload``,
+    a data folder's ``null_payloads.pt``) before guidance or condition dropout."""
+
+    dim: Optional[int] = None
+    rows: Optional[int] = None
+    required: bool = True
+    encoded_null: bool = False
+
+    def __str__(self) -> str:
+        return f"({self.rows if self.rows is not None else 'n'}, {self.dim if self.dim is not None else 'D'})"
+
+
+def describe_payloads(specs: Mapping[str, PayloadSpec]) -> str:
+    """'a (1, 768), b (n, 2048)' (or 'none')."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(specs.items())) or "none"
+
+
+def _sample_shape(value: Any) -> tuple[Optional[int], tuple]:
+    """(rows of a sample or None when they vary, trailing shape) of a Padded or one (n_i, ...) tensor."""
+    if isinstance(value, Padded):
+        lens = set(value.lengths.tolist())
+        return (lens.pop() if len(lens) == 1 else None), tuple(value.values.shape[2:])
+    t = torch.as_tensor(value)
+    return (int(t.shape[0]) if t.dim() else None), tuple(t.shape[1:])
+
+
+def check_payloads(specs: Mapping[str, PayloadSpec], payloads: Mapping[str, Any], family: str, where: str,
+                   hint: str = "") -> None:
+    """Raise ValueError (one line, naming the payload) when ``payloads`` (name -> Padded, or
+    one sample's (n_i, ...) tensor) lack a required payload of ``specs``, hold one the
+    family does not read, or one of the wrong width / row count. ``where`` names the
+    source (e.g. "the data", "--payload"), ``hint`` the fix."""
+    hint = f"; {hint}" if hint else ""
+    wants = describe_payloads(specs)
+    extra = sorted(set(payloads) - set(specs))
+    if extra and not specs:
+        raise ValueError(f"unexpected condition payload '{extra[0]}' from {where}: family '{family}' reads none "
+                         "(it is class-conditional, not text-conditioned: give class labels)")
+    if extra:
+        raise ValueError(f"unexpected condition payload '{extra[0]}' from {where}: family '{family}' reads "
+                         f"{wants}{hint}")
+    for name, spec in sorted(specs.items()):
+        if name not in payloads:
+            if spec.required:
+                have = ", ".join(sorted(payloads)) or "none"
+                raise ValueError(f"missing condition payload '{name}' {spec}: family '{family}' reads {wants}; "
+                                 f"{where} gives {have}{hint}")
+            continue
+        rows, tail = _sample_shape(payloads[name])
+        if spec.dim is not None and (len(tail) != 1 or tail[0] != spec.dim):
+            got = "x".join(map(str, tail)) or "scalar"
+            raise ValueError(f"condition payload '{name}' from {where} has {got}-wide rows; family '{family}' "
+                             f"needs {spec} (use the text encoder the model was trained with){hint}")
+        if spec.rows is not None and rows != spec.rows:
+            raise ValueError(f"condition payload '{name}' from {where} has {rows if rows is not None else 'varying'} "
+                             f"rows per sample; family '{family}' needs exactly {spec.rows} {spec}{hint}")
+
+
+def check_null_payloads(specs: Mapping[str, PayloadSpec], payloads: Mapping[str, Any],
+                        family: str) -> dict[str, torch.Tensor]:
+    """The encoder-derived null payloads of ``specs`` (those with ``encoded_null``) from
+    ``payloads`` (name -> (n, dim) tensor, or (dim,)), as float tensors; a one-line
+    ValueError for a family without them, a missing / unexpected one or a wrong width."""
+    wanted = {k: PayloadSpec(v.dim, v.rows) for k, v in specs.items() if v.encoded_null}
+    if not wanted:
+        raise ValueError(f"family '{family}' builds its own null condition (no encoder-derived null payloads); "
+                         "drop --null-payload")
+    vals = {}
+    for k, v in payloads.items():
+        t = torch.as_tensor(v).float()
+        vals[k] = t[None] if t.dim() == 1 else t
+        if vals[k].dim() != 2:
+            raise ValueError(f"null payload '{k}' must be one (n, dim) tensor, got {tuple(t.shape)}")
+    check_payloads(wanted, vals, family, "the null payloads", "give the encoder's features of the empty "
+                   "prompt for each (--null-payload NAME=FILE; sar encode-text writes null_payloads.pt)")
+    return vals

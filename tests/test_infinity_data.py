@@ -45,7 +45,10 @@ def test_missing_manifest_and_features_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="captions manifest"):
         TextImageFolder(tmp_path)
     (tmp_path / "captions.jsonl").write_text('{"image": "a.png"}\n')
-    with pytest.raises(ValueError, match="no text features"):
+    with pytest.raises(ValueError, match="no condition payloads.*sar encode-text"):
+        TextImageFolder(tmp_path)
+    (tmp_path / "captions.jsonl").write_text('{"image": "a.png", "features": "a.pt"}\n{"image": "b.png"}\n')
+    with pytest.raises(ValueError, match="1 of 2 manifest entries have no payload 'text_features' .e.g. b.png"):
         TextImageFolder(tmp_path)
     (tmp_path / "captions.jsonl").write_text('not json\n')
     with pytest.raises(ValueError, match="captions.jsonl:1: not a JSON object"):

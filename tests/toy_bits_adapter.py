@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from sar_core.adapter import AdapterConfig, CheckpointError, CodeSpace, Generation, ScaleWiseAdapter
+from sar_core.batch import PayloadSpec
 from sar_core.checkpoint_io import atomic_save, load_file
 from sar_core.data.datasets import image_hw
 from sar_core.hookspecs import hookimpl
@@ -172,7 +173,7 @@ class ToyBitsAdapter(ScaleWiseAdapter):
         if bb is not None:
             values.update(bb[KEY])
         values.update(overrides or {})
-        adapter = cls.from_config(ToyBitsConfig(**values))
+        adapter = cls.from_config(cls.config_cls(**values))
         _load_strict(adapter.tokenizer, tok["state_dict"], tokenizer_path)
         if bb is not None:
             _load_strict(adapter.backbone, bb["state_dict"], backbone_path)
@@ -205,6 +206,10 @@ class ToyBitsAdapter(ScaleWiseAdapter):
         return CodeSpace(bits=self.config.bits)
 
     # ------------------------------------------------------------ conditions
+    @property
+    def condition_payloads(self) -> dict:
+        return {PAYLOAD: PayloadSpec(dim=self.config.text_dim)}
+
     def condition(self, batch) -> dict:
         if PAYLOAD not in batch.conditions:
             have = ", ".join(sorted(batch.conditions)) or "none"

@@ -1,7 +1,8 @@
 """The ``infinity`` family: Infinity (FoundationVision/Infinity) with its BSQ-VAE tokenizer.
 
-Bitwise codes, text conditions (pre-computed T5 features), non-square template
-schedules, and Bitwise Self-Correction as a training option. Registered through the
+Bitwise codes, text conditions (pre-computed T5 features, e.g. the ``textimages`` dataset
+of the ``core`` plugin), non-square template schedules, and Bitwise Self-Correction as a
+training option. Registered through the
 ``sar`` entry-point group like any third-party plugin.
 """
 
@@ -17,9 +18,3 @@ __all__ = ["InfinityAdapter", "InfinityConfig"]
 def register_adapters(register):
     register("infinity", InfinityAdapter)
 
-
-@hookimpl
-def register_datasets(register):
-    from .data import textimages
-
-    register("textimages", textimages)

@@ -27,6 +27,7 @@ from sar_core.adapter import CheckpointError, CodeSpace, Generation, ScaleWiseAd
 from sar_adapters.common.fresh import FreshFromConfig
 from sar_adapters.common.precision import tokenizer_side
 from sar_core.checkpoint_io import NoBackbone, params_on_meta
+from sar_core.batch import PayloadSpec
 from sar_core.schedule import Schedule
 
 from . import bsq
@@ -213,6 +214,12 @@ class InfinityAdapter(FreshFromConfig, ScaleWiseAdapter):
         return CodeSpace(bits=int(self.config.token_bits))
 
     # ---------------------------------------------------------------- conditions
+    @property
+    def condition_payloads(self) -> dict:
+        """T5 features (n_i, Ct5); optional with stand-in classes (labels do). The null text is
+        the learned ``cfg_uncond`` of the checkpoint, so no null payload is needed."""
+        return {TEXT_KEY: PayloadSpec(dim=int(self.config.backbone.text_channels), required=self.num_classes is None)}
+
     def condition(self, batch) -> dict:
         feats = batch.conditions.get(TEXT_KEY)
         if feats is None and self.num_classes is not None and batch.labels is not None:

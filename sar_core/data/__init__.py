@@ -1,6 +1,7 @@
 """Data: datasets and the resumable, seeded batch stream (``datasets``), pre-tokenised code
-caches (``code_cache``), image reading (``image_io``), class maps (``classes``) and fitting a
-tokenizer to a dataset (``tokenizer_fit``). The batch types themselves are contract
+caches (``code_cache``), image reading (``image_io``), class maps (``classes``), condition
+payloads from files and datasets (``payloads``) and fitting a tokenizer to a dataset
+(``tokenizer_fit``). The batch types themselves are contract
 (``sar_core.batch``).
 
 May import: the contract modules only (``batch``, ``schedule``, ``plugins`` for the dataset

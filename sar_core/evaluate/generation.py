@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from sar_core.adapter import ScaleWiseAdapter
-from sar_core.batch import Batch, Padded
+from sar_core.batch import Batch
+from sar_core.data.payloads import padded_features  # noqa: F401  (its home before sar_core.data.payloads)
 from sar_core.schedule import Schedule
 
 Progress = Optional[Callable[[int], None]]  # called with the number of images just made
@@ -71,32 +72,10 @@ def check_labels(labels: torch.Tensor, num_classes: Optional[int]) -> None:
                          f"{sorted(set(labels.tolist()))}")
 
 
-def padded_features(obj: Any, what: str = "text features") -> Padded:
-    """A list of (n_i, D) tensors, or a dict {"features": (N, N_max, D), "lengths": (N,)}
-    (what ``--text-features FILE`` holds) -> :class:`~sar_core.data.datasets.Padded`."""
-    if isinstance(obj, Padded):
-        return obj
-    if isinstance(obj, (list, tuple)):
-        if not obj or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in obj):
-            raise ValueError(f"{what}: a list needs one (n_i, D) tensor per sample")
-        if len({tuple(t.shape[1:]) for t in obj}) > 1:
-            raise ValueError(f"{what}: every (n_i, D) tensor of the list needs the same D")
-        return Padded.pad([t.float() for t in obj])
-    if isinstance(obj, dict) and set(obj) >= {"features", "lengths"}:
-        values, lengths = torch.as_tensor(obj["features"]), torch.as_tensor(obj["lengths"]).long()
-        if values.dim() < 2 or lengths.shape != values.shape[:1]:
-            raise ValueError(f"{what}: 'features' must be (N, N_max, ...) and 'lengths' (N,); got "
-                             f"{tuple(values.shape)} and {tuple(lengths.shape)}")
-        if len(lengths) and (lengths.min() < 0 or lengths.max() > values.shape[1]):
-            raise ValueError(f"{what}: lengths must lie in 0..{values.shape[1]}")
-        return Padded(values.float(), lengths)
-    raise ValueError(f"{what}: expected a list of (n_i, D) tensors or a dict with 'features' "
-                     "(N, N_max, D) and 'lengths' (N,)")
-
-
 def condition_batch(conditions: Batch | dict, labels: Optional[torch.Tensor] = None) -> Batch:
     """A :class:`~sar_core.data.datasets.Batch` of condition payloads (no images): ``conditions`` is
-    a Batch, or a dict payload name -> Padded / list of (n_i, D) tensors / features dict."""
+    a Batch, or a dict payload name -> Padded / a payload file's content
+    (:func:`sar_core.data.payloads.padded_features`)."""
     if isinstance(conditions, Batch):
         return conditions
     payloads = {k: padded_features(v, k) for k, v in conditions.items()}

@@ -349,7 +349,7 @@ def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSp
     n_classes = adapter.num_classes
     if n_classes is None and conditions is None:
         raise ValueError(f"family '{adapter.name}' has no classes to sample class-balanced; give condition "
-                         "payloads (e.g. --text-features FILE)")
+                         "payloads (--payload NAME=FILE, e.g. --text-features FILE)")
     schedule = Schedule.parse(schedule) if schedule is not None else adapter.default_schedule
     size = tuple(adapter.image_size(schedule))
     used_split = None

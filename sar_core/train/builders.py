@@ -1,5 +1,6 @@
-"""Builders of a training run: seeds, the adapter, rollout / loss, schedule sampler, and
-the pixel size of training images checked against the model.
+"""Builders of a training run: seeds, the adapter (with its null payloads), rollout / loss,
+schedule sampler, the data's condition payloads and the pixel size of training images
+checked against the model.
 
 Re-exported by :mod:`sar_core.train.trainer` (``from sar_core.train.trainer import build_adapter``
 keeps working)."""
@@ -14,6 +15,7 @@ import torch
 
 from sar_core.train.config import RunConfig
 from sar_core.data.datasets import image_hw, is_code_cache, open_training_data
+from sar_core.data.payloads import check_dataset_payloads, provide_null_payloads, read_null_payloads
 from sar_core.schedule import Schedule, ScheduleSampler
 
 
@@ -36,8 +38,21 @@ def build_adapter(cfg: RunConfig, registry) -> Any:
         for key, value in cls.image_size_overrides(image_hw(cfg.data.image_size)).items():
             overrides.setdefault(key, value)
     if cfg.model.tokenizer is None and cfg.model.backbone is None:
-        return cls.from_config(cls.config_cls.model_validate(overrides))
-    return cls.load(cfg.model.tokenizer, cfg.model.backbone, overrides=overrides or None)
+        adapter = cls.from_config(cls.config_cls.model_validate(overrides))
+    else:
+        adapter = cls.load(cfg.model.tokenizer, cfg.model.backbone, overrides=overrides or None)
+    if cfg.model.null_payloads:
+        adapter.set_null_payloads(read_null_payloads(cfg.model.null_payloads))
+    return adapter
+
+
+def prepare_conditions(cfg: RunConfig, adapter, dataset, log) -> None:
+    """Before the first step: the data's condition payloads against what the adapter reads,
+    and its encoder-derived null payloads (``model.null_payloads``, else the data's own)."""
+    check_dataset_payloads(adapter, dataset, f"--data {cfg.data.name}")
+    taken = provide_null_payloads(adapter, dataset, bool(cfg.model.null_payloads))
+    if taken:
+        log(f"null payloads {', '.join(taken)}: the data's own (its encoder's features of the empty prompt)")
 
 
 def build_schedule_sampler(adapter, spec: Optional[str], seed: int, registry) -> ScheduleSampler:

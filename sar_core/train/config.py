@@ -53,6 +53,10 @@ class ModelConfig(Section):
                                        "(default: the backbone's own)")
     resize_classes: bool = Field(False, description="resize the class embedding to the data's class count "
                                  "(new rows freshly initialised, null class kept last)")
+    null_payloads: dict[str, Path] = Field(
+        default_factory=dict, description="encoder-derived null payloads (features of the empty prompt) of "
+        "families that need them: payload name -> file (an (n, D) tensor or a dict holding the name); "
+        "default: the data's own (textimages: null_payloads.pt)")
 
 
 class DataConfig(Section):
@@ -178,6 +182,7 @@ class RunConfig(Section):
             ref = getattr(cfg.model, key)
             if ref is not None and not hub.is_hub_ref(ref):
                 setattr(cfg.model, key, absolute(ref))
+        cfg.model.null_payloads = {k: absolute(v) for k, v in cfg.model.null_payloads.items()}
         name = cfg.data.name
         if name not in dataset_names and Path(os.path.expanduser(name)).exists():
             cfg.data.name = os.path.abspath(os.path.expanduser(name))

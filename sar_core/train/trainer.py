@@ -36,7 +36,8 @@ import torch
 from sar_core.train import checkpointing as ckpt
 from sar_core.train import distributed as D
 from sar_core.train.builders import (build_adapter, build_rollout_and_loss, build_schedule_sampler,  # noqa: F401
-                                     data_image_size, derived_seed, open_run_data, seed_all)
+                                     data_image_size, derived_seed, open_run_data, prepare_conditions,
+                                     seed_all)
 from sar_core.checkpoint_io import atomic_write_text
 from sar_core.train.checkpointer import (Checkpointer, EMAPart, ModelPart, OptimizerPart, SamplerPart, Saved,
                                          ScalerPart)
@@ -128,6 +129,7 @@ class Trainer:
         if cfg.model.cond_drop is not None:
             self.adapter.condition_dropout = cfg.model.cond_drop
         self.dataset, self._train_hw = open_run_data(cfg, self.adapter, self.sampler, self.registry)
+        prepare_conditions(cfg, self.adapter, self.dataset, self.log)  # payloads read, null payloads given
         from sar_core.data.classes import check_classes, data_num_classes
 
         check_classes(data_num_classes(self.dataset), self.adapter, cfg.model.resize_classes,
