@@ -1,4 +1,4 @@
-"""Every shipped family (and the toy) passes the public adapter contract suite."""
+"""Every shipped family (and the toys) passes the public adapter contract suite."""
 
 from pathlib import Path
 
@@ -8,9 +8,10 @@ from sar_adapters.flexvar.sampler import guidance_scale as flexvar_guidance
 from sar_adapters.var import VARAdapter, VARConfig
 from sar_core.sar.sampling import guide
 from sar_core.testing import AdapterContractTests
-from sar_core.testing import text_feature_batch
+from sar_core.testing import payload_batch, text_feature_batch
 from toy_adapter import ToyAdapter, ToyConfig, ToyWithinScaleAdapter
 from toy_bits_adapter import PAYLOAD, ToyBitsAdapter, ToyBitsConfig
+from toy_pair_adapter import ToyPairAdapter, ToyPairConfig
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -71,3 +72,14 @@ class TestToyBitsContract(AdapterContractTests):
 
     def make_batch(self, adapter, batch_size, generator):
         return text_feature_batch(adapter, batch_size, generator, PAYLOAD, adapter.config.text_dim)
+
+
+class TestToyPairContract(AdapterContractTests):
+    """Two named payloads (a pooled vector + a token sequence) and an encoder-derived null
+    condition (given by the suite, in no checkpoint)."""
+
+    def make_adapter(self):
+        return ToyPairAdapter.from_config(ToyPairConfig())
+
+    def make_batch(self, adapter, batch_size, generator):
+        return payload_batch(adapter, batch_size, generator)

@@ -10,7 +10,9 @@ name pytest collects (``Test*``) and provides one method that builds a tiny mode
         def make_adapter(self):
             return MyAdapter.from_config(MyConfig(depth=1, embed_dim=32))
 
-Optional overrides: :meth:`make_batch` (text-conditioned families add ``conditions``),
+Optional overrides: :meth:`make_batch` (text-conditioned families add ``conditions``;
+:func:`payload_batch` gives every payload the adapter declares), :meth:`make_null_payloads`
+(families with encoder-derived null payloads: default random ones of the declared widths),
 :meth:`schedule` / :meth:`generate_schedule`, :meth:`save_load_paths`,
 :meth:`load_overrides`, :meth:`foreign_checkpoints`, :meth:`sampler_guided_logits` (when
 the family's sampler guides with another ramp than ``adapter.guide_logits``), and the
@@ -35,9 +37,10 @@ May import: the contract modules, ``sar_core.sar`` (the SAR step it runs) and
 """
 
 from sar_core.testing.checks_step import ROLLOUT_LOSSES
-from sar_core.testing.helpers import (code_shape, default_batch, input_slice, pinned, random_codes, random_images,
-                                      same_codes, text_feature_batch, wrong_codes)
+from sar_core.testing.helpers import (code_shape, default_batch, input_slice, payload_batch, pinned, random_codes,
+                                      random_images, random_null_payloads, same_codes, text_feature_batch, wrong_codes)
 from sar_core.testing.suite import AdapterContractTests
 
-__all__ = ["AdapterContractTests", "ROLLOUT_LOSSES", "code_shape", "default_batch", "input_slice", "pinned",
-           "random_codes", "random_images", "same_codes", "text_feature_batch", "wrong_codes"]
+__all__ = ["AdapterContractTests", "ROLLOUT_LOSSES", "code_shape", "default_batch", "input_slice", "payload_batch",
+           "pinned", "random_codes", "random_images", "random_null_payloads", "same_codes", "text_feature_batch",
+           "wrong_codes"]

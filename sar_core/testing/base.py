@@ -14,7 +14,7 @@ from sar_core.batch import Batch
 from sar_core.sar.losses import BUILTIN_LOSSES
 from sar_core.sar.step import sar_step
 from sar_core.schedule import Schedule
-from sar_core.testing.helpers import default_batch
+from sar_core.testing.helpers import default_batch, random_null_payloads
 
 
 class ContractBase:
@@ -67,6 +67,12 @@ class ContractBase:
         torch.save({"state_dict": {"other.weight": torch.zeros(3, 3)}, "family": "other"}, path)
         return [path]
 
+    def make_null_payloads(self, adapter: ScaleWiseAdapter, generator: torch.Generator) -> dict:
+        """The encoder-derived null payloads the suite gives a family whose payload specs have
+        ``encoded_null`` (``set_null_payloads``). Default: random features of the declared
+        widths; an author may return a real encoder's features of the empty prompt."""
+        return random_null_payloads(adapter, generator)
+
     def sampler_guided_logits(self, adapter: ScaleWiseAdapter, cond_logits: torch.Tensor,
                               uncond_logits: torch.Tensor, step: int, num_steps: int, cfg: float) -> torch.Tensor:
         """How the family's sampler guides scale ``step`` (default: ``adapter.guide_logits``)."""
@@ -82,6 +88,9 @@ class ContractBase:
             ad.liven(torch.Generator().manual_seed(int(self.liven_seed)))
         ad.backbone.eval()
         ad.condition_dropout = 0.0
+        nulls = self.make_null_payloads(ad, torch.Generator().manual_seed(11))
+        if nulls:
+            ad.set_null_payloads(nulls)
         return ad
 
     @pytest.fixture

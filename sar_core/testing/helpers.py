@@ -1,6 +1,7 @@
 """Helpers of the contract suite, also for authors' own tests: random / wrong codes of a
-code space, the input slice of a scale, random batches (class labels or text features),
-and a context that pins train mode and condition dropout."""
+code space, the input slice of a scale, random batches (class labels, text features, or
+every payload an adapter declares), random null payloads, and a context that pins train
+mode and condition dropout."""
 
 from __future__ import annotations
 
@@ -78,3 +79,32 @@ def pinned(adapter: ScaleWiseAdapter, training: bool, dropout: float):
     finally:
         adapter.condition_dropout = drop
         adapter.backbone.train(was)
+
+
+def random_payload(spec, n: int, generator: torch.Generator, max_len: int = 4) -> list:
+    """``n`` random (n_i, dim) features for a :class:`~sar_core.batch.PayloadSpec` (n_i its
+    ``rows``, else 1..max_len; ``dim`` 8 when the spec says any)."""
+    dim = int(spec.dim) if spec.dim is not None else 8
+    if spec.rows is not None:
+        lengths = [spec.rows] * n
+    else:
+        lengths = torch.randint(1, max_len + 1, (n,), generator=generator).tolist()
+    return [torch.randn(int(m), dim, generator=generator) for m in lengths]
+
+
+def payload_batch(adapter: ScaleWiseAdapter, batch_size: int, generator: torch.Generator) -> Batch:
+    """Random images plus a random payload for every payload the adapter declares
+    (``condition_payloads``): a ``make_batch`` for families conditioned on several payloads."""
+    conditions = {name: Padded.pad(random_payload(spec, batch_size, generator))
+                  for name, spec in sorted(adapter.condition_payloads.items())}
+    return Batch(images=random_images(adapter, batch_size, generator), conditions=conditions)
+
+
+def random_null_payloads(adapter: ScaleWiseAdapter, generator: torch.Generator) -> dict:
+    """Random encoder-derived null payloads, (rows or 3, dim) each, for the payloads whose spec
+    has ``encoded_null`` ({} for families that build their own null condition)."""
+    out = {}
+    for name, spec in sorted(adapter.condition_payloads.items()):
+        if spec.encoded_null:
+            out[name] = torch.randn(spec.rows or 3, int(spec.dim) if spec.dim is not None else 8, generator=generator)
+    return out
