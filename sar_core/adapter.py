@@ -26,9 +26,7 @@ Conventions every adapter follows
 * A condition is whatever the family needs (class ids (B,) int64, or a dict of text
   features). The core builds it only through :meth:`ScaleWiseAdapter.condition` (from a
   :class:`~sar_core.batch.Batch`), :meth:`null_condition` / :meth:`cfg_condition` and
-  :meth:`condition_to`; it never looks inside. The named payloads ``condition`` reads are
-  declared by :attr:`~ScaleWiseAdapter.condition_payloads` (checked before sampling /
-  training); encoder-derived null payloads arrive through ``set_null_payloads``.
+  :meth:`condition_to`; it never looks inside. ``condition_payloads`` declares what it reads.
 * Every fact the core needs is a member below (``num_classes``, ``code_space``,
   ``image_size``, ``training_image_size``, ``guidance_scale``, ...): the core never probes
   config field names or attributes.
@@ -250,8 +248,8 @@ class ScaleWiseAdapter(ABC):
     @property
     def condition_payloads(self) -> dict[str, PayloadSpec]:
         """The named payloads :meth:`condition` reads (name -> :class:`~sar_core.batch.PayloadSpec`),
-        checked before sampling / training against ``--payload NAME=FILE`` and the data.
-        Default: none for class-conditional families, else one ``text_features`` sequence."""
+        checked against ``--payload`` / the data before any work. Default: none for
+        class-conditional families, else one ``text_features`` sequence."""
         return {} if self.num_classes is not None else {"text_features": PayloadSpec()}
 
     def check_payloads(self, payloads: dict, where: str, hint: str = "") -> None:
@@ -259,16 +257,14 @@ class ScaleWiseAdapter(ABC):
         check_payloads(self.condition_payloads, payloads, self.name, where, hint)
 
     def set_null_payloads(self, payloads: dict) -> None:
-        """Receive the encoder-derived null payloads (name -> (n, dim): the encoder's output for
-        the empty prompt, in no checkpoint; from ``--null-payload``, a data folder's
-        ``null_payloads.pt``, ``sar encode-text``) of every ``encoded_null`` payload, checked
-        against the specs. ``null_condition`` and condition dropout read them through
-        :meth:`null_payload`; families keeping them elsewhere too (backbone buffers) extend this."""
+        """Receive the encoder-derived null payloads ({name: (n, dim)}, the encoder's empty prompt,
+        in no checkpoint) of the ``encoded_null`` specs, checked; ``null_condition`` and dropout
+        read them via :meth:`null_payload`. Families keeping them elsewhere too extend this."""
         self._null_payloads = {k: v.to(self.device) for k, v in
                                check_null_payloads(self.condition_payloads, payloads, self.name).items()}
 
     def null_payload(self, name: str) -> torch.Tensor:
-        """Null payload ``name`` (n, dim) on the model's device; a ValueError naming the fix if not given."""
+        """Null payload ``name`` on the model's device; a ValueError naming ``--null-payload`` if not given."""
         if name not in getattr(self, "_null_payloads", {}):
             raise ValueError(f"family '{self.name}' needs the null payload '{name}' (the text encoder's features "
                              f"of the empty prompt, in no checkpoint): give --null-payload {name}=FILE "
