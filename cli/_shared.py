@@ -22,7 +22,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
             MissingWeightsError, StaleCacheError, ImportError)
 
 
-def fail(console: Console, exc: BaseException) -> None:
+def fail(console: Optional[Console], exc: BaseException) -> None:
     """One line on stderr (never wrapped), exit status 2."""
     from rich.markup import escape
 
@@ -130,6 +130,11 @@ def pass_progress(console: Console) -> Iterator:
         yield start
 
 
+def _config_error(message: str) -> None:
+    """A bad ``--config`` file: one ``error:`` line, exit status 2 (not click's usage box)."""
+    fail(None, ValueError(message))
+
+
 def _read_defaults(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Path]:
     """``--config FILE``: a YAML / JSON mapping of this command's option names to values,
     used as defaults. Precedence: flag > SAR_* variable > config file > built-in default."""
@@ -138,18 +143,18 @@ def _read_defaults(ctx: typer.Context, param, value: Optional[Path]) -> Optional
     import yaml
 
     if not Path(value).is_file():
-        raise typer.BadParameter(f"config file not found: {value}")
+        _config_error(f"--config {value}: config file not found")
     try:
         data = yaml.safe_load(Path(value).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise typer.BadParameter(f"cannot parse {value}: {' '.join(str(exc).split())}") from None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+        _config_error(f"--config {value}: cannot parse it: {' '.join(str(exc).split())}")
     if not isinstance(data, dict):
-        raise typer.BadParameter(f"{value} must hold a mapping of option names to values")
+        _config_error(f"--config {value} must hold a mapping of option names to values")
     known = {p.name for p in ctx.command.params if p.name and p.name != "config"}
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise typer.BadParameter(f"{value}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        _config_error(f"--config {value}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
 

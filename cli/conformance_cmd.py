@@ -21,17 +21,17 @@ def conformance(
 ) -> None:
     """Run every recorded step of a golden case with the adapter its config.json names and
     compare each output with the upstream one. Exit status 0 only if every key passes."""
-    from sar_core.adapter import CheckpointError
+    from sar_cli._outputs import writable_file
+    from sar_cli._shared import fail, user_errors
     from sar_core.conformance import run_conformance
-    from sar_core.plugins import PluginError
 
     console = Console()
     try:
+        writable_file(dump, "--dump")  # before running the case
         with console.status(f"running golden case {case_dir} ..."):
             report = run_conformance(case_dir, dump=dump)
-    except (FileNotFoundError, ValueError, CheckpointError, PluginError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2)
+    except user_errors() as exc:  # one line on stderr, however long (key lists) the message
+        fail(console, exc)
     table = Table(title=f"conformance: {report.family} case {report.case_dir}",
                   caption="rule: what decides, b the recorded value; used: the worst element's |a-b| "
                           "over what the rule allows it (passes up to 1)")

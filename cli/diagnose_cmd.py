@@ -14,6 +14,7 @@ from sar_cli._shared import (
     OVERRIDE,
     BACKBONE, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, user_errors,
 )
+from sar_cli._outputs import plot_file, writable_file, writable_folder, writing
 
 
 def _fmt(v, signed: bool = False) -> str:
@@ -77,6 +78,9 @@ def diagnose(
 
     console = Console()
     try:
+        writable_file(out, "--out")  # before the passes: a bad output path loses no work
+        plot_file(plot, "--plot")
+        writable_folder(maps, "--maps")
         adapter = load_model(console, family, tokenizer, backbone, device, random_backbone, override)
         dataset, sched = _data(data, adapter, schedule, split)
         from sar_core.data.payloads import check_dataset_payloads
@@ -96,13 +100,16 @@ def diagnose(
         fail(console, exc)
     print_gap(console, report)
     if out is not None:
-        atomic_write_text(json.dumps(report, indent=2), out)
+        with writing(console, out, "--out"):
+            atomic_write_text(json.dumps(report, indent=2), out)
         console.print(f"wrote {out}")
     if plot is not None:
-        plot_exposure_gap(report, plot)
+        with writing(console, plot, "--plot"):
+            plot_exposure_gap(report, plot)
         console.print(f"wrote {plot}")
     if maps is not None:
-        save_difference_maps(diff, maps)
+        with writing(console, maps, "--maps"):
+            save_difference_maps(diff, maps)
         console.print(f"wrote difference maps to {maps}/ (scale_KK.png, all_scales.png)")
 
 

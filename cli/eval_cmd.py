@@ -15,6 +15,7 @@ from sar_cli._shared import (
     BACKBONE, CFG, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY, TOP_K, TOP_P,
     SCHEDULE, TOKENIZER, condition_payloads, fail, load_model, pass_progress, user_errors,
 )
+from sar_cli._outputs import writable_file, writable_folder, write_failed, writing
 
 ROWS = (("fid", "FID"), ("isc_mean", "IS"), ("isc_std", "IS std"), ("kid_mean", "KID"), ("kid_std", "KID std"),
         ("precision", "precision"), ("recall", "recall"), ("f_score", "F-score"),
@@ -32,6 +33,17 @@ def print_report(console: Console, report: dict, title: str = "sar eval") -> Non
     console.print(table)
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+def _written(exc: OSError, folder: Optional[Path], npz: Optional[Path]) -> Optional[tuple[Path, str]]:
+    """(path, flag) of the output an OSError was writing, or None (not one of ours)."""
+    name = Path(exc.filename).resolve() if getattr(exc, "filename", None) else None
+    for path, flag in ((folder, "--samples-folder"), (npz, "--samples-npz")):
+        if path is not None and name is not None and (name == Path(path).resolve()
+                                                      or Path(path).resolve() in name.parents
+                                                      or name.name.startswith(Path(path).name)):
+            return Path(path), flag
+    return None
 
 
 def evaluate(
@@ -99,7 +111,11 @@ def evaluate(
             raise ValueError(f"--num-samples must be >= 2, got {num_samples}")
         if save_reference_stats is not None and reference is None:
             raise ValueError("--save-reference-stats needs --reference")
-        # resolve the extractor first: a missing weights file fails before any sampling
+        # every output path and the extractor first: neither fails after the sampling pass
+        for path, flag in ((out, "--out"), (samples_npz, "--samples-npz"),
+                           (save_reference_stats, "--save-reference-stats")):
+            writable_file(path, flag)
+        writable_folder(samples_folder, "--samples-folder")
         extractor = get_feature_extractor(feature_extractor, weights)
         adapter = load_model(console, family, tokenizer, backbone, device, random_backbone, override,
                              null_payloads=null_payload, needs_null=True)
@@ -116,17 +132,24 @@ def evaluate(
                 ref = reference_set(reference, reference_split, tuple(report["image_size"]))
                 stats = reference_statistics(ref, extractor, adapter.device, batch_size,
                                              start("reference statistics", len(ref)))
-                save_statistics(stats, save_reference_stats)
+                with writing(console, save_reference_stats, "--save-reference-stats"):
+                    save_statistics(stats, save_reference_stats)
                 console.print(f"wrote reference statistics to {save_reference_stats}")
     except user_errors() as exc:
         fail(console, exc)
+    except OSError as exc:  # the samples folder / .npz, written during the pass
+        where = _written(exc, samples_folder, samples_npz)
+        if where is None:
+            raise
+        fail(console, write_failed(exc, *where))
     report.update({"tokenizer": str(tokenizer), "backbone": str(backbone) if backbone else None})
     print_report(console, report)
     if report.get("feature_extractor") != "inception":
         console.print("[yellow]warning:[/] FID with non-Inception features is not comparable with published "
                       "numbers", highlight=False)
     if out is not None:
-        atomic_write_text(json.dumps(report, indent=2), out)
+        with writing(console, out, "--out"):
+            atomic_write_text(json.dumps(report, indent=2), out)
         console.print(f"wrote {out}")
 
 

@@ -47,9 +47,15 @@ def pretrain(
     if threads:
         torch.set_num_threads(threads)
     try:
+        from sar_cli._outputs import writable_folder
+
+        writable_folder(out, "--out")  # before fitting anything
         if not model_config.is_file():
             raise FileNotFoundError(f"model config not found: {model_config}")
-        model = yaml.safe_load(model_config.read_text()) or {}
+        try:
+            model = yaml.safe_load(model_config.read_text()) or {}
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--model-config {model_config}: cannot parse it: {exc}") from None
         if not isinstance(model, dict):
             raise ValueError(f"{model_config} must hold a mapping of model config fields")
         args = ["-f", family, "--model-config", model_config, "--data", data, "--image-size", image_size,

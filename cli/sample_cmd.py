@@ -13,6 +13,7 @@ from sar_cli._shared import (
     BACKBONE, CFG, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY, TOP_K, TOP_P,
     SCHEDULE, TOKENIZER, condition_payloads, fail, load_model, progress_bar, user_errors,
 )
+from sar_cli._outputs import image_file, writable_folder, writing
 
 
 def _labels(adapter, labels: Optional[str], per_class: Optional[int]):
@@ -75,6 +76,8 @@ def sample(
             raise ValueError("pass exactly one of --labels, --per-class, --payload NAME=FILE / --text-features")
         if grid is None and folder is None:
             raise ValueError("nothing to write: pass --grid FILE.png and/or --folder DIR")
+        image_file(grid, "--grid")  # before any sampling: a bad output path loses no work
+        writable_folder(folder, "--folder")
         adapter = load_model(console, family, tokenizer, backbone, device, random_backbone, override,
                              null_payloads=null_payload, needs_null=True)
         sched = Schedule.parse(schedule) if schedule else adapter.default_schedule
@@ -92,10 +95,12 @@ def sample(
     except user_errors() as exc:
         fail(console, exc)
     if grid is not None:
-        save_grid(images, grid, nrow=nrow or row)
+        with writing(console, grid, "--grid"):
+            save_grid(images, grid, nrow=nrow or row)
         console.print(f"wrote grid of {len(images)} images to {grid}")
     if folder is not None:
-        save_folder(images, folder, None if lab is None else lab.tolist())
+        with writing(console, folder, "--folder"):
+            save_folder(images, folder, None if lab is None else lab.tolist())
         console.print(f"wrote {len(images)} PNGs to {folder}")
 
 

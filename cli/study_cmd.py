@@ -77,6 +77,9 @@ def study(
         dest = out or Path("runs") / f"study-{cfg.name}"
         if jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {jobs}")
+        from sar_cli._outputs import writable_folder
+
+        writable_folder(dest, "--out")  # before any run: a read-only study folder loses no work
         results = _run(console, cfg, dest, family, arm, seed, device, jobs)
     except user_errors() as exc:
         fail(console, exc)

@@ -91,6 +91,9 @@ def tokenize(
 
     console = Console()
     try:
+        from sar_cli._outputs import writable_folder
+
+        writable_folder(out, "--out")  # before encoding anything
         adapter = load_model(console, family, tokenizer, backbone, device, overrides=override,
                              tokenizer_only=backbone is None)   # no throwaway backbone
         sched = cache_schedule(adapter, schedule)
@@ -114,6 +117,10 @@ def tokenize(
                                     progress=advance)
     except user_errors() as exc:
         fail(console, exc)
+    except OSError as exc:
+        from sar_cli._outputs import write_failed
+
+        fail(console, write_failed(exc, out, "--out"))
     console.print(f"wrote {n} items ({len(sched)} scales, schedule {sched}) to {path}")
 
 

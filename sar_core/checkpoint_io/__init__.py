@@ -151,7 +151,17 @@ _NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it (``os.umask`` can only be read by setting
+    it, which races with threads creating files meanwhile): Linux's ``/proc/self/status``;
+    elsewhere the set-and-restore fallback."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -168,12 +178,24 @@ def _free_mb(folder: Path) -> float:
         return float("nan")
 
 
+def _errno_of(exc: BaseException):
+    """The errno of ``exc`` or of an OSError it was raised from (torch wraps them)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc.errno
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def write_error(exc: BaseException, path: Path) -> WriteError:
-    """A one-line WriteError for a failed write of ``path`` (OSError or torch's miniz error)."""
-    code = exc.errno if isinstance(exc, OSError) else None
+    """A one-line WriteError for a failed write of ``path`` (OSError or torch's miniz error).
+    Call it before removing a partial file, so that the free space it measures is the
+    space the write met."""
+    code = _errno_of(exc)
     free = _free_mb(path.parent)
     if code in _DISK_FULL or (code is None and free < 1.0):
-        return WriteError(errno.ENOSPC, f"no space left on the device writing {path} ({free:.0f} MB free): "
+        return WriteError(errno.ENOSPC, f"no space left on device writing {path} ({free:.0f} MB free): "
                           "free some space (or lower --keep-last, or choose another --out), then continue "
                           "with --resume")
     if code in _NO_ACCESS:
@@ -208,11 +230,15 @@ def _atomic_write(path: str | Path, mode: str, write, by_name: bool = False) -> 
         os.replace(tmp, p)
         _fsync_dir(p.parent)
     except BaseException as exc:
+        # judge the cause while the temp file still holds the space it took: measured after
+        # removing it, a full disk looks free and torch's zip-writer message is all one gets
+        err = None if isinstance(exc, WriteError) or not isinstance(exc, (OSError, RuntimeError)) \
+            else write_error(exc, p)
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, WriteError) or not isinstance(exc, (OSError, RuntimeError)):
+        if err is None:
             raise
-        raise write_error(exc, p) from exc
+        raise err from exc
     return p
 
 

@@ -22,8 +22,10 @@ an adapter whose tokenizer weights differ (sha256 over the tokenizer state dict)
 another schedule raises :class:`StaleCacheError`. A random-schedule family (FlexVAR's
 random training schedules) can only train from the one cached schedule.
 
-The folder is written under a temporary name and renamed when complete, so an interrupted
-run never leaves a cache that looks valid.
+The folder is written under a temporary name (``.<name>.tmp-<host>-<pid>``) and renamed
+when complete, so an interrupted run never leaves a cache that looks valid; the next build
+of the same cache removes the temporary folders of killed builds
+(:func:`remove_stale_builds`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from sar_core.data.build_dirs import HOST as _HOST, remove_stale_builds
 from sar_core.schedule import Schedule
 
 CACHE_VERSION = 2
@@ -150,7 +153,9 @@ def build_code_cache(adapter, dataset: Dataset, schedule: Schedule | str | None,
     n_items = n_src * (2 if flips else 1)
     dtype = _code_dtype(adapter)
     limit = np.iinfo(dtype).max
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(out)
+    tmp = out.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     writers: dict = {}
