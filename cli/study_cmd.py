@@ -40,6 +40,25 @@ def study(
                                    "--set seeds=[0,1,2], --set eval.samples_per_class=20."),
     jobs: int = typer.Option(1, "--jobs", help="Train / evaluate this many runs at once as local processes "
                              "(one thread each; e.g. 2 on a 2-core machine)."),
+    launcher: str = typer.Option("local", "--launcher", help="local (this machine; --jobs N processes) or "
+                                 "slurm (submit the start job, one array of runs after it, then the report; "
+                                 "needs pip install 'sar[slurm]')."),
+    slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", rich_help_panel="SLURM",
+                                                  help="Partition of every job (required with --launcher slurm)."),
+    slurm_time: int = typer.Option(240, "--slurm-time", rich_help_panel="SLURM",
+                                   help="Minutes per job; a run still going is checkpointed and requeued."),
+    slurm_gpus: int = typer.Option(1, "--slurm-gpus", rich_help_panel="SLURM",
+                                   help="GPUs per run (more than 1: torchrun on one node; 0: CPU only)."),
+    slurm_cpus: int = typer.Option(8, "--slurm-cpus", rich_help_panel="SLURM", help="CPUs per run (torch threads)."),
+    slurm_mem_gb: Optional[float] = typer.Option(None, "--slurm-mem-gb", rich_help_panel="SLURM",
+                                                 help="Memory per run in GB (default: the partition's)."),
+    slurm_account: Optional[str] = typer.Option(None, "--slurm-account", rich_help_panel="SLURM"),
+    slurm_qos: Optional[str] = typer.Option(None, "--slurm-qos", rich_help_panel="SLURM"),
+    slurm_array_parallelism: int = typer.Option(64, "--slurm-array-parallelism", rich_help_panel="SLURM",
+                                                help="Runs of the array at once."),
+    slurm_setup: list[str] = typer.Option([], "--slurm-setup", rich_help_panel="SLURM",
+                                          help="Shell line run before each job, repeatable (e.g. 'source "
+                                          "venv/bin/activate')."),
     device: str = typer.Option("auto", "--device", help="Device of the evaluations (training: run.train.device)."),
     threads: Optional[int] = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved study and exit."),
@@ -80,16 +99,51 @@ def study(
         from sar_cli._outputs import writable_folder
 
         writable_folder(dest, "--out")  # before any run: a read-only study folder loses no work
+        if launcher == "slurm":
+            from sar_core.study.slurm import SlurmOptions
+
+            if not slurm_partition:
+                raise ValueError("--launcher slurm needs --slurm-partition NAME")
+            if jobs != 1 or arm is not None or seed is not None:
+                raise ValueError("--launcher slurm submits every run as its own job: drop --jobs / --arm / --seed")
+            opts = SlurmOptions(partition=slurm_partition, time_min=slurm_time, gpus_per_run=slurm_gpus,
+                                cpus_per_run=slurm_cpus, mem_gb=slurm_mem_gb, account=slurm_account,
+                                qos=slurm_qos, array_parallelism=slurm_array_parallelism, setup=list(slurm_setup))
+            _submit(console, cfg, dest, family, opts)
+            return
+        if launcher != "local":
+            raise ValueError(f"--launcher must be local or slurm, got {launcher!r}")
         results = _run(console, cfg, dest, family, arm, seed, device, jobs)
     except user_errors() as exc:
         fail(console, exc)
-    except RuntimeError as exc:  # a run stopped (non-finite) or a local job failed: see its log
+    except RuntimeError as exc:  # a run stopped (non-finite, a signal) or a local job failed: see its log
+        from sar_core.study.run import RunStopped
+        from sar_core.train.signals import EXIT_INTERRUPTED, EXIT_SIGNALLED
+
+        if isinstance(exc, RunStopped) and exc.status in ("signalled", "interrupted"):
+            # checkpoint written: the same command continues (a SLURM requeue does just that)
+            Console(stderr=True, soft_wrap=True).print(" ".join(str(exc).split()), style="yellow", highlight=False)
+            raise typer.Exit(EXIT_SIGNALLED if exc.status == "signalled" else EXIT_INTERRUPTED)
         job_failed(exc)
     if results is not None:
         _summary(console, results)
         console.print(f"report: {dest / 'report.md'} (also report.html, report.json, plots/)")
     else:
         console.print(f"done; aggregate with: sar study report {dest}")
+
+
+def _submit(console: Console, cfg, dest: Path, family, opts) -> None:
+    from sar_core.plugins import get_registry
+    from sar_core.study.plan import check_registered, plan, write_study_file
+    from sar_core.study.slurm import submit_study
+
+    check_registered(cfg, get_registry())
+    runs = plan(cfg, family)
+    dest.mkdir(parents=True, exist_ok=True)
+    write_study_file(cfg, dest)  # every job checks it runs this study
+    submit_study(dest, runs, opts, cfg.name, family, log=lambda m: console.print(m, highlight=False))
+    console.print(f"job ids and commands: {dest / 'slurm' / 'jobs.json'}; logs: {dest / 'slurm'}/<job id>/; "
+                  f"follow with: squeue -u $USER", highlight=False)
 
 
 def job_failed(exc: BaseException) -> None:

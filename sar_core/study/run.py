@@ -44,6 +44,15 @@ from sar_core.study.plan import Log, RunSpec, arm_config, check_registered, long
 
 
 # ----------------------------------------------------------------------------- one run
+class RunStopped(RuntimeError):
+    """A run ended before its last step: ``status`` is the trainer's (``signalled``: its
+    checkpoint is written and the same command continues it; ``nonfinite``, ``interrupted``)."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 def run_one(study: StudyConfig, out: Path, spec: RunSpec, ctx: Optional[FamilyContext], registry,
             log: Log, advance: Optional[Callable[[int], None]] = None) -> Optional[dict]:
     """Train one arm x seed (resuming if it has checkpoints), then evaluate it on rank 0."""
@@ -68,7 +77,8 @@ def run_one(study: StudyConfig, out: Path, spec: RunSpec, ctx: Optional[FamilyCo
         if plugin is not None:
             registry.pm.unregister(plugin)
     if result.status != "finished":
-        raise RuntimeError(f"{spec.family}/{spec.arm}/seed{spec.seed} stopped: {result.status} {result.message}")
+        raise RunStopped(result.status, f"{spec.family}/{spec.arm}/seed{spec.seed} stopped: {result.status} "
+                         f"{result.message}")
     if not trainer.env.is_main:
         return None
     weights = exported(folder, "backbone_ema") or exported(folder, "backbone") or folder / "backbone.pth"
