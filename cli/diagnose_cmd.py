@@ -55,7 +55,9 @@ def diagnose(
     data: str = typer.Option(..., "--data", rich_help_panel="Data", envvar="SAR_DATA",
                              help="Dataset name, NAME:FOLDER, image folder, or code cache folder."),
     split: str = typer.Option("val", "--split", rich_help_panel="Data",
-                              help="Split of a dataset (ignored for a code cache)."),
+                              help="Split of a dataset (ignored for a code cache); of an image folder its <split> "
+                              "sub-folder, or the folder itself when so named ('.': the folder itself, "
+                              "whatever its name; a missing split is refused)."),
     schedule: Optional[str] = SCHEDULE,
     batches: Optional[int] = typer.Option(10, "--batches", rich_help_panel="Run",
                                           help="Batches to use (0: the whole split)."),

@@ -57,7 +57,8 @@ def evaluate(
                                             "(its <split> sub-folder when present; any image sizes).",
                                             envvar="SAR_REFERENCE"),
     reference_split: str = typer.Option("val", "--reference-split", "--split", rich_help_panel="Reference",
-                                        help="Split of a reference dataset / sub-folder of a reference folder."),
+                                        help="Split of a reference dataset / sub-folder of a reference folder "
+                                        "('.': the folder itself; a missing split is refused)."),
     reference_stats: Optional[Path] = typer.Option(None, "--reference-stats", rich_help_panel="Reference",
                                                    help="ADM-style .npz with mu / sigma for FID "
                                                    "(e.g. VIRTUAL_imagenet256_labeled.npz)."),

@@ -34,12 +34,16 @@ def smallest_source_side(data: str, split: str, probe: int = 64) -> Optional[int
     """The smallest side among the first ``probe`` files of an image folder (None otherwise)."""
     from PIL import Image
 
+    from sar_core.data.datasets import split_folder
     from sar_plugins.datasets import IMAGE_EXTENSIONS
 
     root = Path(data)
     if not root.is_dir():
         return None
-    root = root / split if (root / split).is_dir() else root
+    try:
+        root = split_folder(root, split)
+    except ValueError:
+        return None  # opening the dataset says why
     files = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     sides = []
     for p in itertools.islice(files, probe):

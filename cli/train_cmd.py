@@ -21,7 +21,8 @@ from rich.markup import escape
 
 #: flag (python parameter name) -> dotted run-config field
 FLAG_FIELDS = {
-    "family": "model.family", "tokenizer": "model.tokenizer", "backbone": "model.backbone",
+    "family": "model.family", "tokenizer": "model.tokenizer", "random_tokenizer": "model.random_tokenizer",
+    "backbone": "model.backbone",
     "schedule": "model.schedule", "cond_drop": "model.cond_drop", "resize_classes": "model.resize_classes",
     "null_payload": "model.null_payloads",
     "class_map": "data.options.class_map",
@@ -90,11 +91,13 @@ def collect_overrides(flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     return out
 
 
-def resolve_config(config: Optional[Path], overrides: dict[str, Any], resume: bool, compile_flag: bool):
+def resolve_config(config: Optional[Path], overrides: dict[str, Any], resume: bool, compile_flag: bool,
+                   accept_data_change: bool = False):
     from sar_core.train.config import ConfigError, build_config, read_config_file
 
     if resume:
         overrides["resume"] = True
+    overrides["accept_data_change"] = bool(accept_data_change)  # this invocation's answer, never a saved one
     if compile_flag:
         overrides["train.compile"] = True
     if config is not None:
@@ -118,7 +121,11 @@ def train(
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     family: Optional[str] = typer.Option(None, "--family", "-f", help="Model family (see `sar plugins`)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer checkpoint (upstream layout, "
-                                            ".safetensors, or hf://OWNER/REPO/FILE[@REVISION])."),
+                                            ".safetensors, or hf://OWNER/REPO/FILE[@REVISION]); required "
+                                            "unless --random-tokenizer."),
+    random_tokenizer: bool = typer.Option(False, "--random-tokenizer",
+                                          help="Train with a freshly initialised tokenizer on purpose (smoke "
+                                          "tests: its codes mean nothing)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone checkpoint to post-train (as --tokenizer)."),
     schedule: Optional[str] = typer.Option(None, "--schedule",
                                            help="Training schedule (1_2_3_4) or a schedule sampler (flexvar-random)."),
@@ -163,6 +170,9 @@ def train(
                                 "(refused when checkpoints exist but none can be read)."),
     restart: bool = typer.Option(False, "--restart", help="Start over at step 0 in an --out that holds "
                                  "checkpoints: deletes them before step 1 and rewrites metrics.jsonl."),
+    accept_data_change: bool = typer.Option(False, "--accept-data-change",
+                                            help="With --resume: continue although the data folder's contents "
+                                            "changed since the run started (OUT/data.json)."),
     ema: Optional[float] = typer.Option(None, "--ema", help="EMA decay (0: off)."),
     amp: Optional[str] = typer.Option(None, "--amp", help="none | bf16 | fp16 (CUDA only)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the backbone."),
@@ -195,8 +205,11 @@ def train(
         Console(stderr=True).print("[bold red]error:[/] --restart starts over and --resume continues: pass one "
                                    "of them", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
+    flags["random_tokenizer"] = random_tokenizer or None  # absent: the config file's / run's own
     try:
-        cfg = resolve_config(config, collect_overrides(flags, sets), resume, compile_model)
+        cfg = resolve_config(config, collect_overrides(flags, sets), resume, compile_model, accept_data_change)
+        if not print_config:
+            check_tokenizer(cfg, console)
     except ConfigError as exc:
         Console(stderr=True).print("[bold red]error:[/] " + escape(str(exc)), highlight=False, soft_wrap=True)
         raise typer.Exit(2)
@@ -204,6 +217,21 @@ def train(
         typer.echo(cfg.to_yaml(), nl=False)
         return
     raise typer.Exit(run_training(cfg, console, restart=restart))
+
+
+def check_tokenizer(cfg, console: Console) -> None:
+    """A run needs its tokenizer file: a fresh one would train on meaningless codes (loss 19
+    instead of 1) and report success. ``--random-tokenizer`` says that is meant."""
+    from sar_core.train.config import ConfigError
+
+    if cfg.model.tokenizer is None and not cfg.model.random_tokenizer:
+        raise ConfigError("--tokenizer FILE is required: without it the tokenizer would be freshly initialised "
+                          "and its codes meaningless (pass --random-tokenizer if that is what you want)")
+    if cfg.model.tokenizer is not None and cfg.model.random_tokenizer:
+        raise ConfigError("pass either --tokenizer FILE or --random-tokenizer, not both")
+    if cfg.model.random_tokenizer:
+        console.print("[yellow]warning:[/] --random-tokenizer: training on the codes of a freshly initialised, "
+                      "untrained tokenizer", highlight=False)
 
 
 def run_errors() -> tuple[type[BaseException], ...]:

@@ -14,13 +14,15 @@ import inspect
 from typing import Any, Callable
 
 PANELS = {
-    "Model": ("family", "tokenizer", "backbone", "schedule", "cond_drop", "resize_classes", "null_payload"),
+    "Model": ("family", "tokenizer", "random_tokenizer", "backbone", "schedule", "cond_drop", "resize_classes",
+              "null_payload"),
     "Data": ("data", "split", "image_size", "workers", "class_map"),
     "Optimizer": ("steps", "batch_size", "grad_accum", "lr", "lr_end", "lr_schedule", "warmup_steps",
                   "weight_decay", "betas", "grad_clip", "ema", "amp", "compile_model", "seed"),
     "SAR rollout and loss": ("rollout", "ssr_scales", "rollout_sampling", "rollout_top_k", "rollout_top_p",
                              "rollout_cfg", "csfl", "csfl_temperature", "gamma", "label_smoothing"),
-    "Run folder, checkpoints and logs": ("out", "resume", "restart", "save_every", "save_format", "keep_last", "log_every",
+    "Run folder, checkpoints and logs": ("out", "resume", "restart", "accept_data_change", "save_every",
+                                         "save_format", "keep_last", "log_every",
                                          "max_nonfinite", "loggers"),
     "Devices": ("device", "dist"),
     "Config": ("config", "print_config", "sets"),
@@ -33,7 +35,8 @@ ENV = {name: f"SAR_{name.upper()}" for name in (
 
 #: help texts for flags whose config field has no description
 EXTRA_HELP = {
-    "split": "Dataset split.", "warmup_steps": "Linear warm-up steps.", "weight_decay": "AdamW weight decay.",
+    "split": "Dataset split; of an image folder its <split> sub-folder ('.': the folder itself).",
+    "warmup_steps": "Linear warm-up steps.", "weight_decay": "AdamW weight decay.",
     "rollout_top_k": "Top-k of a sampled rollout (0: off).", "rollout_top_p": "Top-p of a sampled rollout (0: off).",
     "label_smoothing": "Label smoothing of the teacher-forcing loss.", "seed": "Seed of weights, data order, rollouts.",
     "log_every": "Console line every N steps.", "keep_last": "Checkpoints to keep.",
@@ -59,7 +62,7 @@ def field_info(dotted: str):
 
 #: what a None default means, per field
 NONE_TEXT = {
-    "model.tokenizer": "none", "model.backbone": "none: a fresh backbone (pretraining)",
+    "model.tokenizer": "none: required unless --random-tokenizer", "model.backbone": "none: a fresh backbone (pretraining)",
     "model.schedule": "the model's", "model.cond_drop": "the backbone's", "data.image_size": "the model's",
     "optim.lr_end": "none", "optim.lr_schedule": "linear with --lr-end, else constant",
     "loss.temperature": "the loss's", "dist.backend": "nccl on CUDA, gloo on CPU",

@@ -5,6 +5,11 @@
     root/n01440764/xxx.JPEG
     root/n01443537/yyy.JPEG            (or root/<split>/<class>/... when root/<split> exists)
 
+A split is ``root/<split>``, or ``root`` itself when it is named ``<split>``, when the
+split is ``.``, or (split ``train`` only) when ``root`` is a plain class folder; any other
+missing split is refused (:func:`sar_core.data.datasets.split_folder`), never read from
+``root`` instead.
+
 Classes are the sorted sub-folder names, labels their indices; a class map file
 (``class_map``, format in :mod:`sar_core.data.classes`) picks a subset and / or sets the labels.
 Transforms follow the VAR family's training pipeline: resize the shorter side to
@@ -31,7 +36,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
-from sar_core.data.datasets import AspectGrouped, image_hw, size_buckets, size_option
+from sar_core.data.datasets import AspectGrouped, image_hw, size_buckets, size_option, split_folder
 from sar_core.data.image_io import ConversionNotes, open_rgb8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -89,7 +94,7 @@ class ImageFolderDataset(Dataset):
         base = Path(root)
         if not base.is_dir():
             raise FileNotFoundError(f"image folder not found: {base}")
-        self.root = base / split if (base / split).is_dir() else base
+        self.root = split_folder(base, split)  # a missing split is refused, never replaced
         self.class_map = read_class_map(class_map) if class_map else None
         self.items, self.classes = scan_folder(self.root, self.class_map)
         self.image_size = size_option(image_size)

@@ -97,6 +97,12 @@ def inception_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
 
 
+def _in_memory(sd: dict) -> dict:
+    """The tensors copied out of the file's (memory-mapped) pages: what the extractor is
+    built from no longer depends on the file, whatever happens to it later."""
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
+
+
 def inception_weights(weights_path: str | Path | None) -> tuple[Path, dict]:
     """A local Inception-v3 weights file and its tensors, read with ``weights_only=True``."""
     from sar_core.checkpoint_io import load_file
@@ -118,7 +124,7 @@ def inception_weights(weights_path: str | Path | None) -> tuple[Path, dict]:
     sd = load_file(path, what="Inception weights")
     if not isinstance(sd, dict) or "fc.weight" not in sd:
         raise MissingWeightsError(f"{path} is not torch-fidelity's Inception-v3 state dict (no 'fc.weight')")
-    return path, sd
+    return path, _in_memory(sd)
 
 
 def inception(weights_path: str | None = None, **_) -> FeatureExtractorSpec:
@@ -175,7 +181,7 @@ def efficientnet_lite0(weights_path: str | None = None, **_) -> FeatureExtractor
     if not isinstance(sd, dict) or "_fc.weight" not in sd:
         raise MissingWeightsError(f"{weights_path} is not an EfficientNet-Lite0 state dict (no '_fc.weight')")
     return FeatureExtractorSpec(name="efficientnet-lite0", fidelity_name="sar-efficientnet-lite0",
-                                weights_path=str(weights_path), state_dict=sd)
+                                weights_path=str(weights_path), state_dict=_in_memory(sd))
 
 
 # ------------------------------------------------------------------------ registration

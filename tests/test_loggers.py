@@ -90,7 +90,7 @@ def test_train_cli_with_a_missing_logger_package_exits_2(tmp_path, monkeypatch):
 
     toy.use_registry(monkeypatch)
     monkeypatch.setitem(sys.modules, "wandb", None)
-    r = CliRunner().invoke(app, ["train", "-f", "toy", "--data", "toy-images", "--batch-size", "4",
+    r = CliRunner().invoke(app, ["train", "-f", "toy", "--random-tokenizer", "--data", "toy-images", "--batch-size", "4",
                                  "--workers", "0", "--steps", "1", "--loggers", "jsonl,wandb",
                                  "--out", str(tmp_path / "run")])
     assert r.exit_code == 2, r.output

@@ -2,6 +2,7 @@
 ``--config`` / ``--model-config`` file), code-cache builds killed mid-write leave nothing
 behind for long, and ``file_mode()`` reads the umask without changing it."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -98,3 +99,33 @@ def test_file_mode_reads_the_umask_without_changing_it(monkeypatch):
     finally:
         monkeypatch.undo()
         os.umask(old)
+
+
+def test_resume_notices_that_the_data_folder_changed(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    toy.use_registry(monkeypatch)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (data / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(data / c / f"{i}.png")
+    out = tmp_path / "run"
+    r = toy.invoke("train", "-f", "toy", "--random-tokenizer", "--data", data, "--batch-size", "2", "--workers", "0",
+                   "--steps", "2", "--loggers", "jsonl", "--device", "cpu", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "data.json").read_text())["files"] == 8
+    r = toy.invoke("train", "--out", out, "--resume", "--steps", "3")  # unchanged: resumes
+    assert r.exit_code == 0, r.output
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(data / "dog" / "new.png")
+    before = (out / "metrics.jsonl").read_text()
+    line = one_error_line(toy.invoke("train", "--out", out, "--resume", "--steps", "4"),
+                          str(data), "changed", "8 files then, 9 now", "--accept-data-change")
+    assert (out / "metrics.jsonl").read_text() == before  # refused before touching anything
+    r = toy.invoke("train", "--out", out, "--resume", "--steps", "4", "--accept-data-change")
+    assert r.exit_code == 0 and "--accept-data-change" in r.output, r.output
+    assert json.loads((out / "data.json").read_text())["files"] == 9  # the new contents, recorded
+    (data / "cat" / "0.png").write_bytes((data / "cat" / "1.png").read_bytes() + b"x")  # same count, other bytes
+    one_error_line(toy.invoke("train", "--out", out, "--resume", "--steps", "5"), "file names or sizes differ")

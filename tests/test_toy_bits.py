@@ -30,7 +30,7 @@ def _model(files):
 
 
 def _train(out, data, files=None, *extra):
-    model = ("--tokenizer", files[0], "--backbone", files[1]) if files else ()
+    model = ("--tokenizer", files[0], "--backbone", files[1]) if files else ("--random-tokenizer",)
     return toy.invoke("train", "-f", "toy-bits", *model, "--data", data, "--batch-size", "4", "--workers", "0",
                       "--loggers", "jsonl", "--steps", "2", "--lr", "1e-3", "--out", out, *extra)
 

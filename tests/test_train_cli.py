@@ -26,7 +26,8 @@ def reg(monkeypatch):
 
 
 def _base(out, *extra):
-    return ["train", "-f", "toy", "--data", "toy-images", "--batch-size", "4", "--workers", "0",
+    tok = [] if "--tokenizer" in map(str, extra) else ["--random-tokenizer"]  # a fresh one unless given
+    return ["train", "-f", "toy", *tok, "--data", "toy-images", "--batch-size", "4", "--workers", "0",
             "--loggers", "jsonl", "--out", out, *extra]
 
 
@@ -156,10 +157,10 @@ def test_image_folder_dataset_and_training_from_a_folder(tmp_path, reg):
     assert ds.classes == ["cat", "dog"] and len(ds) == 6 and ds.augment
     x, y = ds[4]
     assert x.shape == (3, 8, 8) and y.item() == 1 and -1 <= x.min() < x.max() <= 1
-    val = ImageFolderDataset(root, split="val", image_size=8)
+    val = ImageFolderDataset(root, split=".", image_size=8)  # the folder itself, not augmented
     assert not val.augment and torch.equal(val[0][0], val[0][0])
     out = tmp_path / "run"
-    r = toy.invoke("train", "-f", "toy", "--data", root, "--steps", "2", "--batch-size", "2", "--workers", "0",
+    r = toy.invoke("train", "-f", "toy", "--random-tokenizer", "--data", root, "--steps", "2", "--batch-size", "2", "--workers", "0",
                    "--loggers", "jsonl", "--out", out)
     assert r.exit_code == 0, r.output
     _check_metrics(out, 2, 0.01, student=True)

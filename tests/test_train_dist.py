@@ -105,7 +105,7 @@ def test_two_ranks_match_one_process_on_the_doubled_batch(two_rank_results, tmp_
 def test_torchrun_end_to_end_writes_from_rank_zero_only(tmp_path, strategy):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(HERE / "toy_adapter.py"), "train", "-f", "toy", "--data",
+           "--master-port", str(_free_port()), str(HERE / "toy_adapter.py"), "train", "-f", "toy", "--random-tokenizer", "--data",
            "toy-images", "--steps", "2", "--batch-size", "4", "--workers", "0", "--dist", strategy,
            "--rollout", "official" if strategy == "ddp" else "ssr", "--ema", "0.9",
            "--loggers", "jsonl,console", "--log-every", "1", "--out", str(out)]

@@ -22,7 +22,8 @@ HARD = ["--schedule", "toy-random", "--cond-drop", "0.2", "--set", "model.overri
 
 
 def _args(out, *extra):
-    return ["train", "-f", "toy", "--data", "toy-images", "--batch-size", "4", "--loggers", "jsonl",
+    tok = [] if "--tokenizer" in map(str, extra) else ["--random-tokenizer"]  # a fresh one unless given
+    return ["train", "-f", "toy", *tok, "--data", "toy-images", "--batch-size", "4", "--loggers", "jsonl",
             "--out", out, *HARD, *extra]
 
 
@@ -205,7 +206,7 @@ def test_nonfinite_steps_are_skipped_and_stop_the_run(tmp_path, monkeypatch):
     toy.use_registry(monkeypatch, _LossPlugin("nan-sometimes", _NaNLoss))
     _NaNLoss.calls, _NaNLoss.bad = 0, {3, 5, 6}
     out = tmp_path / "run"
-    r = toy.invoke("train", "-f", "toy", "--data", "toy-images", "--batch-size", "4", "--workers", "0",
+    r = toy.invoke("train", "-f", "toy", "--random-tokenizer", "--data", "toy-images", "--batch-size", "4", "--workers", "0",
                    "--loggers", "jsonl", "--out", out, "--csfl", "nan-sometimes", "--steps", "10",
                    "--save-every", "1", "--max-nonfinite", "2")
     assert r.exit_code == 1

@@ -23,7 +23,8 @@ HERE = Path(__file__).parent
 
 
 def _base(out, *extra):
-    return ["train", "-f", "toy", "--data", "toy-images", "--batch-size", "4", "--workers", "0",
+    tok = [] if "--tokenizer" in map(str, extra) else ["--random-tokenizer"]  # a fresh one unless given
+    return ["train", "-f", "toy", *tok, "--data", "toy-images", "--batch-size", "4", "--workers", "0",
             "--loggers", "jsonl", "--out", out, *extra]
 
 
@@ -235,7 +236,7 @@ def test_a_corrupt_image_mid_run_is_one_line_with_a_checkpoint(tmp_path, monkeyp
     _image_folder(root)
     toy.use_registry(monkeypatch, _CorruptAt(root, 2))
     out = tmp_path / "run"
-    r = toy.invoke("train", "-f", "toy", "--data", root, "--batch-size", "2", "--workers", str(workers),
+    r = toy.invoke("train", "-f", "toy", "--random-tokenizer", "--data", root, "--batch-size", "2", "--workers", str(workers),
                    "--loggers", "jsonl", "--out", out, "--save-every", "0", "--steps", "20")
     line = _one_error_line(r, "reading the training data failed at step", "cannot identify image file",
                            "fix or remove that file", "--resume")

@@ -59,7 +59,7 @@ def _wait_for_steps(out: Path, n: int, proc, limit: float = 120.0) -> None:
 
 
 def test_sigterm_to_sar_train_writes_a_checkpoint_that_resumes_bit_identical(tmp_path, monkeypatch):
-    common = ["train", "-f", "toy", "--data", "toy-slow", "--batch-size", "4", "--workers", "0",
+    common = ["train", "-f", "toy", "--random-tokenizer", "--data", "toy-slow", "--batch-size", "4", "--workers", "0",
               "--loggers", "jsonl", "--steps", "14", "--save-every", "0", "--lr", "3e-3", "--gamma", "0.5",
               "--rollout-sampling", "sample", "--rollout-top-k", "8", "--ssr-scales", "random"]
     out = tmp_path / "run"
@@ -125,7 +125,7 @@ def test_torchrun_sigterm_on_one_rank_stops_both_at_the_same_step_and_resumes_ex
 def test_a_frozen_peer_rank_stops_the_other_after_dist_timeout(tmp_path):
     out = tmp_path / "run"
     t0 = time.time()
-    p = _torchrun(HERE / "signal_worker.py", "cli", "train", "-f", "toy", "--data", "toy-images", "--steps", "4",
+    p = _torchrun(HERE / "signal_worker.py", "cli", "train", "-f", "toy", "--random-tokenizer", "--data", "toy-images", "--steps", "4",
                   "--batch-size", "4", "--workers", "0", "--loggers", "jsonl", "--out", out,
                   "--set", "dist.timeout_s=3", timeout=120, env={**ENV, "SAR_TEST_ACT": "2:sleep:6"})
     elapsed = time.time() - t0

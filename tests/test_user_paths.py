@@ -180,8 +180,11 @@ def test_reference_is_checked_before_sampling(tmp_path, monkeypatch):
     (tmp_path / "bad" / "x.png").write_bytes(b"junk")
     fe = get_feature_extractor("digit-classifier")
     with pytest.raises(ValueError, match="no images"):
-        evaluate_adapter(adapter, num_samples=4, extractor=fe, reference=str(tmp_path / "empty"))
+        evaluate_adapter(adapter, num_samples=4, extractor=fe, reference=str(tmp_path / "empty"),
+                         reference_split=".")
     with pytest.raises(ValueError, match="cannot read image"):
+        evaluate_adapter(adapter, num_samples=4, extractor=fe, reference=str(tmp_path / "bad"), reference_split=".")
+    with pytest.raises(ValueError, match="no 'val' split"):  # the default split, which neither holds
         evaluate_adapter(adapter, num_samples=4, extractor=fe, reference=str(tmp_path / "bad"))
 
 

@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sar_core.data.build_dirs import HOST as _HOST, remove_stale_builds
+from sar_core.data.finite import check_batch
 from sar_core.schedule import Schedule
 
 CACHE_VERSION = 2
@@ -169,6 +170,7 @@ def build_code_cache(adapter, dataset: Dataset, schedule: Schedule | str | None,
         device, row, labels = adapter.device, 0, []
         with torch.no_grad():
             for images, targets in loader:
+                check_batch(images, row)  # before the tokenizer: a NaN image would get some code
                 images = images.to(device)
                 variants = [(0, images)] + ([(n_src, images.flip(-1))] if flips else [])
                 for base, imgs in variants:

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from sar_core.batch import Batch, collate
+from sar_core.data.finite import NonFiniteItem, check_finite  # noqa: F401  (NonFiniteItem: re-exported)
 
 
 # ----------------------------------------------------------------------------- seeding
@@ -44,7 +45,9 @@ class SeededItems(Dataset):
     """Fetches ``(epoch, index)`` items of ``dataset`` under RNGs seeded per item.
 
     The caller's python / numpy / torch RNG states are restored afterwards, so fetching in
-    the main process (``workers=0``) does not disturb the training RNG stream.
+    the main process (``workers=0``) does not disturb the training RNG stream. Every item is
+    checked for NaN / Inf pixels and payloads before it reaches a batch (and the tokenizer):
+    :class:`NonFiniteItem` names its index.
     """
 
     def __init__(self, dataset: Dataset, seed: int):
@@ -62,7 +65,7 @@ class SeededItems(Dataset):
                 torch.manual_seed(s)
                 random.seed(s)
                 np.random.seed(s % (2 ** 32))
-                return self.dataset[index]
+                return check_finite(self.dataset[index], index)
         finally:
             random.setstate(py)
             np.random.set_state(npst)
@@ -265,6 +268,37 @@ def size_option(image_size: int | tuple[int, int] | list) -> int | tuple[int, in
     """What a dataset factory's ``image_size`` gets: an int for a square size, else (H, W)."""
     h, w = image_hw(image_size)
     return h if h == w else (h, w)
+
+
+#: folder names that mean a split: a folder so named is that split, never another one
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
+#: ``--split .``: read the given folder itself, whatever it is named
+THIS_FOLDER = "."
+
+
+def split_folder(root: str | Path, split: Optional[str]) -> Path:
+    """The folder holding split ``split`` of the image folder ``root``.
+
+    ``root/<split>`` when it exists; ``root`` itself when it is named ``<split>`` (e.g.
+    ``/data/imagenet/val`` for ``val``), when ``split`` is ``.`` (or empty), or, for
+    ``train`` only, when ``root`` is a plain class folder (no sub-folder and not itself
+    named like a split). Anything else raises a one-line ValueError naming what was looked
+    for: a ``--data my/train`` read as split ``val`` would silently measure training images."""
+    base = Path(root)
+    if not split or split == THIS_FOLDER:
+        return base
+    if (base / split).is_dir():
+        return base / split
+    name = base.resolve().name
+    if name == split:
+        return base
+    subs = {d.name.lower() for d in base.iterdir() if d.is_dir()} if base.is_dir() else set()
+    if split == "train" and name.lower() not in SPLIT_NAMES and not subs & set(SPLIT_NAMES):
+        return base
+    raise ValueError(f"{base} has no '{split}' split: looked for the folder {base / split} and for {base} "
+                     f"itself being named '{split}'; to read {base} itself pass --split {THIS_FOLDER} "
+                     f"(a study file: val_split / reference_split '{THIS_FOLDER}'), or give the folder "
+                     f"that holds {split}/")
 
 
 def dataset_at(spec: str, names) -> Optional[tuple[str, str]]:

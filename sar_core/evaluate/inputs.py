@@ -16,7 +16,9 @@ from sar_core.evaluate.generation import to_uint8
 
 def resolve_reference(reference: str | Path, split: str) -> tuple[str, Optional[str]]:
     """(what to read, the split actually used): a registered dataset name (or NAME:FOLDER)
-    and its split, or a folder, ``folder/<split>`` when that sub-folder exists (split None otherwise)."""
+    and its split, or a folder: ``folder/<split>``, ``folder`` itself when it is named
+    ``<split>`` or the split is ``.`` (split None); a missing split is refused
+    (:func:`sar_core.data.datasets.split_folder`)."""
     from sar_core.plugins import get_registry
 
     from sar_core.data.datasets import dataset_at
@@ -26,7 +28,10 @@ def resolve_reference(reference: str | Path, split: str) -> tuple[str, Optional[
         return str(reference), split
     base = Path(reference)
     if base.is_dir():
-        return (str(base / split), split) if split and (base / split).is_dir() else (str(base), None)
+        from sar_core.data.datasets import THIS_FOLDER, split_folder
+
+        where = split_folder(base, split)  # a missing split is refused, never read from base
+        return str(where), (None if split in (None, "", THIS_FOLDER) else split)
     known = ", ".join(reg.names("dataset")) or "none"
     raise ValueError(f"reference '{reference}' is neither a registered dataset ({known}), NAME:FOLDER, nor a folder")
 

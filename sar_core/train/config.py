@@ -42,6 +42,8 @@ class ModelConfig(Section):
                                                ".pth / .pt / .safetensors, or hf://OWNER/REPO/FILE[@REVISION]); "
                                                "without tokenizer and backbone the model is built from `overrides`")
     backbone: Optional[CheckpointRef] = Field(None, description="backbone checkpoint to post-train (as tokenizer)")
+    random_tokenizer: bool = Field(False, description="train with a freshly initialised tokenizer on purpose "
+                                   "(smoke tests; without it `sar train` requires a tokenizer file)")
     sources: dict[str, dict[str, str]] = Field(default_factory=dict, description="written by sar train: for "
                                                "each hf:// checkpoint, the commit and cached file it resolved to "
                                                "(tokenizer / backbone then hold the reference pinned to that commit)")
@@ -166,6 +168,8 @@ class RunConfig(Section):
     dist: DistConfig = DistConfig()
     out: Path = Field(Path("runs/sar"), description="run folder")
     resume: bool = Field(False, description="continue from the latest checkpoint in out/checkpoints")
+    accept_data_change: bool = Field(False, description="resume although the data's contents changed since "
+                                     "the run started (file count / names / sizes, see OUT/data.json)")
 
     def to_dict(self) -> dict:
         return json.loads(self.model_dump_json())

@@ -20,8 +20,8 @@ from sar_core.train.config import absolute
 IDENTITY = ("model.family", "model.tokenizer", "model.backbone", "model.overrides", "model.resize_classes",
             "data.name", "data.split", "data.image_size", "data.options")
 #: fields that change nothing about what is trained
-NOT_HYPER = ("out", "resume", "data.workers", "train.loggers", "train.log_every", "model.sources",
-             "train.save_format")
+NOT_HYPER = ("out", "resume", "accept_data_change", "data.workers", "train.loggers", "train.log_every",
+             "model.sources", "train.save_format")
 _PATHS = ("model.tokenizer", "model.backbone")
 
 

@@ -243,8 +243,20 @@ class Trainer:
                 self.stream.close()  # its workers ignore stop signals: end them explicitly
                 self.stop = StopRequest()
 
+    def _check_data(self, resumed: bool) -> None:
+        """Record the data's fingerprint at the start; on resume, refuse changed contents."""
+        from sar_core.train import data_check
+
+        fp = data_check.fingerprint(self.config.data.name, len(self.dataset), self.registry.names("dataset"))
+        if resumed:
+            data_check.check_resumed(self.out_dir, fp, self.config.accept_data_change, self.env.is_main, self.log)
+        elif self.env.is_main:
+            data_check.record(self.out_dir, fp)
+
     def _train(self) -> TrainResult:
-        self._saved_at = self.step if self.resume() else None
+        resumed = self.resume()
+        self._check_data(resumed)  # before anything is written: a refused resume touches nothing
+        self._saved_at = self.step if resumed else None
         self._noted = False
         self._write_config()
         hook, main = self.registry.hook, self.env.is_main
