@@ -19,7 +19,7 @@ import toy_adapter as toy
 from test_train_signals import ENV, HERE, _free_port, _wait_for_steps
 
 #: a slow toy run with the default two DataLoader workers per rank
-SLOW_RUN = ["train", "-f", "toy", "--data", "toy-slow", "--batch-size", "4", "--workers", "2",
+SLOW_RUN = ["train", "-f", "toy", "--random-tokenizer", "--data", "toy-slow", "--batch-size", "4", "--workers", "2",
             "--loggers", "jsonl", "--steps", "200", "--save-every", "0"]
 SLOW_ENV = {**ENV, "SAR_TEST_SLOW_S": "0.02"}
 
