@@ -120,7 +120,7 @@ def test_registry_refuses_unknown_patterns_and_a_within_scale_prefix():
 def test_a_within_scale_family_trains_with_ssr_last_from_the_cli(tmp_path, monkeypatch):
     toy.use_registry(monkeypatch)
     out = tmp_path / "run"
-    r = toy.invoke("train", "-f", "toy-within", "--data", "toy-images", "--batch-size", "4", "--workers", "0",
+    r = toy.invoke("train", "-f", "toy-within", "--random-tokenizer", "--data", "toy-images", "--batch-size", "4", "--workers", "0",
                    "--loggers", "jsonl", "--out", out, "--steps", "2", "--rollout", "ssr", "--ssr-scales", "last",
                    "--csfl", "hard", "--gamma", "0.5", "--lr", "1e-3")
     assert r.exit_code == 0, r.output
