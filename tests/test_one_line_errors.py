@@ -122,7 +122,7 @@ def test_resume_notices_that_the_data_folder_changed(tmp_path, monkeypatch):
     Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(data / "dog" / "new.png")
     before = (out / "metrics.jsonl").read_text()
     line = one_error_line(toy.invoke("train", "--out", out, "--resume", "--steps", "4"),
-                          str(data), "changed", "8 files then, 9 now", "--accept-data-change")
+                          str(data), "changed", "8 files then, 9 now", "--accept-data-change", "--restart")
     assert (out / "metrics.jsonl").read_text() == before  # refused before touching anything
     r = toy.invoke("train", "--out", out, "--resume", "--steps", "4", "--accept-data-change")
     assert r.exit_code == 0 and "--accept-data-change" in r.output, r.output

@@ -79,7 +79,8 @@ def test_sigterm_under_torchrun_with_workers_stops_every_rank_at_one_step(tmp_pa
 
 # ----------------------------------------------------------------------------- 2: non-finite runs
 def _toy_run(out, *extra):
-    return ["train", "-f", "toy", "--data", "toy-images", "--batch-size", "4", "--workers", "0",
+    tok = [] if "--tokenizer" in map(str, extra) else ["--random-tokenizer"]  # a fresh one unless given
+    return ["train", "-f", "toy", *tok, "--data", "toy-images", "--batch-size", "4", "--workers", "0",
             "--loggers", "jsonl", "--steps", "3", "--out", out, *extra]
 
 

@@ -86,7 +86,7 @@ def check_resumed(out_dir: Path, fp: dict, accept: bool, write: bool, log: Calla
         raise ResumeMismatch(f"cannot resume {out_dir}: the training data {fp['data']} changed since the run "
                              f"started ({_what_changed(saved, fp)}; recorded in {Path(out_dir) / FILE}); "
                              "resume on the data it started with, pass --accept-data-change to continue on "
-                             "the new contents, or start a new run with another --out")
+                             "the new contents, or --restart to start over on them")
     if saved is not None:
         log(f"[yellow]warning:[/] --accept-data-change: the training data changed ({_what_changed(saved, fp)}); "
             "continuing on the new contents")
