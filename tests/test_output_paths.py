@@ -135,3 +135,19 @@ def test_a_full_disk_in_an_atomic_write_says_no_space_left_on_device(tmp_path, m
         checkpoint_io.atomic_save({"x": 1}, tmp_path / "f.pt")
     assert "free some space" in str(info.value) and "--resume" in str(info.value)
     assert list(tmp_path.glob(".f.pt.*")) == []
+
+
+def test_pretrain_study_tokenize_and_conformance_outputs_are_checked_first(tmp_path, model, monkeypatch):
+    from pathlib import Path
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    read_only(monkeypatch, ro)
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("depth: 1\n")
+    one_error_line(toy.invoke("pretrain", "-f", "var", "--model-config", cfg, "--out", ro / "p"), "--out", str(ro))
+    one_error_line(toy.invoke("study", "--preset", "demo", "--out", ro / "s"), "--out", "Read-only file system")
+    assert not (ro / "s").exists()
+    one_error_line(toy.invoke("tokenize", *model, "--data", "toy-images", "--out", ro / "c"), "--out")
+    fixtures = Path(__file__).parent / "fixtures" / "var"
+    one_error_line(toy.invoke("conformance", fixtures, "--dump", ro / "d.pt"), "--dump")
