@@ -265,6 +265,8 @@ def run_training(cfg, console: Console, restart: bool = False) -> int:
     from sar_core.train import distributed as D
     from sar_core.train.signals import EXIT_INTERRUPTED, EXIT_SIGNALLED
     from sar_core.train.checkpointing import exported
+    from sar_core.train.config import absolute
+    from sar_core.train.runlock import held_run_folder
     from sar_core.train.trainer import Trainer
 
     err = Console(stderr=True)
@@ -278,9 +280,11 @@ def run_training(cfg, console: Console, restart: bool = False) -> int:
     try:
         env = D.init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
         log = console.print if env.is_main else (lambda *a, **k: None)
-        trainer = Trainer(cfg, env=env, log=log, restart=restart)
-        trainer.console = console
-        result = trainer.run()
+        out = absolute(cfg.out)
+        with held_run_folder(out, out / "checkpoints", env, log):  # first: before model and data are built
+            trainer = Trainer(cfg, env=env, log=log, restart=restart, folder_held=True)
+            trainer.console = console
+            result = trainer.run()
     except run_errors() as exc:
         return fail(str(exc), 2)
     except OSError as exc:

@@ -198,3 +198,42 @@ def test_restart_starts_over_explicitly(tmp_path, monkeypatch):
     assert [m["step"] for m in toy.read_metrics(out)] == [1, 2, 3]
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [3]
     assert "--restart" in toy.invoke("train", "--help").stdout
+
+
+# ----------------------------------------------------------------------------- 4: the lock file
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "hard link"])
+def test_a_lock_file_that_is_not_a_plain_file_is_refused_untouched(tmp_path, monkeypatch, kind):
+    toy.use_registry(monkeypatch)
+    victim = tmp_path / "teammates_notes.txt"
+    victim.write_text("precious")
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".lock"
+    if kind == "symlink":
+        lock.symlink_to(victim)
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        os.link(victim, lock)
+    r = toy.invoke(*_toy_run(out))
+    line = _error_line(r, 2)
+    assert str(lock) in line and "remove it" in line
+    assert victim.read_text() == "precious"
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
+
+
+def test_sar_train_takes_the_lock_before_building_the_model(tmp_path, monkeypatch):
+    from sar_core.train import trainer as trainer_module
+    from sar_core.train.runlock import RunLock
+
+    toy.use_registry(monkeypatch)
+    built = []
+    real = trainer_module.build_adapter
+    monkeypatch.setattr(trainer_module, "build_adapter", lambda *a, **k: built.append(1) or real(*a, **k))
+    out = tmp_path / "run"
+    with RunLock(out):  # a live run on the folder (another open file: flock refuses it)
+        r = toy.invoke(*_toy_run(out))
+    line = _error_line(r, 2)
+    assert "in use by another run" in line and f"pid {os.getpid()}" in line
+    assert built == []  # refused before the model (minutes for a 2B one) was loaded
+    assert toy.invoke(*_toy_run(out)).exit_code == 0 and built  # the lock is free again

@@ -7,15 +7,23 @@ the holder. The kernel drops the lock when its holder dies, however it dies; a f
 still names a holder while nobody holds the lock is a stale lock: it is taken over with a
 note. On release the file is emptied, not deleted (deleting would let two newcomers lock
 two different files).
+
+The lock file is opened with ``O_NOFOLLOW`` and must be a regular file with one link:
+anyone who can write a shared run folder could otherwise point ``.lock`` at a file of
+the person running there, which the run would then truncate. ``sar train`` takes the
+lock first, before the model and data are built, so a second run on a live folder fails
+in seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -57,13 +65,42 @@ class RunLock:
         self.note = note
         self.fd: Optional[int] = None
 
+    def _not_a_lock_file(self, st: os.stat_result) -> Optional[str]:
+        """Why an existing ``.lock`` must not be opened for writing, or None."""
+        if stat.S_ISLNK(st.st_mode):
+            return f"is a symbolic link (to {os.readlink(self.path)}), which sar never follows"
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file"
+        if st.st_nlink > 1:
+            return f"has {st.st_nlink} hard links, so it may be another file too"
+        return None
+
+    def _refuse(self, why: str) -> RunLockError:
+        return RunLockError(f"{self.path} {why}: someone who can write the run folder may have put it there; "
+                            "remove it (or choose another --out) and run again")
+
     def acquire(self) -> "RunLock":
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
+            st = os.lstat(self.path) if os.path.lexists(self.path) else None
         except OSError as exc:
             raise RunLockError(f"cannot write to the run folder {self.out_dir}: {exc.strerror}; choose a "
                                "writable --out (or fix the folder's permissions)") from None
+        why = self._not_a_lock_file(st) if st is not None else None
+        if why:  # checked before opening: opening a device or FIFO can have effects of its own
+            raise self._refuse(why)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                         | os.O_CLOEXEC, file_mode())
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # made a link since the check
+                raise self._refuse("is a symbolic link, which sar never follows") from None
+            raise RunLockError(f"cannot write to the run folder {self.out_dir}: {exc.strerror}; choose a "
+                               "writable --out (or fix the folder's permissions)") from None
+        why = self._not_a_lock_file(os.fstat(fd))  # what was opened (replaced since the check?)
+        if why:
+            os.close(fd)
+            raise self._refuse(why)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

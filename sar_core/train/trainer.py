@@ -27,6 +27,7 @@ refuses another model or data and warns on every other changed hyper-parameter
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -84,9 +85,11 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, registry=None, env: Optional[D.DistEnv] = None,
-                 log: Optional[Callable[[str], None]] = None, restart: bool = False):
+                 log: Optional[Callable[[str], None]] = None, restart: bool = False, folder_held: bool = False):
         """``restart``: start over at step 0 even where ``out`` holds checkpoints (they are
-        deleted before step 1; ``sar train --restart``)."""
+        deleted before step 1; ``sar train --restart``). ``folder_held``: the caller holds
+        the run-folder lock already (``sar train`` takes it before building the run), so
+        :meth:`run` does not take it."""
         from sar_core.plugins import get_registry
 
         self.registry = registry or get_registry()
@@ -98,7 +101,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.total_steps = cfg.train.steps
         self.step = 0
-        self.restart = restart
+        self.restart, self.folder_held = restart, folder_held
         if restart and cfg.resume:
             raise ValueError("--restart starts over and --resume continues: pass one of them")
         self.stop = StopRequest()  # replaced by an installed one while run() runs
@@ -234,8 +237,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
         """Lock the run folder, handle stop signals, train; see the module docstring."""
-        with held_run_folder(self.out_dir, self.ckpt_dir, self.env, self.log), \
-                StopRequest(abandon_on_repeat=not self.env.enabled) as stop:
+        folder = (contextlib.nullcontext() if self.folder_held
+                  else held_run_folder(self.out_dir, self.ckpt_dir, self.env, self.log))
+        with folder, StopRequest(abandon_on_repeat=not self.env.enabled) as stop:
             self.stop = stop
             try:
                 return self._train()
