@@ -7,7 +7,7 @@ import typer
 from sar_cli import conformance_cmd, plugins_cmd
 from sar_cli import diagnose_cmd, eval_cmd, sample_cmd, tokenize_cmd
 from sar_cli import train_cmd
-from sar_cli import demo_cmd, encode_text_cmd, pretrain_cmd, study_cmd
+from sar_cli import compare_cmd, demo_cmd, encode_text_cmd, pretrain_cmd, study_cmd
 
 app = typer.Typer(
     name="sar",
@@ -40,6 +40,7 @@ conformance_cmd.add_to(app)
 demo_cmd.add_to(app)
 pretrain_cmd.add_to(app)
 study_cmd.add_to(app)
+compare_cmd.add_to(app)
 sample_cmd.add_to(app)
 eval_cmd.add_to(app)
 tokenize_cmd.add_to(app)

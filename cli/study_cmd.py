@@ -175,20 +175,23 @@ def _summary(console: Console, results: dict) -> None:
     from rich.table import Table
 
     from sar_core.study.plan import HIGHER_IS_BETTER
-    from sar_core.study.report import LABELS, _diff_cell
+    from sar_core.study.report import LABELS, verdict_text
 
     control = results["study"]["control"]
     for label, fam in results["families"].items():
         others = [a for a in fam["arms"] if a != control]
-        table = Table(title=f"{label}: arm - {control} (95% interval over seeds)")
-        for col in ["metric", "noise sd", *others, f"{control} - start"]:
+        table = Table(title=f"{label}: arm - {control}, mean [95% interval over training seeds]: verdict",
+                      caption="better / worse only where the interval excludes 0; inconclusive: it holds 0; "
+                              "undefined: one seed or zero spread; control: flat within 2 noise sd")
+        for col in ["metric", "noise sd", *others, f"{control} - start", "control"]:
             table.add_column(col)
         for k, per_arm in fam["differences"].items():
             nz = fam["noise"][k]
             sd = "-" if nz.get("sd") is None else f"{nz['sd']:.4g}"
+            flat = {True: "flat", False: "moved", None: "-"}[fam["control_flat"].get(k)]
             table.add_row(LABELS.get(k, k), f"SE {sd}" if nz.get("deterministic") else sd,
-                          *[_diff_cell(per_arm.get(a), HIGHER_IS_BETTER[k]) for a in others],
-                          _diff_cell(fam["control_change"][k], HIGHER_IS_BETTER[k]))
+                          *[verdict_text(per_arm.get(a), HIGHER_IS_BETTER[k]) for a in others],
+                          verdict_text(fam["control_change"][k], HIGHER_IS_BETTER[k]), flat)
         console.print(table)
 
 

@@ -19,6 +19,14 @@ under a label-preserving random affine warp (rotation within +-12 degrees, scale
 image ``i % n`` warped with an RNG seeded by ``(split, i)``: the dataset is fixed (every
 machine and every epoch see the same 103,552 training images), so runs resume bit-exactly,
 yet a small model cannot memorise it the way it memorises the 1,618 raw training digits.
+
+``digits-text``: ``digits-aug`` as a text-to-image dataset, items shaped like the
+``textimages`` dataset's: ``(image, {"text_features": (tokens, text_channels), "label": c})``.
+The caption of digit c is ``"digit c"`` (:meth:`TextDigits.caption`); its features come from
+a frozen stand-in text encoder of the ten captions: ``tokens`` standard-normal rows of
+width ``text_channels``, drawn for all ten at once from a generator seeded ``seed``. The
+defaults (2 x 32, seed 20251206) are the Infinity miniature's stand-in prompts, so its real
+text path (features in the batch, no class ids) reads the captions it was trained on.
 """
 
 from __future__ import annotations
@@ -154,6 +162,34 @@ class AugmentedDigits(DigitsDataset):
         return f"AugmentedDigits(split={self.split!r}, n={len(self)}, copies={self.copies}, image_size={self.image_size})"
 
 
+TEXT_SEED = 20251206  # the Infinity adapter's stand-in seed: its miniature knows these prompts
+
+
+def caption_features(tokens: int = 2, text_channels: int = 32, seed: int = TEXT_SEED) -> torch.Tensor:
+    """(10, tokens, text_channels) float32: the frozen features of the captions "digit 0".."digit 9"."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(NUM_CLASSES, int(tokens), int(text_channels), generator=g)
+
+
+class TextDigits(AugmentedDigits):
+    """``digits-aug`` with a caption and its text features per image (see the module text)."""
+
+    def __init__(self, split: str = "train", image_size: int | tuple[int, int] = 16, copies: int | None = None,
+                 tokens: int = 2, text_channels: int = 32, seed: int = TEXT_SEED):
+        super().__init__(split=split, image_size=image_size, copies=copies)
+        self.features = caption_features(tokens, text_channels, seed)
+
+    def caption(self, i: int) -> str:
+        return f"digit {int(self.base_labels[i % len(self.indices)])}"
+
+    def __getitem__(self, i: int):
+        image, label = super().__getitem__(i)
+        return image, {"text_features": self.features[int(label)], "label": int(label)}
+
+    def __repr__(self) -> str:
+        return f"TextDigits(split={self.split!r}, n={len(self)}, features={tuple(self.features.shape[1:])})"
+
+
 def digits(split: str = "train", image_size: int | tuple[int, int] = 16, hflip: bool = False,
            **_) -> DigitsDataset:
     """Factory registered as dataset ``digits`` (extra options are ignored)."""
@@ -166,7 +202,15 @@ def digits_aug(split: str = "train", image_size: int | tuple[int, int] = 16, cop
     return AugmentedDigits(split=split, image_size=image_size, copies=copies)
 
 
+def digits_text(split: str = "train", image_size: int | tuple[int, int] = 16, copies: int | None = None,
+                tokens: int = 2, text_channels: int = 32, seed: int = TEXT_SEED, **_) -> TextDigits:
+    """Factory registered as dataset ``digits-text`` (extra options are ignored)."""
+    return TextDigits(split=split, image_size=image_size, copies=copies, tokens=tokens,
+                      text_channels=text_channels, seed=seed)
+
+
 @hookimpl
 def register_datasets(register):
     register("digits", digits)
     register("digits-aug", digits_aug)
+    register("digits-text", digits_text)

@@ -191,6 +191,11 @@ class TextImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def caption(self, i: int) -> str:
+        """The manifest's caption of item ``i`` (its image path when it has none): grid labels."""
+        row = self.rows[i]
+        return str(row.get("caption") or row["image"])
+
     def payloads(self, i: int) -> dict[str, torch.Tensor]:
         return {name: col.load(self.rows[i]) for name, col in self.columns.items()}
 

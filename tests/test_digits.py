@@ -1,5 +1,7 @@
 """The digits dataset: deterministic disjoint stratified split, rendering, registration."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,21 @@ def test_digits_aug_is_registered():
     from sar_core.data.datasets import open_dataset
 
     assert len(open_dataset("digits-aug", "val", 16)) == 8 * 179
+
+
+def test_digits_text_captions_are_the_infinity_miniatures_prompts():
+    """digits-text items carry the caption's features (and the label); with the defaults they
+    equal the Infinity adapter's stand-in prompts, so the miniature's text path reads them."""
+    from sar_adapters.infinity.adapter import InfinityAdapter
+    from sar_core.data.datasets import open_dataset
+    from sar_plugins.digits import caption_features
+
+    ds = open_dataset("digits-text", split="val", image_size=16, deterministic=True)
+    image, target = ds[7]
+    assert image.shape == (3, 16, 16) and set(target) == {"text_features", "label"}
+    assert ds.caption(7) == f"digit {target['label']}"
+    assert torch.equal(target["text_features"], caption_features()[target["label"]])
+    stand_in = InfinityAdapter.stand_in_features(SimpleNamespace(config=SimpleNamespace(
+        stand_in_classes=10, stand_in_tokens=2, backbone=SimpleNamespace(text_channels=32))))
+    assert torch.equal(caption_features(tokens=2, text_channels=32), stand_in)
+    assert not torch.equal(caption_features(seed=1), stand_in)

@@ -252,3 +252,26 @@ def test_precision_recall_from_cached_reference_radii_equals_torch_fidelity(fe, 
     with pytest.raises(ValueError, match="reference radii"):
         precision_recall(gen, real, 3, knn_radii(real[:10], 3))
     assert radii_key("x", 3) == "x@prc_radii_k3"
+
+
+def test_colour_check_looks_at_many_pixels_and_names_which_set_is_colour():
+    """Grayscale digits with one coloured pixel are not 'in colour' (one pixel used to decide);
+    colour samples against a grayscale reference name the samples, and the other way round."""
+    from sar_core.evaluate.images import DatasetImages, UInt8Images
+    from sar_core.evaluate.inputs import colour_fraction, colour_note, looks_rgb
+
+    gray = DatasetImages(digits("val", image_size=16))
+    u8 = torch.stack([gray[i] for i in range(64)])
+    assert colour_fraction(gray) == 0.0 and not looks_rgb(u8)
+    speck = u8.clone()
+    speck[3, 0, 5, 5] = 255
+    speck[3, 1:, 5, 5] = 0                                     # one red pixel in 64 x 256
+    assert 0 < colour_fraction(speck) < 0.001 and not looks_rgb(speck)
+    assert colour_note("digit-classifier", speck, gray) is None
+    colour = u8.clone()
+    colour[:, 0] = 255 - colour[:, 0]                           # every pixel's red channel differs
+    assert looks_rgb(colour)
+    note = colour_note("digit-classifier", colour, gray)
+    assert "the samples are in colour" in note and "reference" not in note
+    note = colour_note("digit-classifier", u8, UInt8Images(colour))
+    assert "the reference images are in colour" in note and "samples" not in note

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from sar_cli.main import app
 from sar_core.train.config import ConfigError
 from sar_core.study.config import validate_study
-from sar_core.study.stats import interval, is_flat, noise, paired_difference, t_critical
+from sar_core.study.stats import interval, is_flat, noise, paired_difference, t_critical, verdict
 from sar_plugins.studies import preset_names, preset_path
 
 TINY = ["--preset", "demo", "--set", "run.train.steps=1", "--set", "run.train.batch_size=8",
@@ -44,6 +44,27 @@ def test_interval_matches_the_t_table():
     nz = noise([1.0, 1.2, 0.8])
     assert nz["sd"] == pytest.approx(0.2) and nz["diff_sd"] == pytest.approx(0.2 * math.sqrt(2))
     assert is_flat({"mean": 0.3}, 0.2) and not is_flat({"mean": 0.5}, 0.2) and is_flat({"mean": 1.0}, None) is None
+
+
+def test_zero_spread_intervals_are_never_called_significant():
+    """A quantised metric that came out the same under both seeds (difference +0.015 twice)
+    has no interval: undefined, never 'worse', in the words of the console and markdown."""
+    from sar_core.study.report import verdict_text
+
+    for values in ([0.015, 0.015], [0.015, 0.015, 0.015], [0.0, 0.0]):
+        iv = interval(values)
+        assert iv["low"] is None and iv["excludes_zero"] is None and iv["undefined"] == "zero spread"
+        assert verdict(iv, True) == "undefined" and verdict(iv, False) == "undefined"
+        text = verdict_text(iv, False)
+        assert "undefined (zero spread over" in text and "worse" not in text and "excludes" not in text
+    one = interval([0.3])
+    assert verdict(one, True) == "undefined" and "undefined (1 seed)" in verdict_text(one, True)
+    d = paired_difference({0: 0.52, 1: 0.61}, {0: 0.50, 1: 0.59})  # +0.02 on both seeds
+    assert d["mean"] == pytest.approx(0.02) and d["low"] is None and verdict(d, True) == "undefined"
+    # a spread interval: the verdict words read the same everywhere
+    assert verdict(interval([1.0, 1.5, 2.0]), True) == "better" and verdict(interval([1.0, 1.5, 2.0]), False) == "worse"
+    assert verdict(interval([-1.0, 1.0]), True) == "inconclusive"
+    assert verdict_text(interval([1.0, 1.5, 2.0]), False).endswith("]: worse")
 
 
 def test_study_validation_names_the_problem():
@@ -95,7 +116,7 @@ def test_study_end_to_end_and_arm_jobs_reproduce_it(tmp_path):
     res = run.invoke(app, ["study", *TINY, "--out", str(one)])
     assert res.exit_code == 0, res.output
     for name in ("report.md", "report.html", "report.json", "plots/var_gap_and_losses.png",
-                 "plots/var_differences.png", "var/start/grid.png", "var/sar/seed0/grid.png",
+                 "plots/var_diff_fid.png", "var/start/grid.png", "var/sar/seed0/grid.png",
                  "var/start/maps/all_scales.png", "var/tf/seed0/maps/scale_05.png"):
         assert (one / name).is_file(), name
     for arm in ("tf", "sar"):
@@ -109,11 +130,18 @@ def test_study_end_to_end_and_arm_jobs_reproduce_it(tmp_path):
     report = json.loads((one / "report.json").read_text())
     fam = report["families"]["var"]
     diff = fam["differences"]["fid"]["sar"]
-    assert diff["n"] == 2 and diff["low"] <= diff["mean"] <= diff["high"]
+    assert diff["n"] == 2 and (diff["low"] is None or diff["low"] <= diff["mean"] <= diff["high"])
     assert fam["noise"]["fid"]["sd"] > 0 and fam["noise"]["fid"]["n"] == 2
     assert len(fam["arms"]["tf"]["gap"]["mean"]) == 5  # six scales, five transitions
     md = (one / "report.md").read_text()
     assert "paired difference arm - tf" in md and "measurement noise" in md and "NOT YET" not in md
+    assert "excludes 0:" not in md and "excludes 0:" not in _out(res)  # the old "excludes 0: no"
+    # the header is generated from what ran; the preset's prose is only quoted
+    assert md.startswith("# sar study `demo`: tf, sar on 1 family, 2 training seeds")
+    assert "`tf`: teacher forcing only; 1 steps at batch 8" in md and "seeds [0, 1]" in md
+    assert "> The study file's own description (not checked against what ran): SAR" in md
+    assert "3 paired training seeds" not in md.split("> The study file")[0]
+    _check_html_pictures(one, fam)
     # the same study as one job per arm / seed, then report
     two = tmp_path / "two"
     for extra in (["--arm", "start"], ["--arm", "tf"]):
@@ -133,6 +161,32 @@ def test_study_end_to_end_and_arm_jobs_reproduce_it(tmp_path):
     assert res.exit_code == 0 and "done already" in _out(res)
     res = run.invoke(app, ["study", *TINY, "--set", "run.optim.lr=0.5", "--out", str(two), "--arm", "tf"])
     assert res.exit_code == 2 and "different study" in _out(res)
+
+
+def _check_html_pictures(folder, fam):
+    """report.html shows every picture at its own size, and the sizes are readable: maps at
+    >= 3 px per token and >= 120 px a panel, grids upscaled to >= 96 px a sample, one
+    interval panel per metric (not a 1920-px strip)."""
+    import re
+
+    from PIL import Image
+
+    from sar_core.evaluate.pictures import MIN_CELL_PX, MIN_MAP_PX
+
+    page = (folder / "report.html").read_text()
+    assert "img{max-width:none}" in page and "max-width:260px" not in page and "style='max-width" not in page
+    srcs = re.findall(r"<img src='([^']+)'", page)
+    sides = [2, 3, 4, 6, 8]  # the VAR miniature's token grids, scales 1..5
+    for src in srcs:
+        w, h = Image.open(folder / src).size
+        if src.endswith("all_scales.png"):
+            assert w >= sum(max(MIN_MAP_PX, 3 * s) for s in sides) and h >= MIN_MAP_PX, (src, w, h)
+        elif src.endswith("grid.png"):
+            assert w >= 10 * MIN_CELL_PX and h >= MIN_CELL_PX, (src, w, h)  # 10 classes a row
+        elif "_diff_" in src:
+            assert 500 <= w <= 1000 and h >= 150, (src, w, h)
+    panels = {src for src in srcs if "_diff_" in src}
+    assert panels == {f"plots/var_diff_{k}.png" for k in fam["differences"]}
 
 
 def test_models_file_replaces_families_with_paths_from_its_folder(tmp_path):
@@ -183,22 +237,31 @@ def test_a_failed_job_does_not_stop_the_others_and_is_named(tmp_path, monkeypatc
 
 def test_cross_family_preset_runs_every_shipped_miniature(tmp_path):
     """The cross-family preset, shrunk to 1 step and a few samples, end to end on FlexVAR,
-    VAR and Infinity (its class stand-in): every family's tables and pictures exist."""
+    VAR, Infinity (its class stand-in) and Infinity through its text path (no classes: sampled
+    on the validation captions, FID against those images): every family's row, tables and
+    pictures exist."""
     out = tmp_path / "cf"
     small = ["--set", "run.train.steps=1", "--set", "run.train.batch_size=4", "--set", "seeds=[0,1]",
              "--set", "eval.samples_per_class=2", "--set", "eval.noise_seeds=[1000,1001]",
              "--set", "eval.grid_per_class=1", "--set", "eval.gap_batches=1", "--set", "eval.batch_size=20",
-             "--set", "eval.reference_split=val"]
+             "--set", "eval.reference_split=val", "--set", "eval.text_samples=20"]
     res = CliRunner().invoke(app, ["study", "--preset", "cross-family", *small, "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
-    assert set(report["families"]) == {"flexvar", "var", "infinity"}
+    assert set(report["families"]) == {"flexvar", "var", "infinity", "infinity-text"}
+    text = report["families"]["infinity-text"]
+    assert text["start"]["conditions"] == "validation captions" and text["start"]["samples"] == 20
+    start = json.loads((out / "infinity-text/start/eval.json").read_text())
+    assert start["standard_error"]["num_images"] == 20 and start["metrics"]["class_acc"] >= 0
+    cfg = yaml.safe_load((out / "infinity-text/sar/seed0/config.yaml").read_text())
+    assert cfg["data"]["name"] == "digits-text" and "stand_in_classes" not in cfg["model"]["overrides"]
+    assert "| FID ↓ |" in (out / "report.md").read_text().split("family `infinity-text`")[1]
     md = (out / "report.md").read_text()
     for label, fam in report["families"].items():
         assert set(fam["arms"]) == {"tf", "sar"} and not fam["missing"], label
         for key in ("fid", "precision", "class_acc", "gap_mean", "val_loss_tf"):
             d = fam["differences"][key]["sar"]
-            assert d["n"] == 2 and d["low"] <= d["mean"] <= d["high"], (label, key)
+            assert d["n"] == 2 and (d["low"] is None or d["low"] <= d["mean"] <= d["high"]), (label, key)
             assert fam["control_flat"][key] in (True, False), (label, key)
         for name in (f"plots/{label}_gap_and_losses.png", f"{label}/start/grid.png", f"{label}/sar/seed0/grid.png",
                      f"{label}/start/maps/all_scales.png", f"{label}/sar/seed0/maps/all_scales.png"):

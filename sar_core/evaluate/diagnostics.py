@@ -54,6 +54,8 @@ class _Sums:
         # per image: token-weighted TF CE and the mean over scales >= 1 of the CE gap
         self.img_tf: list[torch.Tensor] = []
         self.img_gap: list[torch.Tensor] = []
+        # per image and scale (B, K) float64: tf_ce, tf_acc, sf_ce, sf_acc (sf NaN at scale 0)
+        self.img_scales: dict[str, list[torch.Tensor]] = {key: [] for key in self.v}
         self.maps: Optional[list[torch.Tensor]] = None  # per-token argmax disagreement sums
 
     def per_image_se(self) -> dict:
@@ -64,6 +66,13 @@ class _Sums:
             x = torch.cat(parts) if parts else torch.zeros(0)
             out[key] = float(x.std() / len(x) ** 0.5) if len(x) > 1 else None
         return out
+
+    def per_image(self) -> dict:
+        """Per-image values (CPU float64), in data order: ``val_loss_tf`` and ``mean_gap_ce``
+        (N,), and ``tf_ce`` / ``tf_acc`` / ``sf_ce`` / ``sf_acc`` (N, K): what paired
+        comparisons of two models on the same images need."""
+        out = {"val_loss_tf": torch.cat(self.img_tf).double(), "mean_gap_ce": torch.cat(self.img_gap).double()}
+        return {**out, **{key: torch.cat(parts) for key, parts in self.img_scales.items()}}
 
     def add(self, key: str, k: int, values_Bn: torch.Tensor) -> None:
         self.v[key][k] += float(values_Bn.double().sum())
@@ -87,12 +96,15 @@ def _one_batch(adapter, codes: list, cond: Any, schedule: Schedule, mode: str,
     else:
         logits_tf = adapter.forward(cond, tf_in, schedule).float()
     preds, tf_ce_k = [], []
+    per = {key: torch.full((target.shape[0], K), float("nan"), dtype=torch.float64) for key in sums.v}
     for k in range(K):
         sl = schedule.slice(k)
         lg = logits_tf[:, sl]
         tf_ce_k.append(token_ce(lg, target[:, sl], bits).double())
+        acc = _token_acc(lg, target[:, sl], bits)
         sums.add("tf_ce", k, tf_ce_k[-1])
-        sums.add("tf_acc", k, _token_acc(lg, target[:, sl], bits))
+        sums.add("tf_acc", k, acc)
+        per["tf_ce"][:, k], per["tf_acc"][:, k] = tf_ce_k[-1].mean(1).cpu(), acc.double().mean(1).cpu()
         sums.n[k] += target[:, sl].shape[0] * target[:, sl].shape[1]
         preds.append(token_argmax(lg, bits) if predict is None else predict(lg, codes[k]))
     sums.img_tf.append(torch.cat(tf_ce_k, 1).mean(1).cpu())
@@ -103,12 +115,16 @@ def _one_batch(adapter, codes: list, cond: Any, schedule: Schedule, mode: str,
         for k, lg in _student_logits(adapter, cond, inputs, schedule, ks, short, cache):
             sl = schedule.slice(k + 1)
             sf = token_ce(lg, target[:, sl], bits)
+            sf_acc = _token_acc(lg, target[:, sl], bits)
             sums.add("sf_ce", k + 1, sf)
-            sums.add("sf_acc", k + 1, _token_acc(lg, target[:, sl], bits))
+            sums.add("sf_acc", k + 1, sf_acc)
+            per["sf_ce"][:, k + 1], per["sf_acc"][:, k + 1] = sf.double().mean(1).cpu(), sf_acc.double().mean(1).cpu()
             if sums.maps is not None:
                 sums.maps[k + 1] += _disagree_Bn(lg, logits_tf[:, sl], bits).double().sum(0).cpu()
             gap_B += (sf.double() - tf_ce_k[k + 1]).mean(1) / (K - 1)
     sums.img_gap.append(gap_B.cpu())
+    for key, values in per.items():
+        sums.img_scales[key].append(values)
 
 
 def _student_logits(adapter, cond: Any, inputs: torch.Tensor, schedule: Schedule, ks: list, short: bool,
@@ -154,7 +170,7 @@ def _split_batch(adapter, batch: Any, schedule: Schedule) -> tuple[list, Any, in
 
 def exposure_gap(adapter, data: Dataset | Iterable, schedule: Schedule | str | None = None,
                  batches: Optional[int] = None, *, batch_size: int = 32, mode: str = "per_scale",
-                 predict: Optional[Predict] = None, maps: bool = False) -> dict:
+                 predict: Optional[Predict] = None, maps: bool = False, per_image: bool = False) -> dict:
     """Per-scale teacher-forced vs one-step student-forced CE / accuracy and their gap.
 
     ``data`` is a dataset of ``(images | codes, target)`` items (see :mod:`sar_core.data.datasets`;
@@ -164,7 +180,8 @@ def exposure_gap(adapter, data: Dataset | Iterable, schedule: Schedule | str | N
     ``batches`` caps how many batches are
     used. ``predict`` replaces the argmax prediction (tests use an oracle). ``maps=True``
     (per-scale mode) also returns the difference maps of :mod:`sar_core.evaluate.difference_maps`
-    from the same passes, under ``"maps"``.
+    from the same passes, under ``"maps"``. ``per_image=True`` adds the per-image values of
+    :meth:`_Sums.per_image` (tensors, not JSON) under ``"per_image"``.
     """
     if mode not in ("per_scale", "joint"):
         raise ValueError(f"mode must be 'per_scale' or 'joint', got {mode!r}")
@@ -186,6 +203,8 @@ def exposure_gap(adapter, data: Dataset | Iterable, schedule: Schedule | str | N
     if n_samples == 0:
         raise ValueError("no batches to evaluate")
     report = _report(adapter, schedule, mode, n_samples, sums)
+    if per_image:
+        report["per_image"] = sums.per_image()
     if maps:
         report["maps"] = [None] + [rearrange(sums.maps[k] / n_samples, "(h w) -> h w", h=h, w=w).float()
                                    for k, (h, w) in enumerate(schedule) if k > 0]

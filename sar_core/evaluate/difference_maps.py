@@ -32,11 +32,11 @@ def difference_maps(adapter, data: Dataset | Iterable, schedule: Schedule | str 
     return {"family": adapter.name, "schedule": r["schedule"], "num_samples": r["num_samples"], "maps": r["maps"]}
 
 
-def save_difference_maps(report: dict, out_dir: str | Path, title: str = "") -> list[Path]:
+def save_difference_maps(report: dict, out_dir: str | Path, title: str = "", name: str = "") -> list[Path]:
     """One PNG per scale (``scale_KK.png``) plus ``all_scales.png`` (a row of panels on one
-    colour scale); returns the paths written."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    colour scale, :func:`sar_core.evaluate.pictures.save_maps_side_by_side`); every map at
+    least 3 px per token; returns the paths written."""
+    from sar_core.evaluate.pictures import DPI, FONT, _figure, map_panel_inches, save_maps_side_by_side
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,24 +44,17 @@ def save_difference_maps(report: dict, out_dir: str | Path, title: str = "") -> 
     vmax = max(float(m.max()) for _, m in maps) or 1.0
     paths = []
     for k, m in maps:
-        fig = Figure(figsize=(3, 3))
-        FigureCanvasAgg(fig)
+        pw, ph = map_panel_inches(*m.shape)
+        fig = _figure(max(3.0, pw + 1.2), max(3.0, ph + 0.8))
         ax = fig.subplots()
-        im = ax.imshow(m.numpy(), vmin=0, vmax=vmax, cmap="magma")
-        ax.set(title=f"scale {k} ({m.shape[0]}x{m.shape[1]})", xticks=[], yticks=[])
+        im = ax.imshow(m.numpy(), vmin=0, vmax=vmax, cmap="magma", interpolation="nearest")
+        ax.set_title(f"scale {k} ({m.shape[0]}x{m.shape[1]})", fontsize=FONT)
+        ax.set(xticks=[], yticks=[])
         fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
-        fig.savefig(out / f"scale_{k:02d}.png", dpi=100)
+        fig.savefig(out / f"scale_{k:02d}.png", dpi=DPI)
         paths.append(out / f"scale_{k:02d}.png")
-    fig = Figure(figsize=(2.2 * len(maps) + 1, 2.6))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(maps), squeeze=False)[0]
-    for ax, (k, m) in zip(axes, maps):
-        im = ax.imshow(m.numpy(), vmin=0, vmax=vmax, cmap="magma")
-        ax.set(title=f"scale {k}: {float(m.mean()):.2f}", xticks=[], yticks=[])
-    fig.colorbar(im, ax=list(axes), fraction=0.02)
-    fig.suptitle(title or f"{report['family']}: P(prediction changes on own input), {report['num_samples']} samples",
-                 fontsize=9)
-    fig.savefig(out / "all_scales.png", dpi=100)
-    paths.append(out / "all_scales.png")
+    label = name or report.get("family", "model")
+    paths.append(save_maps_side_by_side([(label, report["maps"])], out / "all_scales.png", title=title or (
+        f"{label}: P(prediction changes on own input), {report['num_samples']} samples")))
     return paths

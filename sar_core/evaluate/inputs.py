@@ -85,10 +85,40 @@ def sample_uint8(adapter, num: int, *, schedule, batch_size: int, samples_folder
     return out
 
 
-def looks_rgb(images: torch.Tensor, tolerance: int = 8) -> bool:
-    """Whether uint8 (N, 3, H, W) images have colour (channels differ by more than ``tolerance``)."""
-    x = images[: min(len(images), 256)].int()
-    return bool(((x[:, 0] - x[:, 1]).abs().max() > tolerance) or ((x[:, 1] - x[:, 2]).abs().max() > tolerance))
+COLOUR_TOLERANCE = 8        # channel difference (of 255) that counts as colour, above JPEG / resize noise
+COLOUR_MIN_FRACTION = 0.01  # an image set is in colour when more than 1% of its pixels are
 
 
+def colour_fraction(images, tolerance: int = COLOUR_TOLERANCE, max_images: int = 256) -> float:
+    """Fraction of pixels whose channels differ by more than ``tolerance`` over up to
+    ``max_images`` images spread evenly over the set (a uint8 (N, 3, H, W) tensor or an
+    image dataset of uint8 (3, H, W) items), so one odd pixel does not decide."""
+    n = len(images)
+    if n == 0:
+        return 0.0
+    idx = torch.linspace(0, n - 1, min(n, max_images)).round().long().unique()
+    x = images[idx] if isinstance(images, torch.Tensor) else torch.stack([images[int(i)] for i in idx])
+    x = x.int()
+    spread = torch.maximum((x[:, 0] - x[:, 1]).abs(), (x[:, 1] - x[:, 2]).abs())
+    return float((spread > tolerance).float().mean())
 
+
+def looks_rgb(images, tolerance: int = COLOUR_TOLERANCE, min_fraction: float = COLOUR_MIN_FRACTION) -> bool:
+    """Whether an image set is in colour: more than ``min_fraction`` of its pixels have
+    channels that differ by more than ``tolerance``."""
+    return colour_fraction(images, tolerance) > min_fraction
+
+
+def colour_note(extractor_name: str, samples, reference=None) -> Optional[str]:
+    """For a feature extractor trained on grayscale images: a note naming which of the
+    samples and the reference is in colour (None when neither is)."""
+    parts = []
+    for what, images in (("the samples are", samples), ("the reference images are", reference)):
+        if images is not None:
+            f = colour_fraction(images)
+            if f > COLOUR_MIN_FRACTION:
+                parts.append(f"{what} in colour ({100 * f:.0f}% of the pixels checked)")
+    if not parts:
+        return None
+    return (f"feature extractor '{extractor_name}' was trained on grayscale images, but {' and '.join(parts)}: "
+            "its FID is not meaningful there (use --feature-extractor inception)")

@@ -31,7 +31,7 @@ import torch
 
 from sar_core.evaluate.generation import to_uint8
 from sar_core.evaluate.images import as_image_set
-from sar_core.evaluate.inputs import looks_rgb, reference_set, resolve_reference, sample_uint8
+from sar_core.evaluate.inputs import colour_note, reference_set, resolve_reference, sample_uint8
 
 ALL_METRICS = ("fid", "isc", "kid", "prc")
 #: ``progress(description, total) -> advance(n)``: one call per pass over an image set
@@ -389,9 +389,9 @@ def evaluate_adapter(adapter, *, num_samples: int, extractor: FeatureExtractorSp
                           seed=seed, **source)
     if samples_npz:
         write_samples_npz(images, samples_npz)
-    if extractor.grayscale_only and (looks_rgb(images) or (ref is not None and looks_rgb(ref[0][None]))):
-        notes.append(f"feature extractor '{extractor.name}' was trained on grayscale images but the data is "
-                     "in colour: its FID is not meaningful (use --feature-extractor inception)")
+    note = colour_note(extractor.name, images, ref) if extractor.grayscale_only else None
+    if note:
+        notes.append(note)
     device = adapter.device
     report = compute_metrics(images, ref, extractor=extractor, metrics=metrics, reference_stats=stats,
                              device=device, batch_size=batch_size, seed=seed, progress=progress)

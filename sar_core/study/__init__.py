@@ -1,7 +1,10 @@
 """``sar study``: families x arms x seeds from one start checkpoint, evaluated alike. The
 study file (``config``), its plan of runs (``plan``), how each run is evaluated
-(``evaluate``), running it in one process or as parallel jobs (``run``, ``jobs``), and the
-report with paired differences, intervals and noise (``stats``, ``report``).
+(``evaluate``; class-conditional and text-conditioned models alike), running it in one
+process or as parallel jobs (``run``, ``jobs``), and the report with paired differences,
+intervals and noise (``stats``, ``report``). ``sar compare`` (``compare``, ``compare_report``)
+evaluates a few checkpoints the same way and pairs them over sampling seeds and
+validation images.
 
 May import: everything below it (contract, ``sar``, ``data``, ``train``, ``evaluate``).
 Nothing imports ``study`` except the CLI and the plugins.

@@ -60,7 +60,11 @@ class FamilySpec(_Section):
 
 
 class EvalSpec(_Section):
-    samples_per_class: int = Field(50, ge=2, description="samples per class of every evaluation")
+    samples_per_class: int = Field(50, ge=2, description="samples per class of every evaluation "
+                                   "(class-conditional models)")
+    text_samples: Optional[int] = Field(None, ge=2, description="samples of every evaluation of a model "
+                                        "without classes (text-conditioned): one per validation caption, in "
+                                        "order, cycled; None: one per validation image")
     sampling_seeds: list[int] = Field(default_factory=lambda: [1000], min_length=1,
                                       description="sampling seeds of every arm run (same for all arms); "
                                       "metrics are averaged over them")
@@ -72,7 +76,10 @@ class EvalSpec(_Section):
     top_p: float = Field(0.0, ge=0, le=1)
     feature_extractor: str = Field("inception", description="registered feature extractor")
     extractor_weights: Optional[Path] = None
-    reference: str = Field(description="reference images: registered dataset or folder")
+    reference: Optional[str] = Field(None, description="reference images of class-conditional models: "
+                                     "registered dataset or folder; None: the validation images. Models "
+                                     "without classes are always compared with the validation images whose "
+                                     "captions conditioned their samples")
     reference_split: str = "train"
     metrics: list[str] = Field(default_factory=lambda: ["fid", "prc"])
     gap_batches: int = Field(0, ge=0, description="batches of val data for gap / maps (0: all)")

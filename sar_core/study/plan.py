@@ -15,14 +15,17 @@ from sar_core.study.config import StudyConfig, merge
 Log = Callable[[str], None]
 
 
-HIGHER_IS_BETTER = {"fid": False, "kid_mean": False, "precision": True, "recall": True, "isc_mean": True,
-                    "class_acc": True, "gap_mean": False, "val_loss_tf": False}
+HIGHER_IS_BETTER = {"fid": False, "kid_mean": False, "precision": True, "recall": True, "f_score": True,
+                    "isc_mean": True, "class_acc": True, "gap_mean": False, "val_loss_tf": False, "gap_acc": True}
 
 
-SAMPLED = ("fid", "kid_mean", "precision", "recall", "isc_mean", "class_acc")  # depend on sampling seeds
+SAMPLED = ("fid", "kid_mean", "precision", "recall", "f_score", "isc_mean", "class_acc")  # depend on sampling seeds
 
 
 FIXED = ("gap_mean", "val_loss_tf")                                             # deterministic
+
+
+PER_IMAGE = ("val_loss_tf", "gap_mean", "gap_acc")  # validation metrics ``sar compare`` pairs image by image
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
 """``sar study report DIR``: aggregate a study folder into report.md / report.html / report.json.
 
 Per family and metric: the value of every arm (mean ± sd over training seeds), the paired
-difference arm - control with its 95% t-interval over seeds and whether it excludes 0,
+difference arm - control with its 95% t-interval over seeds and one verdict word (better /
+worse only where the interval excludes 0, inconclusive, undefined: no interval),
 the metric's own measurement noise (the start model under different sampling seeds), how
 far the control arm moved from the start model (flat: within two noise sd; for the
 deterministic val-set metrics the noise is their standard error over the val images), per-scale
 exposure-gap curves, training-loss curves, sample grids with the same labels and seeds
-side by side and the per-scale difference maps. It states what was measured, whichever
-way it went; nothing is tuned on the outcome.
+side by side and the per-scale difference maps. Title and prose are generated from the
+resolved study (families, arms, seeds, steps, samples); the study file's own description
+is only quoted. It states what was measured, whichever way it went; nothing is tuned on
+the outcome.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from typing import Optional
 
 from sar_core.checkpoint_io import atomic_write_text
 from sar_core.study.plan import FIXED, HIGHER_IS_BETTER, SAMPLED, RunSpec, plan, read_study
-from sar_core.study.config import START
-from sar_core.study.stats import interval, is_flat, noise, paired_difference
+from sar_core.study.config import START, merge
+from sar_core.study.stats import ONE_VALUE, UNDEFINED, interval, is_flat, noise, paired_difference, verdict
 
-LABELS = {"fid": "FID", "kid_mean": "KID", "precision": "precision", "recall": "recall", "isc_mean": "IS",
-          "class_acc": "class accuracy", "gap_mean": "mean exposure gap (CE)", "val_loss_tf": "val TF loss"}
+LABELS = {"fid": "FID", "kid_mean": "KID", "precision": "precision", "recall": "recall", "f_score": "F-score",
+          "isc_mean": "IS",
+          "class_acc": "class accuracy", "gap_mean": "mean exposure gap (CE)", "val_loss_tf": "val TF loss",
+          "gap_acc": "mean exposure gap (accuracy)"}
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -53,7 +58,9 @@ def aggregate_family(study, out: Path, label: str) -> dict:
     metrics = [k for k in HIGHER_IS_BETTER if k in start["metrics"]]
     noise_seeds = [str(s) for s in study.eval.noise_seeds]
     fam = {"start": {"metrics": start["metrics"], "gap": start["gap"], "grid": start.get("grid"),
-                     "maps": start.get("maps"), "map_means": start.get("map_means")},
+                     "maps": start.get("maps"), "map_means": start.get("map_means"),
+                     "num_images": start.get("standard_error", {}).get("num_images"),
+                     "samples": start.get("samples"), "conditions": start.get("conditions", "class labels")},
            "noise": {}, "arms": {}, "differences": {}, "control_change": {}, "control_flat": {}, "missing": []}
     for k in metrics:
         if k in SAMPLED:
@@ -77,7 +84,8 @@ def aggregate_family(study, out: Path, label: str) -> dict:
         first = runs[min(runs, key=study.seeds.index)]
         vals = list(runs.values())
         fam["arms"][arm] = {
-            "seeds": sorted(runs), "runs": {str(s): r["metrics"] for s, r in runs.items()},
+            "seeds": sorted(runs), "steps": sorted({r.get("steps") for r in vals if r.get("steps") is not None}),
+            "runs": {str(s): r["metrics"] for s, r in runs.items()},
             "summary": {k: interval([r["metrics"][k] for r in vals]) for k in metrics},
             "gap": _curve(vals, "gap"), "grid": first.get("grid"), "maps": first.get("maps"),
             "map_means": first.get("map_means"),
@@ -103,15 +111,26 @@ def aggregate(out: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- plots
-def _plots(results: dict, out: Path) -> dict:
+FONT = 11  # points at 100 dpi: readable at the PNG's own size
+
+
+def _figure(w: float, h: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _plots(results: dict, out: Path) -> dict:
+    """Per family: exposure-gap curves + training losses, and one interval panel per metric
+    (``plots/<family>_diff_<metric>.png``: every arm's paired difference with its interval,
+    the ±2 noise sd band, and the words of the table)."""
     plots = {}
     control = results["study"]["control"]
     for label, fam in results["families"].items():
-        fig = Figure(figsize=(11, 3.8))
-        FigureCanvasAgg(fig)
+        fig = _figure(13, 4.6)
         ax1, ax2 = fig.subplots(1, 2)
         g = fam["start"]["gap"]
         ax1.plot(range(1, len(g) + 1), g, "k:", label="start model")
@@ -124,55 +143,103 @@ def _plots(results: dict, out: Path) -> dict:
                 ax2.plot([r["step"] for r in h], [r["loss_csf"] for r in h], "--", label=f"{arm}: L_CSF")
         ax1.axhline(0, color="grey", lw=0.5)
         ax1.set_xticks(range(1, len(g) + 1))
-        ax1.set(xlabel="scale index (input from own prediction one scale below)", ylabel="CE own - CE gt",
-                title=f"{label}: per-scale exposure gap (mean ± sd over seeds)")
-        ax2.set(xlabel="optimizer step (first seed)", ylabel="loss", title="training losses")
-        ax1.legend(fontsize=7)
-        ax2.legend(fontsize=7)
+        ax1.set_xlabel("scale index (input from own prediction one scale below)", fontsize=FONT)
+        ax1.set_ylabel("CE own - CE gt", fontsize=FONT)
+        ax1.set_title(f"{label}: per-scale exposure gap (mean ± sd over seeds)", fontsize=FONT + 1)
+        ax2.set_xlabel("optimizer step (first seed)", fontsize=FONT)
+        ax2.set_ylabel("loss", fontsize=FONT)
+        ax2.set_title("training losses", fontsize=FONT + 1)
+        for ax in (ax1, ax2):
+            ax.tick_params(labelsize=FONT - 1)
+            ax.legend(fontsize=FONT - 2)
         fig.tight_layout()
         path = out / "plots" / f"{label}_gap_and_losses.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        fig.savefig(path)
         plots[f"{label}/gap"] = path
-        diffs = {k: v for k, v in fam["differences"].items() if any(d and d["low"] is not None for d in v.values())}
-        if diffs:
-            fig = Figure(figsize=(3.2 * len(diffs), 3.2))
-            FigureCanvasAgg(fig)
-            axes = fig.subplots(1, len(diffs), squeeze=False)[0]
-            for ax, (k, per_arm) in zip(axes, diffs.items()):
-                arms = [a for a, d in per_arm.items() if d and d["low"] is not None]
-                ms = [per_arm[a]["mean"] for a in arms]
-                err = [[m - per_arm[a]["low"] for a, m in zip(arms, ms)], [per_arm[a]["high"] - m for a, m in zip(arms, ms)]]
-                ax.errorbar(ms, range(len(arms)), xerr=err, fmt="o", capsize=3)
-                sd = fam["noise"][k]["sd"]
-                if sd:
-                    ax.axvspan(-2 * sd, 2 * sd, color="tab:orange", alpha=0.2, label="±2 noise sd")
-                    ax.legend(fontsize=6)
-                ax.axvline(0, color="black", lw=0.8)
-                ax.set_yticks(range(len(arms)))
-                ax.set_yticklabels(arms, fontsize=7)
-                ax.set_title(f"{LABELS.get(k, k)}: arm - {control}", fontsize=8)
+        for k, per_arm in fam["differences"].items():
+            arms = [a for a, d in per_arm.items() if d]
+            if not arms:
+                continue
+            fig = _figure(7.5, 1.5 + 0.55 * len(arms))
+            ax = fig.subplots()
+            for y, a in enumerate(arms):
+                d = per_arm[a]
+                if d["low"] is not None:
+                    ax.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
+                                capsize=4, color="tab:blue")
+                else:
+                    ax.plot([d["mean"]], [y], "x", color="grey")
+                ax.annotate(verdict_text(d, HIGHER_IS_BETTER[k], "seeds"), (0.99, y), xycoords=("axes fraction", "data"),
+                            ha="right", va="bottom", fontsize=FONT - 2)
+            sd = fam["noise"][k]["sd"]
+            if sd:
+                ax.axvspan(-2 * sd, 2 * sd, color="tab:orange", alpha=0.2, label="±2 noise sd")
+                ax.legend(fontsize=FONT - 2, loc="lower left")
+            ax.axvline(0, color="black", lw=0.8)
+            ax.set_yticks(range(len(arms)))
+            ax.set_yticklabels(arms, fontsize=FONT)
+            ax.set_ylim(-0.6, len(arms) - 0.2)
+            ax.tick_params(axis="x", labelsize=FONT - 1)
+            ax.set_title(f"{label}: {LABELS.get(k, k)}, arm - {control} (95% interval over seeds)", fontsize=FONT)
             fig.tight_layout()
-            path = out / "plots" / f"{label}_differences.png"
-            fig.savefig(path, dpi=100)
-            plots[f"{label}/diff"] = path
+            path = out / "plots" / f"{label}_diff_{k}.png"
+            fig.savefig(path)
+            plots[f"{label}/diff/{k}"] = path
     return plots
 
 
 # ----------------------------------------------------------------------------- text
-def _num(v: Optional[float], signed: bool = False) -> str:
+def num(v: Optional[float], signed: bool = False) -> str:
     if v is None:
         return "-"
     return f"{v:+.4g}" if signed else f"{v:.4g}"
 
 
-def _diff_cell(d: Optional[dict], higher: bool) -> str:
+def verdict_text(d: Optional[dict], higher: bool, unit: str = "seeds") -> str:
+    """``+0.034 [+0.023, +0.045]: worse`` / ``...: inconclusive`` / ``+0.015: undefined
+    (zero spread over 2 seeds)``: the same words in the console, markdown and HTML."""
     if d is None:
         return "-"
-    if d["low"] is None:
-        return f"{_num(d['mean'], True)} (1 seed: no interval)"
-    verdict = "excludes 0: " + (("better" if (d["mean"] > 0) == higher else "worse") if d["excludes_zero"] else "no")
-    return f"{_num(d['mean'], True)} [{_num(d['low'], True)}, {_num(d['high'], True)}] {verdict}"
+    word = verdict(d, higher)
+    if word == UNDEFINED:
+        why = f"1 {unit.rstrip('s')}" if d.get("undefined") == ONE_VALUE else f"zero spread over {d['n']} {unit}"
+        return f"{num(d['mean'], True)}: undefined ({why})"
+    return f"{num(d['mean'], True)} [{num(d['low'], True)}, {num(d['high'], True)}]: {word}"
+
+
+def _arm_settings(study: dict, arm: str) -> str:
+    tree = merge(study.get("run", {}), study["arms"][arm])
+    ro, loss, tr, opt = (tree.get(k, {}) or {} for k in ("rollout", "loss", "train", "optim"))
+    name = ro.get("name", "ssr")
+    what = "teacher forcing only" if name in ("none", None) else (
+        f"rollout {name}" + (f" ({ro['scales']} scales)" if ro.get("scales") else "")
+        + f", CSF loss {loss.get('name', 'hard')}, gamma {loss.get('gamma', 0.01)}")
+    return (f"`{arm}`: {what}; {tr.get('steps', 1000)} steps at batch {tr.get('batch_size', 32)}, "
+            f"lr {opt.get('lr', 1e-4)}")
+
+
+def study_header(results: dict, out: Path) -> list:
+    """Title and prose generated from the resolved study (its own description only quoted)."""
+    study = results["study"]
+    fams = results["families"]
+    e = study["eval"]
+    labels = ", ".join(f"`{f}` ({study['families'][f]['family']})" for f in fams)
+    blocks = [("h1", f"sar study `{study['name']}`: {', '.join(study['arms'])} on {len(fams)} "
+                     f"famil{'y' if len(fams) == 1 else 'ies'}, {len(study['seeds'])} training seeds")]
+    blocks.append(("p", f"Families: {labels}. Every arm of a family starts from the same checkpoint; training "
+                        f"seeds {study['seeds']}, paired across arms. Arms (control `{study['control']}`): "
+                        + "; ".join(_arm_settings(study, a) for a in study["arms"]) + "."))
+    blocks.append(("p", f"Every run is evaluated under sampling seeds {e['sampling_seeds']} "
+                        f"(class-conditional families: {e['samples_per_class']} samples per class; families without "
+                        "classes: one sample per validation caption), the metric noise from the start model under "
+                        f"sampling seeds {e['noise_seeds']}, features: {e['feature_extractor']}. Reproduce: "
+                        f"`sar study {out}/study.yaml --out DIR`; one run per job: `--arm NAME --seed S`, then "
+                        "`sar study report DIR`."))
+    if study.get("description"):
+        blocks.append(("quote", "The study file's own description (not checked against what ran): "
+                                + " ".join(study["description"].split())))
+    return blocks
 
 
 def family_blocks(label: str, fam: dict, study: dict, plots: dict, out: Path) -> list:
@@ -181,19 +248,26 @@ def family_blocks(label: str, fam: dict, study: dict, plots: dict, out: Path) ->
     metrics = list(fam["noise"])
     rows = []
     for k in metrics:
-        rows.append([LABELS.get(k, k) + (" ↑" if HIGHER_IS_BETTER[k] else " ↓"), _num(fam["start"]["metrics"][k])]
-                    + [f"{_num(fam['arms'][a]['summary'][k]['mean'])} ± {_num(fam['arms'][a]['summary'][k]['sd'])}"
+        rows.append([LABELS.get(k, k) + (" ↑" if HIGHER_IS_BETTER[k] else " ↓"), num(fam["start"]["metrics"][k])]
+                    + [f"{num(fam['arms'][a]['summary'][k]['mean'])} ± {num(fam['arms'][a]['summary'][k]['sd'])}"
                        for a in arms])
+    st = fam["start"]
+    ran = "; ".join(f"`{a}`: seeds {fam['arms'][a]['seeds']}"
+                    + (f", {'/'.join(map(str, fam['arms'][a]['steps']))} steps" if fam["arms"][a].get("steps") else "")
+                    for a in arms) or "none yet"
+    cond = ("conditioned on validation captions" if st.get("conditions") == "validation captions"
+            else "class-balanced")
     blocks = [("h2", f"family `{label}` ({study['families'][label]['family']})"),
-              ("p", f"Values: mean ± sd over training seeds {study['seeds']} (each run evaluated with sampling "
-                    f"seeds {study['eval']['sampling_seeds']}, {study['eval']['samples_per_class']} samples per "
-                    "class)."),
+              ("p", f"Runs evaluated: {ran}. Each evaluated under sampling seeds {study['eval']['sampling_seeds']} "
+                    f"with {st.get('samples') or '?'} samples per seed ({cond}); exposure gap and val TF loss on "
+                    f"{st.get('num_images') or '?'} validation images. Values: mean ± sd over the runs' training seeds."),
               ("table", ["metric", "start"] + arms, rows)]
     others = [a for a in arms if a != control]
     if fam["differences"]:
-        rows = [[LABELS.get(k, k)] + [_diff_cell(fam["differences"][k].get(a), HIGHER_IS_BETTER[k]) for a in others]
+        rows = [[LABELS.get(k, k)] + [verdict_text(fam["differences"][k].get(a), HIGHER_IS_BETTER[k]) for a in others]
                 for k in metrics]
-        blocks += [("h3", f"paired difference arm - {control} (95% t-interval over seeds)"),
+        blocks += [("h3", f"paired difference arm - {control} (95% t-interval over training seeds; better / worse "
+                          "only where it excludes 0)"),
                    ("table", ["metric"] + others, rows)]
     rows = []
     for k in metrics:
@@ -201,15 +275,15 @@ def family_blocks(label: str, fam: dict, study: dict, plots: dict, out: Path) ->
         flat = fam["control_flat"].get(k)
         rows.append([LABELS.get(k, k),
                      ("SE " if nz.get("deterministic") else "")
-                     + f"{_num(nz['sd'])} ({_num(100 * nz['relative'] if nz['relative'] is not None else None)}% of mean)",
-                     _diff_cell(ch, HIGHER_IS_BETTER[k]) if ch else "-",
-                     {True: "flat", False: "MOVED", None: "-"}[flat]])
+                     + f"{num(nz['sd'])} ({num(100 * nz['relative'] if nz['relative'] is not None else None)}% of mean)",
+                     verdict_text(ch, HIGHER_IS_BETTER[k]) if ch else "-",
+                     {True: "flat (within 2 noise sd)", False: "moved (beyond 2 noise sd)", None: "-"}[flat]])
     fid_note = ""
     nz = fam["noise"].get("fid")
     if nz and nz["sd"]:
         five = 0.05 * nz["mean"]
         fid_note = (f" FID noise: sd {nz['sd']:.4g} = {100 * nz['relative']:.1f}% of its mean with "
-                    f"{study['eval']['samples_per_class']} samples per class, so a 5% FID difference ({five:.4g}) "
+                    f"{st.get('samples') or '?'} samples, so a 5% FID difference ({five:.4g}) "
                     f"is {five / nz['sd']:.2f} noise sd ({'above' if five > nz['sd'] else 'BELOW'} the noise) "
                     f"and {five / nz['diff_sd']:.2f} sd of the difference of two unpaired evaluations.")
     blocks += [("h3", "measurement noise and the control arm"),
@@ -219,12 +293,14 @@ def family_blocks(label: str, fam: dict, study: dict, plots: dict, out: Path) ->
                      f"Control change: {control} - start per training seed; flat when its mean lies within "
                      "2 noise sd." + fid_note),
                ("table", ["metric", "noise sd", f"{control} - start", "control"], rows)]
-    pics = [(f"{label}/gap", "exposure gap and training losses"), (f"{label}/diff", "paired differences")]
+    pics = [(f"{label}/gap", "exposure gap and training losses")]
+    pics += [(f"{label}/diff/{k}", f"paired differences: {LABELS.get(k, k)}") for k in metrics]
     blocks += [("img", [(cap, str(plots[key].relative_to(out))) for key, cap in pics if key in plots])]
-    grids = [("start", fam["start"]["grid"])] + [(a, fam["arms"][a]["grid"]) for a in arms]
-    blocks += [("h3", "samples (same labels and sampling seed in every column; column c holds class c)"),
+    grids = [("start", st["grid"])] + [(a, fam["arms"][a]["grid"]) for a in arms]
+    blocks += [("h3", "samples (same conditions and sampling seed in every grid; "
+                      + ("column titles: the class" if cond == "class-balanced" else "cell titles: the caption") + ")"),
                ("img", [(c, p) for c, p in grids if p])]
-    maps = [("start", fam["start"].get("maps"))] + [(a, fam["arms"][a].get("maps")) for a in arms]
+    maps = [("start", st.get("maps"))] + [(a, fam["arms"][a].get("maps")) for a in arms]
     if any(p for _, p in maps):
         blocks += [("h3", "difference maps: P(argmax on own input != argmax on ground-truth input) per token"),
                    ("img", [(c, p) for c, p in maps if p])]
@@ -240,31 +316,37 @@ def _md(blocks: list) -> str:
             lines += ["#" * int(b[0][1]) + " " + b[1], ""]
         elif b[0] == "p":
             lines += [b[1], ""]
+        elif b[0] == "quote":
+            lines += ["> " + b[1], ""]
         elif b[0] == "table":
             lines += ["| " + " | ".join(b[1]) + " |", "|" + "---|" * len(b[1])]
             lines += ["| " + " | ".join(r) + " |" for r in b[2]] + [""]
         elif b[0] == "img" and b[1]:
-            lines += ["| " + " | ".join(c for c, _ in b[1]) + " |", "|" + "---|" * len(b[1]),
-                      "| " + " | ".join(f"![{c}]({p})" for c, p in b[1]) + " |", ""]
+            lines += [f"**{c}**\n\n![{c}]({p})\n" for c, p in b[1]]
     return "\n".join(lines)
 
 
 def _html(blocks: list, title: str) -> str:
+    """Every picture at its own pixel size (never shrunk; the page scrolls sideways instead)."""
     e = html.escape
     parts = [f"<!doctype html><meta charset='utf-8'><title>{e(title)}</title><style>body{{font-family:sans-serif;"
-             "max-width:1100px;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-             "padding:3px 7px}figure{display:inline-block;margin:4px}</style>"]
+             "margin:1em 2em}p,h1,h2,h3,table{max-width:1100px}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 7px}blockquote{color:#555;border-left:3px solid #ccc;"
+             "padding-left:8px}figure{display:inline-block;margin:4px;vertical-align:top}"
+             "img{max-width:none}</style>"]
     for b in blocks:
         if b[0] in ("h1", "h2", "h3"):
             parts.append(f"<{b[0]}>{e(b[1])}</{b[0]}>")
         elif b[0] == "p":
             parts.append(f"<p>{e(b[1])}</p>")
+        elif b[0] == "quote":
+            parts.append(f"<blockquote>{e(b[1])}</blockquote>")
         elif b[0] == "table":
             parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in b[1]) + "</tr>" + "".join(
                 "<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b[2]) + "</table>")
         elif b[0] == "img":
-            parts.append("<div>" + "".join(f"<figure><img src='{e(p)}' style='max-width:{900 if len(b[1]) < 3 else 260}px'>"
-                                           f"<figcaption>{e(c)}</figcaption></figure>" for c, p in b[1]) + "</div>")
+            parts.append("<div>" + "".join(f"<figure><img src='{e(p)}' alt='{e(c)}'><figcaption>{e(c)}</figcaption>"
+                                           "</figure>" for c, p in b[1]) + "</div>")
     return "\n".join(parts)
 
 
@@ -275,17 +357,10 @@ def write_report(out: str | Path) -> dict:
     results = aggregate(out)
     plots = _plots(results, out)
     study = results["study"]
-    blocks = [("h1", f"sar study `{study['name']}`")]
-    if study.get("description"):
-        blocks.append(("p", study["description"]))
-    arms = ", ".join(f"`{a}`" for a in study["arms"])
-    blocks.append(("p", f"Arms {arms} (control `{study['control']}`) all start from the same checkpoint of each "
-                        f"family and use the same training seeds {study['seeds']}. Reproduce: "
-                        f"`sar study {out}/study.yaml --out DIR`; one run per job: `--arm NAME --seed S`, "
-                        f"then `sar study report DIR`."))
+    blocks = study_header(results, out)
     for label, fam in results["families"].items():
         blocks += family_blocks(label, fam, study, plots, out)
     atomic_write_text(_md(blocks) + "\n", out / "report.md")
-    atomic_write_text(_html(blocks, f"sar study {study['name']}"), out / "report.html")
+    atomic_write_text(_html(blocks, blocks[0][1]), out / "report.html")
     atomic_write_text(json.dumps(results, indent=2), out / "report.json")
     return results

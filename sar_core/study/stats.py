@@ -3,7 +3,10 @@
 Nothing here knows a model: inputs are per-seed numbers. The 95% interval of a paired
 mean difference over n seeds is ``mean ± t(0.975, n-1) * sd / sqrt(n)`` (Student t; the
 quantiles below are the standard table values, the normal 1.96 beyond 30 degrees of
-freedom). With one seed there is no interval.
+freedom). With one value, or values that do not spread (sd 0, e.g. a quantised metric
+that came out the same under every seed), the interval is *undefined*: its ends are None,
+``excludes_zero`` is None and ``undefined`` says why, so a zero-width interval is never
+read as significant. :func:`verdict` turns an interval into one word.
 """
 
 from __future__ import annotations
@@ -24,19 +27,45 @@ def t_critical(df: int) -> float:
     return T975[df - 1] if df <= len(T975) else 1.96
 
 
+ONE_VALUE, ZERO_SPREAD = "one value", "zero spread"  # why an interval is undefined
+
+
 def interval(values: Sequence[float]) -> dict:
-    """Mean, sd and the 95% t-interval of ``values``; ``excludes_zero`` None when n < 2."""
+    """Mean, sd, standard error and the 95% t-interval of ``values``. Undefined (ends and
+    ``excludes_zero`` None, ``undefined`` = :data:`ONE_VALUE` / :data:`ZERO_SPREAD`) with
+    fewer than two values or when they do not spread."""
     xs = [float(v) for v in values]
     n = len(xs)
     if n == 0:
         raise ValueError("no values")
     m = mean(xs)
     if n < 2:
-        return {"n": n, "mean": m, "sd": None, "low": None, "high": None, "excludes_zero": None}
+        return {"n": n, "mean": m, "sd": None, "se": None, "low": None, "high": None, "excludes_zero": None,
+                "undefined": ONE_VALUE}
     sd = stdev(xs)
-    half = t_critical(n - 1) * sd / math.sqrt(n)
-    return {"n": n, "mean": m, "sd": sd, "low": m - half, "high": m + half,
-            "excludes_zero": bool(m - half > 0 or m + half < 0)}
+    if sd <= 1e-12 * max(1.0, abs(m)):
+        return {"n": n, "mean": m, "sd": 0.0, "se": 0.0, "low": None, "high": None, "excludes_zero": None,
+                "undefined": ZERO_SPREAD}
+    se = sd / math.sqrt(n)
+    half = t_critical(n - 1) * se
+    return {"n": n, "mean": m, "sd": sd, "se": se, "low": m - half, "high": m + half,
+            "excludes_zero": bool(m - half > 0 or m + half < 0), "undefined": None}
+
+
+BETTER, WORSE, INCONCLUSIVE, UNDEFINED = "better", "worse", "inconclusive", "undefined"
+
+
+def verdict(d: Optional[dict], higher_is_better: bool) -> Optional[str]:
+    """One word for a difference's interval: ``better`` / ``worse`` only when the 95%
+    interval excludes 0, ``inconclusive`` when it holds 0, ``undefined`` when there is no
+    interval (one value, zero spread); None without a difference."""
+    if d is None:
+        return None
+    if d.get("low") is None:
+        return UNDEFINED
+    if not d["excludes_zero"]:
+        return INCONCLUSIVE
+    return BETTER if (d["mean"] > 0) == higher_is_better else WORSE
 
 
 def paired_difference(arm: dict, control: dict) -> Optional[dict]:
