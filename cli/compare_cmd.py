@@ -107,20 +107,25 @@ def print_result(console: Console, result: dict) -> None:
 
     header, rows = table(result)
     t = Table(title=f"sar compare: paired differences to {result['reference']}", caption=f"{NOISE}; {RULE}")
-    for h in header:
-        t.add_column(h)
+    _columns(t, header)
     for r in rows:
         t.add_row(*r)
     console.print(t)
     for m in result["models"][1:]:
         header, rows = scale_table(result, m["name"])
         st = Table(title=f"per-scale exposure gap: {m['name']} - {result['reference']}")
-        for h in header:
-            st.add_column(h)
+        _columns(st, header)
         for r in rows:
             st.add_row(*r)
         console.print(st)
     console.print(describe(result), highlight=False)
+
+
+def _columns(table, header: list[str]) -> None:
+    """Cells fold instead of being cut to '…' (narrow terminals, logs); verdicts stay whole."""
+    for h in header:
+        word = "verdict" in h and "[" not in h
+        table.add_column(h, overflow="fold", no_wrap=word, min_width=12 if word else None)
 
 
 def add_to(app: typer.Typer) -> None:

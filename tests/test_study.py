@@ -276,8 +276,8 @@ def test_grid_comes_from_the_first_sampling_seed_column_c_is_class_c():
     from sar_core.study.evaluate import _grid_images
 
     C, per, grid = 4, 3, 2
-    ctx = SimpleNamespace(study=SimpleNamespace(eval=SimpleNamespace(grid_seed=None, grid_per_class=grid,
-                                                                     samples_per_class=per)))
+    ctx = SimpleNamespace(eval=SimpleNamespace(grid_seed=None, grid_per_class=grid, samples_per_class=per),
+                          text=False, num_classes=C)
     cls = torch.arange(C).repeat_interleave(per)                   # class-major, as _sampled_metrics samples
     idx = torch.arange(per).repeat(C)
     sampled = (cls * 10 + idx).float().view(-1, 1, 1, 1).expand(-1, 3, 2, 2)

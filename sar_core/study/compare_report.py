@@ -9,7 +9,13 @@ from pathlib import Path
 
 from sar_core.checkpoint_io import atomic_write_text
 from sar_core.study.plan import HIGHER_IS_BETTER, PER_IMAGE, SAMPLED
-from sar_core.study.report import LABELS, num, verdict_text
+from sar_core.study.report import LABELS, verdict_text
+from sar_core.study.report import num as _num
+
+
+def num(v, signed: bool = False) -> str:
+    """Three significant digits: the noise is rarely known better than that."""
+    return _num(v, signed, digits=3)
 from sar_core.study.stats import ONE_VALUE, UNDEFINED
 
 RULE = ("verdict only where the 95% interval of the paired difference excludes 0 (better / worse); "

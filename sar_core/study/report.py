@@ -190,10 +190,10 @@ def _plots(results: dict, out: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- text
-def num(v: Optional[float], signed: bool = False) -> str:
+def num(v: Optional[float], signed: bool = False, digits: int = 4) -> str:
     if v is None:
         return "-"
-    return f"{v:+.4g}" if signed else f"{v:.4g}"
+    return f"{v:+.{digits}g}" if signed else f"{v:.{digits}g}"
 
 
 def verdict_text(d: Optional[dict], higher: bool, unit: str = "seeds") -> str:
