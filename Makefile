@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sar-installed
 
-.PHONY: demo test bench bench-pytest bench-gpu clean-venv
+.PHONY: demo test bench bench-pytest bench-gpu bench-cli clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	@# and its CUDA wheels), even where PYTHONDONTWRITEBYTECODE is set: saves ~10 s per process
 	env -u PYTHONDONTWRITEBYTECODE $(PY) -c "import matplotlib.figure, pytest, sar_cli.main, sar_core.study.run, \
 	    sar_core.study.report, sar_core.evaluate.metrics; from sar_core.plugins import get_registry; get_registry()"
+	@# help renders through rich's markdown and emoji tables, imported only then
+	env -u PYTHONDONTWRITEBYTECODE $(VENV)/bin/sar --help >/dev/null
+	env -u PYTHONDONTWRITEBYTECODE $(VENV)/bin/sar train --help >/dev/null
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,6 +35,10 @@ bench: $(STAMP)
 # the pytest-benchmark files (step ratios, samplers, tokenizing, code cache)
 bench-pytest: $(STAMP)
 	nice -n 5 $(PY) -m pytest -q -s -p no:cacheprovider benchmarks
+
+# start-up of `sar --help`, `sar train --help` and a TAB completion (wall and CPU time, 20 runs each)
+bench-cli: $(STAMP)
+	$(PY) benchmarks/cli_startup.py
 
 # one GPU, < 5 min: bf16 steps and samplers of a VAR-d16-sized model (see benchmarks/gpu.sh)
 bench-gpu: $(STAMP)

@@ -8,6 +8,8 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+
+from sar_cli import _complete
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -164,6 +166,7 @@ CONFIG = typer.Option(None, "--config", "-c", is_eager=True, callback=_read_defa
                       "tokenizer: vae.pth); flags and SAR_* variables win over it.")
 
 FAMILY = typer.Option(..., "--family", "-f", envvar="SAR_FAMILY", rich_help_panel="Model",
+                      autocompletion=_complete.names("adapter"),
                       help="Model family (see `sar plugins`), e.g. var, flexvar.")
 TOKENIZER = typer.Option(..., "--tokenizer", envvar="SAR_TOKENIZER", rich_help_panel="Model",
                          help="Tokenizer checkpoint (upstream layout, .safetensors, or "
@@ -192,5 +195,5 @@ NULL_PAYLOAD = typer.Option(None, "--null-payload", rich_help_panel="Conditions"
                             help="Encoder-derived null payload (features of the empty prompt) for families that "
                             "need one: NAME=FILE (an (n, D) tensor) or FILE (a dict name -> tensor, e.g. the "
                             "null_payloads.pt `sar encode-text` writes); repeatable.")
-SCHEDULE = typer.Option(None, "--schedule", rich_help_panel="Model",
+SCHEDULE = typer.Option(None, "--schedule", rich_help_panel="Model", autocompletion=_complete.names("schedule"),
                         help="Scale schedule, e.g. 1_2_3_4 (default: the model's).")

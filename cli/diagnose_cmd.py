@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sar_cli import _complete
 from sar_cli._shared import (
     OVERRIDE,
     BACKBONE, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, user_errors,
@@ -53,6 +54,7 @@ def diagnose(
     backbone: Optional[str] = BACKBONE,
     random_backbone: bool = RANDOM_BACKBONE,
     data: str = typer.Option(..., "--data", rich_help_panel="Data", envvar="SAR_DATA",
+                             autocompletion=_complete.datasets,
                              help="Dataset name, NAME:FOLDER, image folder, or code cache folder."),
     split: str = typer.Option("val", "--split", rich_help_panel="Data",
                               help="Split of a dataset (ignored for a code cache); of an image folder its <split> "

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sar_cli import _complete
 from sar_cli._shared import (
     NULL_PAYLOAD, OVERRIDE, PAYLOAD, TEXT_FEATURES,
     BACKBONE, CFG, CONFIG, RANDOM_BACKBONE, DEVICE, FAMILY, TOP_K, TOP_P,
@@ -75,6 +76,7 @@ def evaluate(
                                    help="Images per sampling / feature batch."),
     schedule: Optional[str] = SCHEDULE,
     feature_extractor: str = typer.Option("inception", "--feature-extractor", rich_help_panel="Metrics",
+                                          autocompletion=_complete.names("metric"),
                                           help="inception (published FIDs) | digit-classifier (the digits "
                                           "demo only) | efficientnet-lite0 | a plugin's."),
     weights: Optional[Path] = typer.Option(None, "--feature-weights", "--inception-weights",

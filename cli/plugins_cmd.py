@@ -38,7 +38,10 @@ def plugins(
     reg = get_registry()
     rows, owners = reg.rows(), plugin_rows(reg)
     if as_json:
-        typer.echo(json.dumps({"entries": rows, "plugins": owners, "errors": reg.errors}, indent=2))
+        from sar_core.plugins import undeclared
+
+        typer.echo(json.dumps({"entries": rows, "plugins": owners, "errors": reg.errors,
+                               "undeclared": undeclared(reg)}, indent=2))
         return
     console = Console()
     table = Table(title="sar plugins", show_lines=False)
@@ -55,6 +58,10 @@ def plugins(
     console.print(owners_table)
     for err in reg.errors:
         console.print(f"[bold red]plugin error:[/] {err}", highlight=False)
+    from sar_core.plugins import undeclared
+
+    for note in undeclared(reg):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 def add_to(app: typer.Typer) -> None:

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from sar_cli import _complete
 from sar_cli._shared import CONFIG, DEVICE, FAMILY, fail, user_errors
 
 
@@ -17,7 +18,8 @@ def pretrain(
     family: str = FAMILY,
     model_config: Path = typer.Option(..., "--model-config", help="YAML/JSON file of the family's model "
                                       "config fields (sizes, schedule) for the fresh model."),
-    data: str = typer.Option("digits", "--data", help="Registered dataset or image folder (with train/val splits)."),
+    data: str = typer.Option("digits", "--data", autocompletion=_complete.datasets,
+                             help="Registered dataset or image folder (with train/val splits)."),
     image_size: int = typer.Option(16, "--image-size", help="Pixels a side."),
     tokenizer_steps: int = typer.Option(600, "--tokenizer-steps", help="Tokenizer fit steps."),
     tokenizer_lr: float = typer.Option(2e-3, "--tokenizer-lr", help="Tokenizer fit learning rate."),

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from sar_cli import _complete
 from sar_cli._shared import fail, user_errors
 
 
@@ -26,7 +27,8 @@ def _load(console: Console, path: Optional[str], preset: Optional[str], models: 
 def study(
     target: Optional[str] = typer.Argument(None, help="STUDY.yaml to run, or the word 'report'."),
     folder: Optional[Path] = typer.Argument(None, help="With 'report': the study folder to aggregate."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="A shipped study instead of a file "
+    preset: Optional[str] = typer.Option(None, "--preset", autocompletion=_complete.presets,
+                                         help="A shipped study instead of a file "
                                          "(student-forcing, rollout-depth, rollout-sampling, gamma-sweep, "
                                          "infinity-bsc, cross-family, demo)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Study folder (default: runs/study-<name>)."),

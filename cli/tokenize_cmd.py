@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from sar_cli import _complete
 from sar_cli._shared import (
     OVERRIDE,
     BACKBONE, CONFIG, DEVICE, FAMILY, SCHEDULE, TOKENIZER, fail, load_model, progress_bar, user_errors,
@@ -63,7 +64,7 @@ def tokenize(
                                             help="Backbone checkpoint: only its schedule is used (without it, "
                                             "no backbone is built; pass --schedule to match the backbone you "
                                             "will train)."),
-    data: str = typer.Option(..., "--data", rich_help_panel="Data",
+    data: str = typer.Option(..., "--data", rich_help_panel="Data", autocompletion=_complete.datasets,
                              help="A registered dataset name (e.g. digits), NAME:FOLDER "
                                   "(e.g. textimages:/data/captioned) or an image folder."),
     split: str = typer.Option("train", "--split", rich_help_panel="Data", help="Dataset split to encode."),

@@ -19,6 +19,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from sar_cli import _complete
+
 #: flag (python parameter name) -> dotted run-config field
 FLAG_FIELDS = {
     "family": "model.family", "tokenizer": "model.tokenizer", "random_tokenizer": "model.random_tokenizer",
@@ -119,7 +121,8 @@ def resolve_config(config: Optional[Path], overrides: dict[str, Any], resume: bo
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Run config file (YAML or TOML)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-    family: Optional[str] = typer.Option(None, "--family", "-f", help="Model family (see `sar plugins`)."),
+    family: Optional[str] = typer.Option(None, "--family", "-f", autocompletion=_complete.names("adapter"),
+                                         help="Model family (see `sar plugins`)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer checkpoint (upstream layout, "
                                             ".safetensors, or hf://OWNER/REPO/FILE[@REVISION]); required "
                                             "unless --random-tokenizer."),
@@ -127,10 +130,11 @@ def train(
                                           help="Train with a freshly initialised tokenizer on purpose (smoke "
                                           "tests: its codes mean nothing)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone checkpoint to post-train (as --tokenizer)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule",
+    schedule: Optional[str] = typer.Option(None, "--schedule", autocompletion=_complete.names("schedule"),
                                            help="Training schedule (1_2_3_4) or a schedule sampler (flexvar-random)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Dataset name, NAME:FOLDER (e.g. "
-                                       "textimages:/data/captioned), image folder, or code cache folder."),
+    data: Optional[str] = typer.Option(None, "--data", autocompletion=_complete.datasets,
+                                       help="Dataset name, NAME:FOLDER (e.g. textimages:/data/captioned), "
+                                       "image folder, or code cache folder."),
     split: Optional[str] = typer.Option(None, "--split", help="Dataset split."),
     image_size: Optional[str] = typer.Option(None, "--image-size",
                                              help="Training image size: S pixels a side, or HxW (e.g. 256x512)."),
@@ -145,13 +149,15 @@ def train(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
     betas: Optional[str] = typer.Option(None, "--betas", help="AdamW betas, e.g. 0.9,0.95."),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max gradient norm (0: off)."),
-    rollout: Optional[str] = typer.Option(None, "--rollout", help="none | ssr | official (or a plugin's)."),
+    rollout: Optional[str] = typer.Option(None, "--rollout", autocompletion=_complete.names("rollout"),
+                                          help="none | ssr | official (or a plugin's)."),
     ssr_scales: Optional[str] = typer.Option(None, "--ssr-scales", help="all | last | random."),
     rollout_sampling: Optional[str] = typer.Option(None, "--rollout-sampling", help="argmax | sample."),
     rollout_top_k: Optional[int] = typer.Option(None, "--rollout-top-k"),
     rollout_top_p: Optional[float] = typer.Option(None, "--rollout-top-p"),
     rollout_cfg: Optional[float] = typer.Option(None, "--rollout-cfg", help="Guidance of a sampled rollout."),
-    csfl: Optional[str] = typer.Option(None, "--csfl", help="hard | soft | naive (or a plugin's)."),
+    csfl: Optional[str] = typer.Option(None, "--csfl", autocompletion=_complete.names("loss"),
+                                       help="hard | soft | naive (or a plugin's)."),
     csfl_temperature: Optional[float] = typer.Option(None, "--csfl-temperature", help="Soft CSFL temperature."),
     gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
@@ -188,7 +194,8 @@ def train(
                                           "(extra sar\\[tensorboard]), wandb (extra sar\\[wandb]), a plugin's."),
     dist: Optional[str] = typer.Option(None, "--dist", help="ddp | fsdp (under torchrun)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:1 ..."),
-    sets: List[str] = typer.Option([], "--set", help="Override any field: --set optim.hold_fraction=0.05."),
+    sets: List[str] = typer.Option([], "--set", autocompletion=_complete.set_keys,
+                                   help="Override any field: --set optim.hold_fraction=0.05."),
 ) -> None:
     """Post-train a scale-wise AR model with SAR (or plain teacher forcing: --rollout none).
 

@@ -8,6 +8,11 @@ from sar_core.sar.losses import BUILTIN_LOSSES
 from sar_core.sar.rollouts import BUILTIN_ROLLOUTS
 
 
+#: what this plugin registers, read without importing it (shell completion; tests check it)
+SAR_NAMES = {"rollout": ["none", "ssr", "official"], "loss": ["hard", "soft", "naive"],
+             "dataset": ["imagefolder"], "logger": ["console", "jsonl", "tensorboard"]}
+
+
 @hookimpl
 def register_rollouts(register):
     for name, cls in BUILTIN_ROLLOUTS.items():

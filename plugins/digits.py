@@ -209,6 +209,10 @@ def digits_text(split: str = "train", image_size: int | tuple[int, int] = 16, co
                       text_channels=text_channels, seed=seed)
 
 
+#: what this plugin registers, read without importing it (shell completion; tests check it)
+SAR_NAMES = {"dataset": ["digits", "digits-aug", "digits-text"]}
+
+
 @hookimpl
 def register_datasets(register):
     register("digits", digits)

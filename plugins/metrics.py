@@ -191,6 +191,10 @@ for _name, _cls in (("sar-digit-classifier", DigitClassifierFeatures),
         register_feature_extractor(_name, _cls)
 
 
+#: what this plugin registers, read without importing it (shell completion; tests check it)
+SAR_NAMES = {"metric": ["digit-classifier", "inception", "efficientnet-lite0"]}
+
+
 @hookimpl
 def register_metrics(register):
     register("digit-classifier", digit_classifier)

@@ -46,6 +46,10 @@ class WandbLogger:
         self.run.finish()
 
 
+#: what this plugin registers, read without importing it (shell completion; tests check it)
+SAR_NAMES = {"logger": ["wandb"]}
+
+
 @hookimpl
 def register_loggers(register):
     register("wandb", WandbLogger)

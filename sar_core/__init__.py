@@ -16,8 +16,13 @@ from sar_core import _moved  # noqa: E402
 
 _moved.install()  # the flat layout's old module paths stay importable
 
-from sar_core.schedule import Schedule, ScheduleSampler  # noqa: E402
-from sar_core.adapter import ScaleWiseAdapter, AdapterConfig, Generation, CheckpointError  # noqa: E402
+# The public names load on first use (PEP 562), so that importing a torch-free part of the
+# package (the run config, the plugin names the CLI completes) does not import torch.
+__getattr__ = _moved.names_from({
+    "Schedule": "sar_core.schedule", "ScheduleSampler": "sar_core.schedule",
+    "ScaleWiseAdapter": "sar_core.adapter", "AdapterConfig": "sar_core.adapter",
+    "Generation": "sar_core.adapter", "CheckpointError": "sar_core.adapter",
+})
 
 __all__ = ["Schedule", "ScheduleSampler", "ScaleWiseAdapter", "AdapterConfig", "Generation",
            "CheckpointError", "__version__"]

@@ -3,11 +3,18 @@
 Each plugin's registration hooks are called one plugin at a time: a plugin that fails to
 import, raises, or registers something malformed is reported (by name) in
 ``Registry.errors`` and skipped; every other plugin still loads.
+
+A plugin module may also declare the names it registers, ``SAR_NAMES = {"adapter": ["var"]}``
+(a literal): :func:`declared_names` reads them from the module's source without importing it
+(shell completion must not import torch). The registry stays the source of truth: once it
+is built in a process, :func:`known_names` answers from it.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata as md
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -56,11 +63,13 @@ class Registry:
             return self.entries[kind][name].obj
         except KeyError:
             known = ", ".join(sorted(self.entries.get(kind, {}))) or "none"
-            hint = ""
+            hint = did_you_mean(name, self.entries.get(kind, {}))
+            broken_hint = ""
             broken = [e for e in self.errors if f"'{name}'" in e or name in e.split(":")[0]]
             if broken:
-                hint = " Plugin errors: " + "; ".join(broken)
-            raise PluginError(f"no {kind} named '{name}' is registered (available: {known}).{hint}") from None
+                broken_hint = ". Plugin errors: " + "; ".join(broken)
+            raise PluginError(f"no {kind} named '{name}' is registered{hint} (available: {known})"
+                              f"{broken_hint}") from None
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries[kind])
@@ -98,15 +107,90 @@ def _validate(kind: str, name: str, obj: Any) -> Optional[str]:
     return None
 
 
-def _load_entry_points(pm: pluggy.PluginManager, errors: list[str]) -> dict[str, str]:
-    """Register every entry point of the group; returns plugin name -> distribution."""
-    dists: dict[str, str] = {}
+def did_you_mean(name: str, choices) -> str:
+    """``": did you mean 'x'?"`` for the closest of ``choices`` to a mistyped ``name`` (or "")."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=2, cutoff=0.6)
+    return ": did you mean " + " or ".join(f"'{c}'" for c in close) + "?" if close else ""
+
+
+def _enabled_entry_points() -> list:
+    """The ``sar`` entry points to load (``SAR_DISABLE_PLUGIN_AUTOLOAD`` / ``SAR_PLUGINS``)."""
     only = None
     if os.environ.get(AUTOLOAD_ENV, "").strip() not in ("", "0", "false", "False"):
         only = {n.strip() for n in os.environ.get(EXPLICIT_ENV, "").split(",") if n.strip()}
-    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
-        if only is not None and ep.name not in only:
+    return [ep for ep in md.entry_points(group=ENTRY_POINT_GROUP) if only is None or ep.name in only]
+
+
+NAMES_ATTRIBUTE = "SAR_NAMES"
+
+
+def read_declared_names(path: str | os.PathLike) -> dict[str, list[str]]:
+    """The ``SAR_NAMES`` literal of a plugin module's source file ({} when it has none)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read(), filename=str(path))
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, ast.AnnAssign) and node.value is not None else []
+        if any(isinstance(t, ast.Name) and t.id == NAMES_ATTRIBUTE for t in targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                return {}
+            if not isinstance(value, dict):
+                return {}
+            return {str(k): [str(n) for n in v] for k, v in value.items() if isinstance(v, (list, tuple))}
+    return {}
+
+
+def declared_names(kind: str) -> list[str]:
+    """Names of ``kind`` (adapter, rollout, loss, dataset, ...) that the enabled plugins declare
+    in ``SAR_NAMES``, read from their source files: no plugin is imported (only the parent
+    packages of a plugin module, to locate it)."""
+    names: set[str] = set()
+    for ep in _enabled_entry_points():
+        try:
+            spec = importlib.util.find_spec(ep.module)
+        except (ImportError, ValueError):
             continue
+        if spec is None or not spec.origin or not str(spec.origin).endswith(".py"):
+            continue
+        names.update(read_declared_names(spec.origin).get(kind, ()))
+    return sorted(names)
+
+
+def known_names(kind: str) -> list[str]:
+    """The registry's names of ``kind`` once it is built in this process, else the declared ones."""
+    if _REGISTRY is not None:
+        return _REGISTRY.names(kind)
+    return declared_names(kind)
+
+
+def undeclared(reg: "Registry") -> list[str]:
+    """One line per plugin whose registered names differ from its ``SAR_NAMES`` (the shell
+    completes the declared ones before the registry is built)."""
+    out = []
+    for name, plugin in reg.pm.list_name_plugin() if reg.pm is not None else ():
+        declared = getattr(plugin, NAMES_ATTRIBUTE, None)
+        if not isinstance(declared, dict):
+            declared = {}
+        for kind, entries in reg.entries.items():
+            registered = {e.name for e in entries.values() if e.plugin == name}
+            said = set(declared.get(kind, ()))
+            if registered != said:
+                out.append(f"plugin '{name}' registers {kind} names {sorted(registered)} but declares "
+                           f"{sorted(said)} in {NAMES_ATTRIBUTE} (shell completion uses the declared ones)")
+    return out
+
+
+def _load_entry_points(pm: pluggy.PluginManager, errors: list[str]) -> dict[str, str]:
+    """Register every entry point of the group; returns plugin name -> distribution."""
+    dists: dict[str, str] = {}
+    for ep in _enabled_entry_points():
         if pm.has_plugin(ep.name):
             continue
         dist = ep.dist.name if getattr(ep, "dist", None) is not None else "?"

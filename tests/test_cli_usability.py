@@ -5,16 +5,15 @@ command, and `sar plugins` listing versions and hooks."""
 import json
 
 import pytest
-import typer
 import yaml
 from typer.testing import CliRunner
 
 import toy_adapter as toy
-from sar_cli.main import app
+from sar_cli.main import app, load_command
 
 
 def _command(name: str):
-    return typer.main.get_command(app).commands[name]
+    return load_command(name)
 
 
 def test_train_help_every_flag_has_help_a_panel_and_defaults_are_shown():

@@ -14,6 +14,10 @@ from .schedules import FlexVARRandomSchedule
 __all__ = ["FlexVARAdapter", "FlexVARConfig", "FlexVARRandomSchedule"]
 
 
+#: what this plugin registers, read without importing it (shell completion; tests check it)
+SAR_NAMES = {"adapter": ["flexvar"], "schedule": ["flexvar-random"]}
+
+
 @hookimpl
 def register_adapters(register):
     register("flexvar", FlexVARAdapter)

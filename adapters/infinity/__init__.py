@@ -14,6 +14,10 @@ from .config import InfinityConfig
 __all__ = ["InfinityAdapter", "InfinityConfig"]
 
 
+#: what this plugin registers, read without importing it (shell completion; tests check it)
+SAR_NAMES = {"adapter": ["infinity"], "dataset": ["textimages"]}
+
+
 @hookimpl
 def register_adapters(register):
     register("infinity", InfinityAdapter)

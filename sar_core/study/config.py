@@ -164,7 +164,8 @@ def validate_study(tree: dict) -> StudyConfig:
     try:
         study = StudyConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc).replace("invalid run config", "invalid study")) from None
+        msg = format_validation_error(exc, StudyConfig)
+        raise ConfigError(msg.replace("invalid run config", "invalid study")) from None
     for fam in study.families.values():
         fam.tokenizer, fam.backbone = hub.pin(fam.tokenizer), hub.pin(fam.backbone)
     return study

@@ -287,17 +287,36 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError, root: Optional[type] = None) -> str:
+    """One line per problem; an unknown field names the closest known one of ``root``'s
+    (default: the run config) section at that place."""
     lines = []
     for e in exc.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "config"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = "unknown field" + _suggest_field(e["loc"], root or RunConfig)
         given = e.get("input")
         shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(given, dict) else f" (got {given!r})"
         lines.append(f"  {loc}: {msg}{shown}")
     return "invalid run config:\n" + "\n".join(lines)
+
+
+def _suggest_field(loc: tuple, root: type) -> str:
+    """``"; did you mean optim.lr?"`` for an unknown field at ``loc`` (e.g. ('optim', 'lrr'))."""
+    import difflib
+
+    model: Any = root
+    for part in loc[:-1]:
+        info = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if info is None:
+            return ""
+        model = info.annotation
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=2, cutoff=0.6)
+    prefix = "".join(f"{p}." for p in loc[:-1])
+    return ("; did you mean " + " or ".join(prefix + c for c in close) + "?") if close else ""
 
 
 def build_config(base: Optional[dict] = None, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
