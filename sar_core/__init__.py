@@ -14,6 +14,17 @@ except PackageNotFoundError:  # running from a source tree without installation
 
 from sar_core import _moved  # noqa: E402
 
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or belongs to another family / size.
+
+    Defined here, torch-free, so that the checkpoint-path helpers and the run config (which
+    ``sar train --help`` and shell completion read) import no torch; also
+    ``sar_core.adapter.CheckpointError``."""
+
+
+CheckpointError.__module__ = "sar_core.adapter"  # where users have always found it
+
 _moved.install()  # the flat layout's old module paths stay importable
 
 # The public names load on first use (PEP 562), so that importing a torch-free part of the
@@ -21,7 +32,7 @@ _moved.install()  # the flat layout's old module paths stay importable
 __getattr__ = _moved.names_from({
     "Schedule": "sar_core.schedule", "ScheduleSampler": "sar_core.schedule",
     "ScaleWiseAdapter": "sar_core.adapter", "AdapterConfig": "sar_core.adapter",
-    "Generation": "sar_core.adapter", "CheckpointError": "sar_core.adapter",
+    "Generation": "sar_core.adapter",
 })
 
 __all__ = ["Schedule", "ScheduleSampler", "ScaleWiseAdapter", "AdapterConfig", "Generation",

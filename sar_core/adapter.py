@@ -44,6 +44,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from sar_core import CheckpointError  # noqa: F401  (defined torch-free in the package)
 from sar_core.batch import PayloadSpec, cat_conditions, check_null_payloads, check_payloads  # noqa: F401
 from sar_core.schedule import ATTENTION_PATTERNS, Schedule, ScheduleSampler  # noqa: F401
 from sar_core.tokens import CodeSpace  # noqa: F401  (a contract name: what a token is)
@@ -83,10 +84,6 @@ def liven_parameters(module: nn.Module, generator: torch.Generator) -> None:
         if p.is_floating_point():
             std = p.shape[-1] ** -0.5 if p.dim() >= 2 else 0.5
             p.copy_(torch.randn(p.shape, generator=generator).mul_(std))
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, or belongs to another family / size."""
 
 
 class ScaleWiseAdapter(ABC):

@@ -31,14 +31,17 @@ import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
-
-from sar_core.adapter import CheckpointError
+# torch is imported inside the functions that handle tensors: the run config reads hub
+# references through this package, and `sar train --help` / completion must not import torch
+from sar_core import CheckpointError
 from sar_core.checkpoint_io import hub, st
 from sar_core.checkpoint_io.hub import is_hub_ref
 from sar_core.checkpoint_io.st import is_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 
 def load_file(path: str | Path, what: str = "checkpoint") -> Any:
@@ -50,6 +53,8 @@ def load_file(path: str | Path, what: str = "checkpoint") -> Any:
     (copy-on-write) mapping of the file: nothing is read until it is used, and writing to
     one copies only the pages written. Files in torch's legacy (pre-1.6, non-zip) format
     cannot be mapped and are read whole."""
+    import torch
+
     p = Path(hub.local_path(path))
     if not p.exists():
         raise CheckpointError(f"{what} file not found: {p}")
@@ -67,28 +72,14 @@ def load_file(path: str | Path, what: str = "checkpoint") -> Any:
                               "or holds pickled Python objects that weights_only loading refuses.") from exc
 
 
-class NoBackbone(torch.nn.Module):
-    """The backbone of an adapter loaded with its tokenizer only
-    (:meth:`~sar_core.adapter.ScaleWiseAdapter.load_tokenizer`): no parameters, and calling
-    it is an error naming the fix."""
-
-    cond_drop_rate = 0.0
-
-    def __init__(self):
-        super().__init__()
-        self.eval()
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("this model was loaded with its tokenizer only: load it with a backbone "
-                           "checkpoint (--backbone FILE) to run the backbone")
-
-
 @contextmanager
 def params_on_meta() -> Iterator[None]:
     """Inside, every ``nn.Parameter`` a module registers lives on the meta device (shape
     and dtype, no memory); buffers are built as usual, since many are computed in
     ``__init__`` (attention masks, scale ids) and not stored in checkpoints. Build a model
     here, then fill it with :func:`assign_state`: its parameters become the loaded tensors."""
+    import torch
+
     original = torch.nn.Module.register_parameter
 
     def register(module, name, param):
@@ -127,6 +118,8 @@ def cpu_state(sd: dict) -> dict:
     tensors that own their storage are saved as they are (torch.save writes a storage from
     its own memory); views of a larger storage are compacted (torch.save would write the
     whole storage) and tensors on an accelerator copied to the CPU."""
+    import torch
+
     out = {}
     for k, v in sd.items():
         if isinstance(v, torch.Tensor):
@@ -245,6 +238,8 @@ def _atomic_write(path: str | Path, mode: str, write, by_name: bool = False) -> 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """Save ``obj`` to ``path`` atomically (temp file, fsync, rename): ``torch.save``, or a
     safetensors file when ``path`` ends in ``.safetensors`` (see :mod:`.st`)."""
+    import torch
+
     if is_safetensors(path):
         return _atomic_write(path, "wb", lambda tmp: st.write(obj, tmp), by_name=True)
     return _atomic_write(path, "wb", lambda fh: torch.save(obj, fh))
@@ -291,6 +286,8 @@ def unwrap_state_dict(obj: Any, nested_paths: tuple[tuple[str, ...], ...], what:
     Tries each key path of ``nested_paths`` (e.g. ``("trainer", "var_wo_ddp")``) and finally
     the object itself. Returns (state_dict, path used; () for a plain state dict).
     """
+    import torch
+
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what}: expected a dict of tensors, got {type(obj).__name__}")
     for path in nested_paths:
@@ -318,6 +315,8 @@ def strip_prefix(sd: dict, prefix: str) -> dict:
 
 def check_keys(sd: dict, expected: dict, what: str, family_hint: str, ignore: tuple[str, ...] = ()) -> None:
     """Raise one CheckpointError listing missing / unexpected / mis-shaped keys."""
+    import torch
+
     def ignored(k: str) -> bool:
         return any(k == i or k.endswith("." + i) or k.endswith(i) for i in ignore)
 
@@ -334,3 +333,11 @@ def check_keys(sd: dict, expected: dict, what: str, family_hint: str, ignore: tu
             more = f" ... (+{len(items) - 12} more)" if len(items) > 12 else ""
             parts.append(f"{title} ({len(items)}): " + ", ".join(items[:12]) + more)
     raise CheckpointError("\n".join(parts))
+
+
+def __getattr__(name: str):
+    if name == "NoBackbone":  # a torch module: imported on first use
+        from sar_core.checkpoint_io.no_backbone import NoBackbone
+
+        return NoBackbone
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

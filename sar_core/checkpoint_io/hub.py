@@ -19,7 +19,7 @@ from typing import Annotated, Any, Optional
 
 from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
 
-from sar_core.adapter import CheckpointError
+from sar_core import CheckpointError
 
 SCHEME = "hf://"
 FORMAT = "hf://OWNER/REPO/FILE[@REVISION]"

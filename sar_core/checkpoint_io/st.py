@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from sar_core import CheckpointError  # torch is imported where tensors are handled
 
-from sar_core.adapter import CheckpointError
+if TYPE_CHECKING:
+    import torch
 
 SUFFIX = ".safetensors"
 TREE = "sar.tree"
@@ -34,12 +35,16 @@ def _module():
 
 
 def _flat(obj: Any) -> bool:
+    import torch
+
     return isinstance(obj, dict) and bool(obj) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
 def encode(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
     """(tensors by name, metadata): a flat state dict as it is, anything else as a tree."""
+    import torch
+
     if _flat(obj):
         return dict(obj), None
     tensors: dict[str, torch.Tensor] = {}
