@@ -10,7 +10,7 @@ from sar_core.sar.rollouts import BUILTIN_ROLLOUTS
 
 #: what this plugin registers, read without importing it (shell completion; tests check it)
 SAR_NAMES = {"rollout": ["none", "ssr", "official"], "loss": ["hard", "soft", "naive"],
-             "dataset": ["imagefolder"], "logger": ["console", "jsonl", "tensorboard"]}
+             "dataset": ["imagefolder", "textimages"], "logger": ["console", "jsonl", "tensorboard"]}
 
 
 @hookimpl

@@ -136,6 +136,6 @@ def test_did_you_mean_for_set_keys_and_families(tmp_path):
     r = CliRunner().invoke(app, ["train", "-f", "var", "--data", "digits", "--set", "trian.steps=3",
                                  "--print-config"])
     assert r.exit_code == 2 and "trian: unknown field; did you mean train?" in r.output
-    r = CliRunner().invoke(app, ["train", "-f", "vra", "--data", "digits", "--steps", "1", "--out",
-                                 str(tmp_path / "run")])
+    r = CliRunner().invoke(app, ["train", "-f", "vra", "--data", "digits", "--steps", "1", "--tokenizer",
+                                 str(tmp_path / "t.pth"), "--out", str(tmp_path / "run")])
     assert r.exit_code == 2 and "no adapter named 'vra' is registered: did you mean 'var'?" in r.output

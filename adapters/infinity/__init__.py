@@ -15,7 +15,7 @@ __all__ = ["InfinityAdapter", "InfinityConfig"]
 
 
 #: what this plugin registers, read without importing it (shell completion; tests check it)
-SAR_NAMES = {"adapter": ["infinity"], "dataset": ["textimages"]}
+SAR_NAMES = {"adapter": ["infinity"]}
 
 
 @hookimpl

@@ -2,6 +2,10 @@
 
 from sar_core.hookspecs import hookimpl
 
+#: the names the hooks register, read without importing this module (shell completion of
+#: `sar train -f <TAB>`; `sar plugins` notes a mismatch)
+SAR_NAMES = {"adapter": ["template"]}
+
 
 @hookimpl
 def register_adapters(register):
