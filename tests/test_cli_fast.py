@@ -73,7 +73,7 @@ def test_completion_of_registry_names_imports_no_models():
         "sar sample -f fl": ["flexvar"],
         "sar train --rollout ": ["none", "official", "ssr"],
         "sar train --csfl s": ["soft"],
-        "sar train --data digits": ["digits", "digits-aug"],
+        "sar train --data digits": ["digits", "digits-aug", "digits-text"],
         "sar train --set optim.lr": ["optim.lr=", "optim.lr_end=", "optim.lr_schedule="],
         "sar study --preset cross": ["cross-family"],
         "sar tra": ["train"],
