@@ -180,8 +180,8 @@ def train(
                                             help="With --resume: continue although the data folder's contents "
                                             "changed since the run started (OUT/data.json)."),
     ema: Optional[float] = typer.Option(None, "--ema", help="EMA decay (0: off)."),
-    amp: Optional[str] = typer.Option(None, "--amp", help="none | bf16 | fp16 (CUDA only)."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the backbone."),
+    amp: Optional[str] = typer.Option(None, "--amp", help="none | bf16 (CUDA or CPU) | fp16 (CUDA only)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile each transformer block (dynamic shapes)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
     save_format: Optional[str] = typer.Option(None, "--save-format", help="pt | safetensors: run checkpoints "
                                               "(step_N.pt / .safetensors) and the export (backbone.pth in the "

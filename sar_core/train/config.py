@@ -128,8 +128,12 @@ class TrainConfig(Section):
     batch_size: int = Field(32, gt=0, description="global batch per optimizer step (all ranks, all "
                             "accumulation micro-steps)")
     grad_accum: int = Field(1, gt=0)
-    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype (CUDA only)")
-    compile: bool = False
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype: bf16 (CUDA or CPU) or "
+                                                 "fp16 (CUDA only, with a loss scaler)")
+    compile: bool = Field(False, description="torch.compile each transformer block with dynamic shapes "
+                          "(graphs compiled so far: compiled_graphs in metrics.jsonl)")
+    compile_backend: str = Field("inductor", description="torch.compile backend (aot_eager: graph capture "
+                                 "and autograd without code generation, for quick checks)")
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         "none", description="recompute transformer blocks in backward to save activation memory: "
         "'full' keeps only block inputs, 'selective' keeps matmul / attention outputs")

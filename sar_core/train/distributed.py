@@ -140,9 +140,9 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
 
 
 # ------------------------------------------------------------------------- wrapping
-def wrap_model(module: nn.Module, env: DistEnv, strategy: str, find_unused: bool,
-               compile_model: bool = False) -> nn.Module:
-    """The module the trainer calls: DDP / FSDP2 wrapped (and compiled) as configured.
+def wrap_model(module: nn.Module, env: DistEnv, strategy: str, find_unused: bool) -> nn.Module:
+    """The module the trainer calls: DDP / FSDP2 wrapped as configured (``--compile``
+    compiles the blocks in place before: :mod:`sar_core.train.compiling`).
 
     ``module`` stays the owner of the parameters; with FSDP2 it is sharded in place.
     """
@@ -154,8 +154,6 @@ def wrap_model(module: nn.Module, env: DistEnv, strategy: str, find_unused: bool
         model = nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
     else:
         model = module
-    if compile_model:
-        model = torch.compile(model)
     return model
 
 

@@ -30,9 +30,13 @@ class DataReadError(Exception):
 
 
 def amp_setup(amp: str, device: torch.device, log: Callable[[str], None]):
-    """(autocast dtype or None, GradScaler or None) for ``--amp`` on ``device``."""
-    if amp != "none" and device.type != "cuda":
-        log(f"[yellow]warning:[/] --amp {amp} needs CUDA; training in float32 on {device}")
+    """(autocast dtype or None, GradScaler or None) for ``--amp`` on ``device``.
+
+    bf16 autocasts on CUDA and on the CPU alike (no loss scaler: bf16 has float32's range);
+    fp16 needs CUDA (and gets a GradScaler). The families keep their float32 islands
+    (tokenizer, losses, norms, sampling) under either."""
+    if amp == "fp16" and device.type != "cuda":
+        log(f"[yellow]warning:[/] --amp fp16 needs CUDA; training in float32 on {device} (--amp bf16 runs here)")
         amp = "none"
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 11, growth_interval=1000) if amp == "fp16" else None

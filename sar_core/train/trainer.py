@@ -42,6 +42,7 @@ from sar_core.train.builders import (build_adapter, build_rollout_and_loss, buil
 from sar_core.checkpoint_io import atomic_write_text
 from sar_core.train.checkpointer import (Checkpointer, EMAPart, ModelPart, OptimizerPart, SamplerPart, Saved,
                                          ScalerPart)
+from sar_core.train.compiling import compile_blocks, compiled_graphs
 from sar_core.train.config import RunConfig
 from sar_core.data.datasets import BatchStream
 from sar_core.train.data_position import DataPosition
@@ -149,7 +150,10 @@ class Trainer:
         if find_unused is None:
             find_unused = bool(self.rollout.active and self.rollout.skips_parameters)
         apply_activation_checkpointing(self.adapter.transformer_blocks(), cfg.train.activation_checkpointing)
-        self.model = D.wrap_model(self.backbone, env, cfg.dist.strategy, find_unused, cfg.train.compile)
+        self._graphs_before = compiled_graphs()
+        if cfg.train.compile:
+            compile_blocks(self.adapter.transformer_blocks(), self.backbone, cfg.train.compile_backend)
+        self.model = D.wrap_model(self.backbone, env, cfg.dist.strategy, find_unused)
         self.sync = D.GradSync(self.model, self.backbone, env)
         self.optimizer = build_optimizer(self.backbone, cfg.optim, self.adapter.no_decay_keywords, env.device)
         self.ema = EMA(self.backbone, cfg.train.ema) if cfg.train.ema > 0 else None
@@ -228,6 +232,8 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics (averaged over micro-steps and ranks)."""
         metrics, self._stop_all = self.runner.train_step(self.step, self.total_steps, self.stop.requested)
+        if self.config.train.compile:  # graphs compiled by this run so far (should settle, not grow)
+            metrics["compiled_graphs"] = compiled_graphs() - self._graphs_before
         return metrics
 
     def _guard(self, metrics: dict) -> Optional[str]:
@@ -288,6 +294,9 @@ class Trainer:
                     break
             if status == "finished":
                 status, message = self._finish()
+            if self.config.train.compile:
+                self.log(f"torch.compile: {compiled_graphs() - self._graphs_before} graphs compiled in this run "
+                         f"({len(self.adapter.transformer_blocks()) or 1} compiled modules, dynamic shapes)")
         except KeyboardInterrupt:
             status, message = "interrupted", self.checkpointer.save_after_interrupt(self.step, self._dirty)
         except DataReadError as exc:
