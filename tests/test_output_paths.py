@@ -10,16 +10,7 @@ import torch
 
 import toy_adapter as toy
 from sar_core import checkpoint_io
-
-
-def one_error_line(r, *needles):
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+from cli_asserts import one_error_line
 
 
 @pytest.fixture

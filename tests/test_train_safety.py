@@ -18,6 +18,7 @@ from sar_core.sar.losses import HardCSFL
 from sar_core.hookspecs import hookimpl
 
 import toy_adapter as toy
+from cli_asserts import one_error_line as _one_error_line
 
 HERE = Path(__file__).parent
 
@@ -26,16 +27,6 @@ def _base(out, *extra):
     tok = [] if "--tokenizer" in map(str, extra) else ["--random-tokenizer"]  # a fresh one unless given
     return ["train", "-f", "toy", *tok, "--data", "toy-images", "--batch-size", "4", "--workers", "0",
             "--loggers", "jsonl", "--out", out, *extra]
-
-
-def _one_error_line(r, *needles):
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- 6. resume
