@@ -30,7 +30,7 @@ def study(
     preset: Optional[str] = typer.Option(None, "--preset", autocompletion=_complete.presets,
                                          help="A shipped study instead of a file "
                                          "(student-forcing, rollout-depth, rollout-sampling, gamma-sweep, "
-                                         "infinity-bsc, cross-family, demo)."),
+                                         "infinity-bsc, cross-family, paper, demo)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Study folder (default: runs/study-<name>)."),
     models: Optional[Path] = typer.Option(None, "--models", help="YAML with a `families` mapping that replaces "
                                           "the study's (run a preset on your checkpoints)."),
@@ -64,6 +64,11 @@ def study(
     device: str = typer.Option("auto", "--device", help="Device of the evaluations (training: run.train.device)."),
     threads: Optional[int] = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved study and exit."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="With 'report': only this experiment "
+                                             "of the study (default: the whole study and each experiment)."),
+    into: Optional[Path] = typer.Option(None, "--into", help="With 'report': write the report into this folder, "
+                                        "its sample grids and maps copied beside it (publishable without the "
+                                        "run folders)."),
 ) -> None:
     """Families x arms x seeds from one start checkpoint per family: every arm an ordinary
     `sar train` run folder, every run evaluated with the same sampling seeds, then a report
@@ -79,12 +84,21 @@ def study(
         if target == "report":
             if folder is None:
                 raise ValueError("sar study report needs the study folder: sar study report DIR")
-            from sar_core.study.report import write_report
+            from sar_core.study.report import write_report, write_reports
 
-            results = write_report(folder)
+            if experiment is None and into is None:
+                results = write_reports(folder)
+                where = folder / "report.md"
+            else:
+                results = write_report(folder, experiment, into, copy_pictures=into is not None)
+                where = Path(into or folder / "experiments" / experiment) / "report.md"
             _summary(console, results)
-            console.print(f"report: {folder / 'report.md'} (also report.html, report.json, plots/)")
+            console.print(f"report: {where} (also report.html, report.json, plots/)")
+            for name in results["study"].get("experiments") or {} if experiment is None and into is None else ():
+                console.print(f"experiment {name}: {folder / 'experiments' / name / 'report.md'}")
             return
+        if experiment is not None or into is not None:
+            raise ValueError("--experiment / --into go with `sar study report DIR`")
         if folder is not None:
             raise ValueError(f"unexpected argument '{folder}' (only `sar study report DIR` takes a folder)")
         cfg = _load(console, target, preset, models, sets)

@@ -92,6 +92,16 @@ class EvalSpec(_Section):
     maps: bool = Field(True, description="per-scale difference maps of the start model and seed-0 arms")
 
 
+class ExperimentSpec(_Section):
+    """A named part of a study: some of its arms (the control always included) on some of
+    its families, reported on its own (``DIR/experiments/<name>/report.md``). Several
+    experiments share the control runs and every arm they name in common."""
+
+    arms: list[str] = Field(min_length=1, description="arms compared with the control (in report order)")
+    families: Optional[list[str]] = Field(None, description="family labels (default: every family)")
+    description: str = ""
+
+
 class StudyConfig(_Section):
     name: str = "study"
     description: str = ""
@@ -101,6 +111,9 @@ class StudyConfig(_Section):
     run: dict[str, Any] = Field(default_factory=dict, description="sar train config sections for every arm")
     arms: dict[str, dict[str, Any]] = Field(min_length=2)
     eval: EvalSpec
+    experiments: dict[str, ExperimentSpec] = Field(
+        default_factory=dict, description="named parts reported on their own; when given, the study runs "
+        "only the runs some experiment names, experiment by experiment (the order is the priority)")
 
     @model_validator(mode="after")
     def _check(self) -> "StudyConfig":
@@ -117,7 +130,30 @@ class StudyConfig(_Section):
             bad = sorted(set(spec) - {"model", "rollout", "loss", "optim", "train", "data"})
             if bad:
                 raise ValueError(f"arm '{arm}': unknown sections {bad} (model, rollout, loss, optim, train, data)")
+        for name, exp in self.experiments.items():
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(f"experiment label {name!r} must be a plain folder name")
+            for what, names, known in (("arm", exp.arms, self.arms), ("family", exp.families or [], self.families)):
+                unknown = [n for n in names if n not in known]
+                if unknown:
+                    raise ValueError(f"experiment '{name}': unknown {what} {unknown} (the study's: {', '.join(known)})")
+            if self.control not in exp.arms:
+                exp.arms.insert(0, self.control)
         return self
+
+    def experiment(self, name: str) -> "StudyConfig":
+        """The study narrowed to one experiment's arms and families (same control, seeds,
+        eval): what its own report aggregates."""
+        if name not in self.experiments:
+            known = ", ".join(self.experiments) or "none"
+            raise ValueError(f"experiment '{name}' is not in the study (its experiments: {known})")
+        exp = self.experiments[name]
+        fams = exp.families or list(self.families)
+        tree = self.to_dict()
+        tree.update(name=f"{self.name} / {name}", description=exp.description or self.description,
+                    arms={a: tree["arms"][a] for a in exp.arms},
+                    families={f: tree["families"][f] for f in fams}, experiments={})
+        return StudyConfig.model_validate(tree)
 
     def to_dict(self) -> dict:
         return json.loads(self.model_dump_json())

@@ -40,14 +40,23 @@ class RunSpec:
 
 def plan(study: StudyConfig, family: Optional[str] = None, arm: Optional[str] = None,
          seed: Optional[int] = None) -> list[RunSpec]:
-    """The training runs of a study, optionally narrowed to one family / arm / seed."""
+    """The training runs of a study, optionally narrowed to one family / arm / seed.
+
+    Without experiments: every family x arm x seed. With experiments: the runs some
+    experiment names, experiment by experiment (then arm, family, seed), each once; a
+    family / arm pair no experiment names has no runs."""
     for value, known, what in ((family, study.families, "family"), (arm, study.arms, "arm")):
         if value is not None and value not in known:
             raise ValueError(f"--{what} '{value}' is not in the study ({', '.join(known)})")
     if seed is not None and seed not in study.seeds:
         raise ValueError(f"--seed {seed} is not one of the study's seeds {study.seeds}")
-    return [RunSpec(f, a, s) for f in study.families for a in study.arms for s in study.seeds
-            if (family in (None, f)) and (arm in (None, a)) and (seed in (None, s))]
+    if study.experiments:
+        runs = [RunSpec(f, a, s) for exp in study.experiments.values() for a in exp.arms
+                for f in (exp.families or study.families) for s in study.seeds]
+        runs = list(dict.fromkeys(runs))
+    else:
+        runs = [RunSpec(f, a, s) for f in study.families for a in study.arms for s in study.seeds]
+    return [r for r in runs if family in (None, r.family) and arm in (None, r.arm) and seed in (None, r.seed)]
 
 
 def check_registered(study: StudyConfig, registry) -> None:
@@ -67,17 +76,34 @@ def check_registered(study: StudyConfig, registry) -> None:
     need("metric", study.eval.feature_extractor, "eval")
 
 
+#: fields a study may change in a folder that holds runs: they add runs or words, never
+#: change a run that exists (``arms`` only by adding arms)
+EXTENSIBLE = ("arms", "experiments", "description")
+
+
+def extends(theirs: dict, mine: dict) -> bool:
+    """``mine`` only adds arms / experiments (or rewords the description) to ``theirs``:
+    every run ``theirs`` planned keeps its exact config, so its folder stays valid."""
+    same = all(theirs.get(k) == mine.get(k) for k in set(theirs) | set(mine) if k not in EXTENSIBLE)
+    old_arms = theirs.get("arms") or {}
+    return same and all(mine.get("arms", {}).get(a) == spec for a, spec in old_arms.items())
+
+
 def write_study_file(study: StudyConfig, out: Path) -> None:
-    """DIR/study.yaml; a folder holding a different study is refused (jobs must agree)."""
+    """DIR/study.yaml; a folder holding a different study is refused (jobs must agree),
+    unless the new study only adds arms or experiments (:func:`extends`): then the file
+    is rewritten and the finished runs are kept."""
     import yaml
 
     path = Path(out) / "study.yaml"
     mine = study.to_dict()
     if path.is_file():
         theirs = yaml.safe_load(path.read_text())
-        if theirs != mine:
-            raise ValueError(f"{path} holds a different study; use another --out (or delete the folder)")
-        return
+        if theirs == mine:
+            return
+        if not extends(theirs, mine):
+            raise ValueError(f"{path} holds a different study (not only new arms or experiments); use another "
+                             "--out (or delete the folder)")
     atomic_write_text(yaml.safe_dump(mine, sort_keys=False), path)
 
 
@@ -120,7 +146,12 @@ def arm_config(study: StudyConfig, out: Path, spec: RunSpec):
 
 def longest_first(study: StudyConfig, runs: list[RunSpec]) -> list[RunSpec]:
     """Runs whose arm rolls out (a second pass per step) before plain TF runs, so parallel
-    jobs do not end on one long run while the other cores idle (stable otherwise)."""
+    jobs do not end on one long run while the other cores idle (stable otherwise). A study
+    with experiments keeps their order instead (it is the priority: the first experiments'
+    reports fill first)."""
+    if study.experiments:
+        return list(runs)
+
     def rolls_out(spec: RunSpec) -> bool:
         rollout = merge(study.run, study.arms[spec.arm]).get("rollout", {}) or {}
         return rollout.get("name", "none") not in ("none", None)

@@ -104,9 +104,10 @@ def aggregate_family(study, out: Path, label: str) -> dict:
     return fam
 
 
-def aggregate(out: str | Path) -> dict:
+def aggregate(out: str | Path, study=None) -> dict:
+    """Every family of ``study`` (default: the folder's own study.yaml) from the runs in ``out``."""
     out = Path(out)
-    study = read_study(out)
+    study = study or read_study(out)
     return {"study": study.to_dict(), "families": {f: aggregate_family(study, out, f) for f in study.families}}
 
 
@@ -295,7 +296,7 @@ def family_blocks(label: str, fam: dict, study: dict, plots: dict, out: Path) ->
                ("table", ["metric", "noise sd", f"{control} - start", "control"], rows)]
     pics = [(f"{label}/gap", "exposure gap and training losses")]
     pics += [(f"{label}/diff/{k}", f"paired differences: {LABELS.get(k, k)}") for k in metrics]
-    blocks += [("img", [(cap, str(plots[key].relative_to(out))) for key, cap in pics if key in plots])]
+    blocks += [("img", [(cap, str(plots[key])) for key, cap in pics if key in plots])]
     grids = [("start", st["grid"])] + [(a, fam["arms"][a]["grid"]) for a in arms]
     blocks += [("h3", "samples (same conditions and sampling seed in every grid; "
                       + ("column titles: the class" if cond == "class-balanced" else "cell titles: the caption") + ")"),
@@ -350,17 +351,55 @@ def _html(blocks: list, title: str) -> str:
     return "\n".join(parts)
 
 
-def write_report(out: str | Path) -> dict:
-    """Aggregate ``out`` and write report.md / report.html / report.json / plots; returns
-    the aggregated results (what report.json holds)."""
+def _relink(blocks: list, out: Path, dest: Path, copy: bool) -> list:
+    """Pictures of the run folders (paths relative to ``out``) as links from ``dest``: a
+    relative path, or (``copy``) a copy under ``dest/pictures/`` so the report stands alone."""
+    import os
+    import shutil
+
+    def link(p: str) -> str:
+        if (dest / p).is_file():  # written for this report (plots/)
+            return p
+        if not copy:
+            return os.path.relpath(out / p, dest)
+        target = dest / "pictures" / p
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / p, target)
+        return str(Path("pictures") / p)
+
+    if dest == out and not copy:
+        return blocks
+    return [("img", [(c, link(p)) for c, p in b[1]]) if b[0] == "img" else b for b in blocks]
+
+
+def write_report(out: str | Path, experiment: Optional[str] = None, dest: Optional[str | Path] = None,
+                 copy_pictures: bool = False) -> dict:
+    """Aggregate ``out`` and write report.md / report.html / report.json / plots into
+    ``dest`` (default: ``out``; for an ``experiment``: ``out/experiments/<name>``); returns
+    the aggregated results (what report.json holds). ``copy_pictures`` copies the sample
+    grids and maps beside the report (a folder that can be published without the runs)."""
     out = Path(out)
-    results = aggregate(out)
-    plots = _plots(results, out)
-    study = results["study"]
+    study = read_study(out)
+    if experiment is not None:
+        study = study.experiment(experiment)
+    dest = Path(dest) if dest is not None else (out / "experiments" / experiment if experiment else out)
+    dest.mkdir(parents=True, exist_ok=True)
+    results = aggregate(out, study)
+    plots = {k: p.relative_to(dest) for k, p in _plots(results, dest).items()}
+    study_dict = results["study"]
     blocks = study_header(results, out)
     for label, fam in results["families"].items():
-        blocks += family_blocks(label, fam, study, plots, out)
-    atomic_write_text(_md(blocks) + "\n", out / "report.md")
-    atomic_write_text(_html(blocks, blocks[0][1]), out / "report.html")
-    atomic_write_text(json.dumps(results, indent=2), out / "report.json")
+        blocks += family_blocks(label, fam, study_dict, plots, out)
+    blocks = _relink(blocks, out, dest, copy_pictures)
+    atomic_write_text(_md(blocks) + "\n", dest / "report.md")
+    atomic_write_text(_html(blocks, blocks[0][1]), dest / "report.html")
+    atomic_write_text(json.dumps(results, indent=2), dest / "report.json")
+    return results
+
+
+def write_reports(out: str | Path) -> dict:
+    """The whole study's report and, when it has experiments, each experiment's own."""
+    results = write_report(out)
+    for name in results["study"].get("experiments") or {}:
+        write_report(out, name)
     return results

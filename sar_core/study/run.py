@@ -155,17 +155,17 @@ def run_study(study: StudyConfig, out: str | Path, *, family: Optional[str] = No
             failure = exc
     whole = report and main and family is None and arm is None and seed is None
     if whole and failure is not None and all(_start_done(out, s) for s in starts):
-        from sar_core.study.report import write_report
+        from sar_core.study.report import write_reports
 
-        write_report(out)
+        write_reports(out)
         log(f"wrote a partial report to {out} (the failed runs are listed as not yet evaluated); "
             "fix the cause and run the same command again: finished runs are kept")
     if failure is not None:
         raise failure
     if whole:
-        from sar_core.study.report import write_report
+        from sar_core.study.report import write_reports
 
-        return write_report(out)
+        return write_reports(out)
     return None
 
 

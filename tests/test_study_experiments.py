@@ -1,0 +1,115 @@
+"""Studies with named experiments: one study folder whose experiments share the control
+runs, run experiment by experiment, each reported on its own; a study folder that grows by
+new arms keeps its finished runs; a report published with its pictures beside it."""
+
+import json
+import re
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sar_cli.main import app
+from sar_core.study.config import validate_study
+from sar_core.study.plan import RunSpec, extends, plan
+from sar_core.train.config import ConfigError
+from sar_plugins.studies import preset_path
+
+SMALL = {"run.train.steps": 1, "run.train.batch_size": 8, "seeds": [0, 1], "eval.samples_per_class": 2,
+         "eval.noise_seeds": [1000, 1001], "eval.grid_per_class": 1, "eval.gap_batches": 1, "eval.batch_size": 20,
+         "eval.reference_split": "val"}
+
+
+def _tree(arms=None, experiments=None) -> dict:
+    from sar_core.study.config import load_study
+
+    tree = load_study(preset_path("demo"), SMALL).to_dict()  # absolute checkpoint paths
+    if arms:
+        tree["arms"].update(arms)
+    tree["experiments"] = experiments or {}
+    return tree
+
+
+def test_experiments_name_known_arms_and_families_and_include_the_control():
+    study = validate_study(_tree({"last": {"rollout": {"name": "ssr", "scales": "last"}}},
+                                 {"a": {"arms": ["sar"]}, "b": {"arms": ["last", "sar"], "families": ["var"]}}))
+    assert study.experiments["a"].arms == ["tf", "sar"]
+    sub = study.experiment("b")
+    assert list(sub.arms) == ["tf", "last", "sar"] and list(sub.families) == ["var"] and not sub.experiments
+    with pytest.raises(ConfigError, match="experiment 'x': unknown arm \\['nope'\\]"):
+        validate_study(_tree(experiments={"x": {"arms": ["nope"]}}))
+    with pytest.raises(ConfigError, match="unknown family"):
+        validate_study(_tree(experiments={"x": {"arms": ["sar"], "families": ["flexvar"]}}))
+    with pytest.raises(ValueError, match="experiment 'zz' is not in the study"):
+        study.experiment("zz")
+
+
+def test_with_experiments_only_their_runs_are_planned_in_their_order():
+    tree = _tree({"last": {"rollout": {"name": "ssr", "scales": "last"}}}, {"b": {"arms": ["last"]}, "a": {"arms": ["sar"]}})
+    tree["families"]["other"] = dict(tree["families"]["var"])
+    tree["experiments"]["b"]["families"] = ["other"]
+    runs = plan(validate_study(tree))
+    # experiment b first (control, then its arm) on its family only, then a on every family; each run once
+    assert runs[:4] == [RunSpec("other", "tf", 0), RunSpec("other", "tf", 1), RunSpec("other", "last", 0),
+                        RunSpec("other", "last", 1)]
+    assert RunSpec("var", "last", 0) not in runs and len(runs) == len(set(runs)) == 4 + 2 + 4
+    assert runs[4:6] == [RunSpec("var", "tf", 0), RunSpec("var", "tf", 1)]
+
+
+def test_a_study_may_grow_by_arms_but_never_change_a_run():
+    old = _tree()
+    grown = _tree({"last": {"rollout": {"name": "ssr", "scales": "last"}}}, {"a": {"arms": ["last"]}})
+    assert extends(old, grown) and not extends(grown, old)  # dropping an arm is not growing
+    changed = _tree()
+    changed["arms"]["sar"] = {"rollout": {"name": "ssr", "scales": "last"}}
+    assert not extends(old, changed)
+    reseeded = _tree()
+    reseeded["seeds"] = [0, 1, 2]
+    assert not extends(old, reseeded)
+
+
+def _links(md: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+
+
+def test_grown_study_keeps_its_runs_and_reports_each_experiment(tmp_path):
+    run = CliRunner()
+    out = tmp_path / "study"
+    first = tmp_path / "first.yaml"
+    first.write_text(yaml.safe_dump(_tree(experiments={"main": {"arms": ["sar"]}})))
+    res = run.invoke(app, ["study", str(first), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "experiments" / "main" / "report.md").is_file()
+    # grow: a new arm in a new experiment; the finished runs are skipped, only the new one trains
+    grown = tmp_path / "grown.yaml"
+    grown.write_text(yaml.safe_dump(_tree({"last": {"rollout": {"name": "ssr", "scales": "last"}}},
+                                          {"main": {"arms": ["sar"]}, "depth": {"arms": ["last"]}})))
+    res = run.invoke(app, ["study", str(grown), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "var/tf/seed0: done already" in text and "var/sar/seed1: done already" in text
+    assert (out / "var" / "last" / "seed1" / "eval.json").is_file()
+    whole = json.loads((out / "report.json").read_text())["families"]["var"]
+    depth = json.loads((out / "experiments" / "depth" / "report.json").read_text())
+    assert list(depth["study"]["arms"]) == ["tf", "last"] and list(depth["families"]["var"]["arms"]) == ["tf", "last"]
+    assert depth["families"]["var"]["differences"]["fid"]["last"] == whole["differences"]["fid"]["last"]
+    md = (out / "experiments" / "depth" / "report.md").read_text()
+    assert "`sar`" not in md and md.startswith("# sar study `demo / depth`: tf, last")
+    for link in _links(md):  # pictures of the run folders linked relative to the experiment's folder
+        assert (out / "experiments" / "depth" / link).is_file(), link
+    # changing a run that exists is still refused
+    changed = _tree({"last": {"rollout": {"name": "ssr", "scales": "all"}}}, {"depth": {"arms": ["last"]}})
+    bad = tmp_path / "changed.yaml"
+    bad.write_text(yaml.safe_dump(changed))
+    res = run.invoke(app, ["study", str(bad), "--out", str(out)])
+    assert res.exit_code == 2 and "different study" in " ".join(res.output.split())
+    # publish one experiment: the report with its pictures copied beside it
+    pub = tmp_path / "published"
+    res = run.invoke(app, ["study", "report", str(out), "--experiment", "depth", "--into", str(pub)])
+    assert res.exit_code == 0, res.output
+    md = (pub / "report.md").read_text()
+    links = _links(md)
+    assert links and all((pub / link).is_file() for link in links)
+    assert not any(link.startswith("..") for link in links)
+    assert any(link.startswith("pictures/var/last/seed0/") for link in links)
+    assert json.loads((pub / "report.json").read_text())["families"] == depth["families"]
