@@ -142,7 +142,9 @@ def train(
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps in total."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch per optimizer step."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-steps per optimizer step."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate; default 1e-4 * sqrt(B / 768), B the "
+                                       "global --batch-size (all ranks and --grad-accum micro-steps): the "
+                                       "paper's 1e-4 at batch 768, square-root scaled (2.04e-5 at 32)."),
     lr_end: Optional[float] = typer.Option(None, "--lr-end", help="Final lr of a linear / cosine decay."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant | linear | cosine."),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps"),
@@ -159,7 +161,8 @@ def train(
     csfl: Optional[str] = typer.Option(None, "--csfl", autocompletion=_complete.names("loss"),
                                        help="hard | soft | naive (or a plugin's)."),
     csfl_temperature: Optional[float] = typer.Option(None, "--csfl-temperature", help="Soft CSFL temperature."),
-    gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight (0.5: what the studies "
+                                          "ran; the paper's is 0.01)."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
     cond_drop: Optional[float] = typer.Option(None, "--cond-drop", help="Class-dropout probability."),
     null_payload: Optional[List[str]] = typer.Option(

@@ -64,6 +64,7 @@ def field_info(dotted: str):
 NONE_TEXT = {
     "model.tokenizer": "none: required unless --random-tokenizer", "model.backbone": "none: a fresh backbone (pretraining)",
     "model.schedule": "the model's", "model.cond_drop": "the backbone's", "data.image_size": "the model's",
+    "optim.lr": "1e-4 * sqrt(B / 768)", "rollout.scales": "the rollout's (ssr: all)",
     "optim.lr_end": "none", "optim.lr_schedule": "linear with --lr-end, else constant",
     "loss.temperature": "the loss's", "dist.backend": "nccl on CUDA, gloo on CPU",
     "model.null_payloads": "the data's own",

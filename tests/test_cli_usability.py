@@ -22,9 +22,9 @@ def test_train_help_every_flag_has_help_a_panel_and_defaults_are_shown():
     assert all(getattr(p, "rich_help_panel", None) for p in params)
     assert len({p.rich_help_panel for p in params}) >= 5
     shown = {p.name: p.show_default for p in params}
-    assert shown["lr"] == "0.0001" and shown["gamma"] == "0.01" and shown["loggers"] == "console,jsonl"
+    assert shown["lr"] == "1e-4 * sqrt(B / 768)" and shown["gamma"] == "0.5" and shown["loggers"] == "console,jsonl"
     r = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
-    assert r.exit_code == 0 and "Example:" in r.output and "0.0001" in r.output and "SAR_BATCH_SIZE" in r.output
+    assert r.exit_code == 0 and "Example:" in r.output and "sqrt(B / 768)" in r.output and "SAR_BATCH_SIZE" in r.output
 
 
 def test_shell_completion_is_on():

@@ -102,7 +102,7 @@ def test_print_config_merges_file_flags_and_set(tmp_path, reg):
     assert cfg["optim"]["lr"] == 3e-4 and cfg["optim"]["warmup_steps"] == 10 and cfg["optim"]["hold_fraction"] == 0.05
     assert cfg["optim"]["betas"] == [0.8, 0.9]
     assert cfg["rollout"]["name"] == "official" and cfg["loss"] == {"name": "soft", "temperature": 2.0,
-                                                                    "gamma": 0.01, "label_smoothing": 0.0}
+                                                                    "gamma": 0.5, "label_smoothing": 0.0}
     toml = tmp_path / "run.toml"
     toml.write_text('[model]\nfamily = "toy"\n[data]\nname = "toy-images"\n[train]\nbatch_size = 6\n')
     r = toy.invoke("train", "--config", toml, "--print-config")

@@ -74,7 +74,7 @@ def test_ema_tracks_and_round_trips():
 def test_config_overrides_and_errors():
     cfg = build_config({"model": {"family": "toy"}, "data": {"name": "x"}},
                        {"optim.lr": parse_value("3e-4"), "rollout.top_k": 900, "train.loggers": ["jsonl"]})
-    assert cfg.optim.lr == 3e-4 and cfg.rollout.top_k == 900 and cfg.loss.gamma == 0.01
+    assert cfg.optim.lr == 3e-4 and cfg.rollout.top_k == 900 and cfg.loss.gamma == 0.5
     assert cfg.rollout.options() == {"top_k": 900}
     assert parse_set(["a.b=[1, 2]", "c=true"]) == {"a.b": [1, 2], "c": True}
     with pytest.raises(ConfigError) as err:

@@ -14,7 +14,7 @@ and how every arm is evaluated::
         backbone: var_d16.pth
         data: /data/train              # dataset name, image folder or code cache
     run:                               # every arm: sections of the sar train config
-      optim: {lr: 1.0e-4}
+      optim: {lr: 2.9e-5}              # sar train's default at batch 64, 1e-4 * sqrt(64 / 768)
       train: {steps: 1000, batch_size: 64}
     arms:
       tf:  {rollout: {name: none}}

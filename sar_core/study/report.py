@@ -24,6 +24,7 @@ from typing import Optional
 from sar_core.checkpoint_io import atomic_write_text
 from sar_core.study.plan import FIXED, HIGHER_IS_BETTER, SAMPLED, RunSpec, plan, read_study
 from sar_core.study.config import START, merge
+from sar_core.train.config import LossConfig, RolloutConfig, TrainConfig, default_lr
 from sar_core.study.stats import ONE_VALUE, UNDEFINED, interval, is_flat, noise, paired_difference, verdict
 
 LABELS = {"fid": "FID", "kid_mean": "KID", "precision": "precision", "recall": "recall", "f_score": "F-score",
@@ -212,12 +213,14 @@ def verdict_text(d: Optional[dict], higher: bool, unit: str = "seeds") -> str:
 def _arm_settings(study: dict, arm: str) -> str:
     tree = merge(study.get("run", {}), study["arms"][arm])
     ro, loss, tr, opt = (tree.get(k, {}) or {} for k in ("rollout", "loss", "train", "optim"))
-    name = ro.get("name", "ssr")
+    d_ro, d_loss, d_tr = (c.model_fields for c in (RolloutConfig, LossConfig, TrainConfig))  # sar train's defaults
+    name = ro.get("name", d_ro["name"].default)
+    batch = tr.get("batch_size", d_tr["batch_size"].default)
     what = "teacher forcing only" if name in ("none", None) else (
         f"rollout {name}" + (f" ({ro['scales']} scales)" if ro.get("scales") else "")
-        + f", CSF loss {loss.get('name', 'hard')}, gamma {loss.get('gamma', 0.01)}")
-    return (f"`{arm}`: {what}; {tr.get('steps', 1000)} steps at batch {tr.get('batch_size', 32)}, "
-            f"lr {opt.get('lr', 1e-4)}")
+        + f", CSF loss {loss.get('name', d_loss['name'].default)}, gamma {loss.get('gamma', d_loss['gamma'].default)}")
+    return (f"`{arm}`: {what}; {tr.get('steps', d_tr['steps'].default)} steps at batch {batch}, "
+            f"lr {opt.get('lr', float(f'{default_lr(batch):.3g}'))}")
 
 
 def study_header(results: dict, out: Path) -> list:

@@ -20,6 +20,7 @@ reproduced from its folder alone.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -30,6 +31,17 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from sar_core.checkpoint_io import hub
 from sar_core.checkpoint_io.hub import CheckpointRef
+
+#: the paper's recipe, peak lr 1e-4 at global batch 768, scaled to a run's global batch B by
+#: the square-root rule (Adam's update noise grows as lr / sqrt(B)); README "Defaults of sar train"
+PAPER_LR, PAPER_BATCH = 1e-4, 768
+LR_RULE = "1e-4 * sqrt(B / 768)"
+
+
+def default_lr(batch_size: int) -> float:
+    """The default peak lr at global batch ``batch_size`` (train.batch_size: all ranks, all
+    accumulation micro-steps): 1e-4 * sqrt(B / 768), e.g. 2.04e-5 at 32, 5.77e-5 at 256."""
+    return PAPER_LR * math.sqrt(batch_size / PAPER_BATCH)
 
 
 class Section(BaseModel):
@@ -89,7 +101,8 @@ class RolloutConfig(Section):
 class LossConfig(Section):
     name: str = Field("hard", description="registered CSF loss: hard, soft, naive, ...")
     temperature: Optional[float] = Field(None, gt=0, description="soft CSFL temperature")
-    gamma: float = Field(0.01, ge=0, description="weight of the CSF loss")
+    gamma: float = Field(0.5, ge=0, description="weight of the CSF loss (default: the 0.5 the embedded "
+                         "studies ran; the paper's is 0.01)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
     def options(self) -> dict:
@@ -97,7 +110,8 @@ class LossConfig(Section):
 
 
 class OptimConfig(Section):
-    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    lr: Optional[float] = Field(None, gt=0, description=f"peak learning rate; default {LR_RULE} with B the "
+                                "global batch (train.batch_size), resolved and stored in config.yaml")
     lr_end: Optional[float] = Field(None, ge=0, description="final lr of a linear / cosine decay")
     lr_schedule: Optional[Literal["constant", "linear", "cosine"]] = Field(
         None, description="after warm-up; default: linear when lr_end is set, else constant")
@@ -118,7 +132,8 @@ class OptimConfig(Section):
     def _check(self) -> "OptimConfig":
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
-        if self.lr_schedule == "constant" and self.lr_end is not None and self.lr_end != self.lr:
+        if (self.lr_schedule == "constant" and self.lr_end is not None and self.lr is not None
+                and self.lr_end != self.lr):  # lr None: checked again once RunConfig resolves it
             raise ValueError("lr_end needs lr_schedule 'linear' or 'cosine' (the schedule is 'constant')")
         return self
 
@@ -174,6 +189,18 @@ class RunConfig(Section):
     resume: bool = Field(False, description="continue from the latest checkpoint in out/checkpoints")
     accept_data_change: bool = Field(False, description="resume although the data's contents changed since "
                                      "the run started (file count / names / sizes, see OUT/data.json)")
+
+    @model_validator(mode="after")
+    def _lr_from_batch(self) -> "RunConfig":
+        """optim.lr not given: default_lr(train.batch_size), stored resolved (config.yaml, and so a
+        resume, keeps it); 'lr' stays out of optim's fields set, so the run prints it as a default."""
+        if self.optim.lr is None:
+            lr, o = default_lr(self.train.batch_size), self.optim
+            if o.lr_schedule == "constant" and o.lr_end is not None and o.lr_end != lr:
+                raise ValueError("optim.lr_end needs lr_schedule 'linear' or 'cosine' (the schedule is 'constant')")
+            self.optim.lr = lr
+            self.optim.__pydantic_fields_set__.discard("lr")
+        return self
 
     def to_dict(self) -> dict:
         return json.loads(self.model_dump_json())

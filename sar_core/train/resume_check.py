@@ -70,6 +70,9 @@ def compare(saved: dict, now: dict) -> tuple[list[str], list[str]]:
             refusals.append(f"{key} is {old!r} in the run but {new!r} now")
         else:
             warnings.append(f"--resume: {key} changed from {old!r} to {new!r}")
+    if a.get("train.batch_size") != b.get("train.batch_size") and a.get("optim.lr") == b.get("optim.lr"):
+        warnings.append(f"--resume: optim.lr stays the run's {b.get('optim.lr')!r}, not rescaled to the new "
+                        "batch size (pass --lr to change it)")
     return refusals, warnings
 
 

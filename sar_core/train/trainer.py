@@ -51,6 +51,7 @@ from sar_core.train.nonfinite import NonFiniteGuard, check_start_weights
 from sar_core.train.optim import build_optimizer, lr_at
 from sar_core.train.rng_state import RNGState
 from sar_core.train.runlock import held_run_folder
+from sar_core.train.settings import settings_line
 from sar_core.train import signals
 from sar_core.train.signals import StopRequest
 from sar_core.train.activation_ckpt import apply_activation_checkpointing
@@ -270,6 +271,8 @@ class Trainer:
         self._noted = False
         self._write_config()
         hook, main = self.registry.hook, self.env.is_main
+        if main:  # first: what this run trains with, defaults marked (README "Defaults of `sar train`")
+            self.log(settings_line(self.config, getattr(self.rollout, "scales", None)))
         loggers = self._loggers() if main else []
         if main:
             hook.on_train_start(run=self)
