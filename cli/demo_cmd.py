@@ -15,10 +15,10 @@ def demo(
     config: Optional[Path] = CONFIG,
     out: Path = typer.Option(Path("sar-demo-report"), "--out", help="Report (study) folder; an interrupted "
                              "demo resumes from what is there."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per arm and seed (preset: 100)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per arm and seed (preset: 40)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Paired training seeds, comma list (preset: 0,1,2)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="(preset: 32)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of both arms (preset: 1e-4, constant)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of both arms (preset: 2e-5, constant)."),
     gamma: Optional[float] = typer.Option(None, "--gamma", help="CSF loss weight of the SAR arm (preset: 0.5)."),
     samples_per_class: Optional[int] = typer.Option(None, "--samples-per-class",
                                                     help="Samples per class of every evaluation (preset: 200)."),

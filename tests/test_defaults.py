@@ -12,7 +12,7 @@ import yaml
 import toy_adapter as toy
 from sar_core.plugins import get_registry
 from sar_core.train.builders import build_rollout_and_loss
-from sar_core.train.config import LR_RULE, ConfigError, RunConfig, build_config, default_lr
+from sar_core.train.config import LR_RULE, ConfigError, RunConfig, build_config, default_lr, parse_value
 from sar_core.train.settings import settings_line
 from sar_cli.main import load_command
 
@@ -89,7 +89,7 @@ def test_settings_line_marks_what_nobody_set():
     cfg = build_config(BASE, {"loss.gamma": 0.01, "train.batch_size": 64})
     line = settings_line(cfg, "all")
     assert line.startswith(f"settings: lr {default_lr(64):.3g} (default: {LR_RULE} at B = 64), global batch 64,")
-    assert "rollout ssr (default) over all scales (default)" in line and "gamma 0.01," not in line
+    assert "rollout ssr (default) over all scales (default)" in line
     assert line.endswith("CSF loss hard (default), gamma 0.01")
     tf = settings_line(build_config(BASE, {"rollout.name": "none", "optim.lr": 1e-3}))
     assert tf == "settings: lr 0.001, global batch 32 (default), 1000 steps (default), rollout none"
@@ -122,3 +122,41 @@ def test_a_real_run_trains_with_the_readme_defaults_and_a_resume_keeps_its_lr(tm
     assert again["train"]["batch_size"] == 8 and again["optim"]["lr"] == pytest.approx(default_lr(4), rel=1e-12)
     line = next(ln for ln in r.output.splitlines() if ln.startswith("settings:"))
     assert line.startswith(f"settings: lr {default_lr(4):.3g}, global batch 8,")  # the run's, not a default
+
+
+def test_demo_help_states_the_presets_values():
+    """`sar demo --help` says "(preset: X)"; X must be what demo.yaml really runs."""
+    from sar_plugins.studies import preset_path
+
+    study = yaml.safe_load(Path(preset_path("demo")).read_text())
+    run = study["run"]
+    truth = {"steps": run["train"]["steps"], "batch_size": run["train"]["batch_size"], "lr": run["optim"]["lr"],
+             "gamma": run["loss"]["gamma"], "seeds": ",".join(map(str, study["seeds"])),
+             "samples_per_class": study["eval"]["samples_per_class"]}
+    helps = {p.name: p.help for p in load_command("demo").params if p.name in truth}
+    assert set(helps) == set(truth)
+    for name, value in truth.items():
+        said = re.search(r"\(preset: ([0-9.e+-]+(?:,[0-9]+)*)", helps[name]).group(1)
+        assert (said if name == "seeds" else parse_value(said)) == value, (name, said, value)
+
+
+def test_a_study_report_names_sar_trains_defaults_for_what_a_study_leaves_out():
+    from sar_core.study.report import _arm_settings
+
+    study = {"run": {"train": {"batch_size": 256}}, "arms": {"sar": {"rollout": {"name": "ssr"}}}}
+    assert _arm_settings(study, "sar") == ("`sar`: rollout ssr, CSF loss hard, gamma 0.5; 1000 steps at batch 256, "
+                                           f"lr {default_lr(256):.3g}")
+
+
+def test_every_preset_states_its_lr_and_gamma_so_new_defaults_change_no_study(tmp_path):
+    from sar_core.study.config import load_study
+    from sar_core.study.plan import arm_config, plan
+    from sar_plugins.studies import preset_names, preset_path
+
+    for name in preset_names():
+        study = load_study(preset_path(name))
+        for spec in plan(study):
+            cfg = arm_config(study, tmp_path, spec)
+            assert "lr" in cfg.optim.model_fields_set and cfg.optim.lr == 2.0e-5, (name, spec)
+            if cfg.rollout.name != "none":
+                assert "gamma" in cfg.loss.model_fields_set, (name, spec)

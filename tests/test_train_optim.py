@@ -26,7 +26,9 @@ def test_param_groups_follow_the_no_decay_rule():
     assert "head.bias" in rest and "head_norm.weight" in rest  # bias, 1-D
     assert "pos_start" in rest and "lvl_embed.weight" in rest and "class_emb.weight" in rest  # keywords
     assert all(named[n].ndim >= 2 for n in decay)
-    opt = build_optimizer(adapter.backbone, OptimConfig(weight_decay=0.05), adapter.no_decay_keywords)
+    with pytest.raises(ValueError, match="optim.lr is unset"):  # its default needs the run's batch size
+        build_optimizer(adapter.backbone, OptimConfig(), adapter.no_decay_keywords)
+    opt = build_optimizer(adapter.backbone, OptimConfig(lr=1e-4, weight_decay=0.05), adapter.no_decay_keywords)
     assert opt.defaults["betas"] == (0.9, 0.95)
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.05]
 

@@ -3,7 +3,8 @@ it (``builders``), the ``trainer`` loop, one optimizer step (``train_step``) and
 run's stateful parts, each with ``state_dict`` / ``load_state_dict``: ``data_position``,
 ``rng_state``, ``ema``, the non-finite ``nonfinite`` guard and the ``checkpointer`` that
 composes them (file format in ``checkpointing``, resume checks in ``resume_check``);
-optimizer and schedule in ``optim``, the run folder's ``runlock``, stop ``signals``;
+optimizer and schedule in ``optim``, the run folder's ``runlock``, stop ``signals``, the
+``settings`` line a run prints first (defaults marked);
 ``distributed`` (DDP / FSDP2), ``activation_ckpt`` and ``pretrain`` (teacher-forced
 pretraining of the embedded miniatures).
 

@@ -46,6 +46,9 @@ def param_groups(model: nn.Module, weight_decay: float, keywords: Iterable[str])
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, keywords: Iterable[str],
                     device: torch.device | None = None) -> torch.optim.AdamW:
+    if cfg.lr is None:  # a bare OptimConfig: only RunConfig knows the batch its default follows
+        raise ValueError("optim.lr is unset: pass lr, or build the whole RunConfig (its default lr follows "
+                         "train.batch_size)")
     groups = param_groups(model, cfg.weight_decay, keywords)
     for g in groups:
         g.pop("names")
