@@ -81,8 +81,13 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | No
 
 
 def measure_step(step: Callable[[], None], resident: list[torch.Tensor], device: torch.device) -> StepMemory:
-    """Run ``step`` once and return its memory (see the module docstring)."""
+    """Run ``step`` once and return its memory (see the module docstring).
+
+    ``resident`` is emptied once counted: the list would otherwise keep its tensors alive
+    through the step, e.g. the gradients a ``zero_grad(set_to_none=True)`` drops, which
+    then counted twice once the backward allocates new ones."""
     if device.type == "cuda":
+        resident.clear()
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -91,6 +96,7 @@ def measure_step(step: Callable[[], None], resident: list[torch.Tensor], device:
         peak = torch.cuda.max_memory_allocated(device)
         return StepMemory(start, peak - start, peak)
     mode = LiveTensorBytes(resident)
+    resident.clear()
     with mode:
         step()
     return StepMemory(mode.start, mode.peak - mode.start, mode.peak)

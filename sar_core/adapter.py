@@ -235,6 +235,21 @@ class ScaleWiseAdapter(ABC):
                              f"class labels (e.g. --labels), the batch has only condition payloads: {names}")
         return batch.labels
 
+    def example_batch(self, batch_size: int, image_size: Optional[tuple[int, int]] = None,
+                      condition_tokens: Optional[int] = None, generator: Optional[torch.Generator] = None) -> "Batch":
+        """Random training data of the shapes this model trains on (``sar plan`` builds it under
+        fake tensors): images in [-1, 1] at ``image_size`` (default: the training size) and what
+        :meth:`condition` reads; variable-length payloads (text features) ``condition_tokens``
+        rows long (None: the longest the model takes). Default: class labels, if any."""
+        from sar_core.batch import Batch
+
+        h, w = image_size or self.training_image_size(self.schedule_sampler())
+        images = torch.rand(batch_size, 3, int(h), int(w), generator=generator) * 2 - 1
+        labels = None
+        if self.num_classes is not None:
+            labels = torch.randint(0, int(self.num_classes), (batch_size,), generator=generator)
+        return Batch(labels=labels, images=images)
+
     def condition_from_labels(self, labels: torch.Tensor) -> Any:
         """Class ids -> condition; for class-conditional sampling (``sar sample --labels``)."""
         if self.num_classes is None:

@@ -80,6 +80,27 @@ def test_live_bytes_count_allocations_frees_and_autograd():
     assert first.process_peak == first.resident + first.step_peak
 
 
+def test_dropped_gradients_are_not_counted_twice():
+    """A step that drops its gradients (set_to_none) and backpropagates twice peaks at
+    weights + one set of gradients + what the second backward needs; the resident list must
+    not keep the dropped gradients alive (it did: +1 gradient copy in every SSR step)."""
+    lin = torch.nn.Linear(512, 512, bias=False)
+    x = torch.randn(8, 512)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        lin(x).sum().backward()
+        lin(x).sum().backward()
+
+    train()
+    m = measure_step(train, training_state(lin, opt, [x]), torch.device("cpu"))
+    w = 512 * 512 * 4
+    assert m.resident == 2 * w + x.numel() * 4
+    # weights + gradients + the second backward's new gradient (before it is accumulated)
+    assert 3 * w <= m.process_peak < 3.5 * w
+
+
 def test_gpu_script_dry_run(tmp_path):
     out = tmp_path / "gpu.json"
     assert gpu_bench.main(["--dry-run", "--json", str(out)]) == 0
