@@ -57,7 +57,9 @@ def plan(**kw) -> None:
     from sar_core.train.plan import Hardware, make_plan
 
     err = Console(stderr=True, soft_wrap=True)
-    console = Console(soft_wrap=True)
+    console = Console()
+    if not console.is_terminal:  # logs and docs: whole tables
+        console = Console(width=150)
     t0 = time.perf_counter()
     try:
         flags = {k: v for k, v in kw.items() if k in FLAG_FIELDS}
@@ -96,11 +98,10 @@ def show(console: Console, p, seconds: float) -> None:
     console.print(state)
     steps = Table(title=f"one micro-step (micro-batch {p.micro_batch}); time at {100 * hw['mfu']:.0f}% MFU",
                   title_justify="left")
-    for col in ("variant", "checkpointing", "activations GiB", "GiB / image", "peak in", "largest micro-batch",
-                "TFLOP / image", "step s"):
-        steps.add_column(col, justify="left" if col in ("variant", "checkpointing", "peak in") else "right")
+    for col in ("variant", "ckpt", "act. GiB", "GiB/img", "peak in", "max micro", "TFLOP/img", "step s"):
+        steps.add_column(col, justify="left" if col in ("variant", "ckpt", "peak in") else "right")
     if p.dataset_size:
-        steps.add_column(f"GPU hours, {p.epochs:g} x {p.dataset_size:,}", justify="right")
+        steps.add_column(f"GPU h ({p.epochs:g} ep x {p.dataset_size:,})", justify="right")
     for r in p.rows:
         cells = [r.label, r.ckpt, f"{r.activations_gib:.2f}", f"{r.per_image_gib:.3f}", r.peak_phase,
                  str(r.max_micro_batch), f"{r.flops_per_image / 1e12:.3f}", f"{r.step_s:.2f}"]
@@ -109,8 +110,8 @@ def show(console: Console, p, seconds: float) -> None:
         steps.add_row(*cells)
     console.print(steps)
     if p.encode_gib_per_image is not None:
-        console.print(f"encode (frozen tokenizer, before the step): {p.encode_gib_per_image:.3f} GiB per image; "
-                      "its FLOPs are in TFLOP / image", highlight=False)
+        console.print(f"encode (frozen tokenizer, before the step): {p.encode_gib_per_image:.3f} GiB and "
+                      f"{p.encode_flops_per_image / 1e12:.3f} TFLOP per image (in TFLOP/img above)", highlight=False)
     if p.token_scale != 1.0:
         console.print(f"random schedules: memory at the largest ({m['tokens']} tokens), time at the mean "
                       f"({m['mean_tokens']:.0f} tokens, x{p.token_scale:.2f})", highlight=False)

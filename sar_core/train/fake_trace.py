@@ -94,10 +94,12 @@ class FakeTrace(TorchDispatchMode):
         self.current = self.peak = 0
         self.flops = 0
         self.ops = 0
+        self._paused = 0
         self.guesses = 0  # boolean reads of fake values answered False while strict
         self.lenient = True
         self.fake_mode: Optional[FakeTensorMode] = None
         self.phases: dict[str, int] = {}  # phase -> peak bytes within it
+        self.phase_flops: dict[str, int] = {}  # phase -> FLOPs counted before it began
         self._phase: Optional[str] = None
 
     # ------------------------------------------------------------------ memory
@@ -123,12 +125,22 @@ class FakeTrace(TorchDispatchMode):
 
     def reset(self) -> None:
         """Peaks and FLOPs start again from now (what is alive stays counted)."""
-        self.peak, self.flops, self.phases, self._phase = self.current, 0, {}, None
+        self.peak, self.flops, self.phases, self.phase_flops, self._phase = self.current, 0, {}, {}, None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing made inside is counted (bytes or FLOPs); keep none of it alive."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
 
     def phase(self, name: str) -> None:
         """From now on, also keep the peak of phase ``name``."""
         self._phase = name
         self.phases[name] = max(self.phases.get(name, 0), self.current)
+        self.phase_flops.setdefault(name, self.flops)
 
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -146,13 +158,15 @@ class FakeTrace(TorchDispatchMode):
         if fake:
             if func in _INDEXING:
                 args = (args[0], _integer_indices(args[1]), *args[2:])
-            if self.fake_mode is not None:  # real inputs made fake here: the fake mode's op cache
-                args, kwargs = tree_map(self._to_fake, (args, kwargs))  # skips ops with real inputs
+            if self.fake_mode is not None and not all(isinstance(t, FakeTensor) for t in inputs):
+                # real inputs made fake here: the fake mode's op cache skips ops with real inputs
+                args, kwargs = tree_map(self._to_fake, (args, kwargs))
             out = func(*args, **kwargs)
         else:
             out = self._maybe_real(func, args, kwargs, inputs)
-        self.flops += op_flops(func, args, kwargs, out)
-        self.track(_tensors(out))
+        if not self._paused:
+            self.flops += op_flops(func, args, kwargs, out)
+            self.track(_tensors(out))
         return out
 
     def _to_fake(self, x):

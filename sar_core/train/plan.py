@@ -23,7 +23,8 @@ executed (``torch.utils.flop_counter``'s matrix products, convolutions and atten
 recomputation included, the same count ``benchmarks/gpu_bench.py`` divides by to report
 MFU) over ``mfu * peak``; communication and the optimizer update are assumed hidden or
 negligible. Random schedules (FlexVAR's) are traced at the sampler's default, its
-largest; time is scaled by the sampler's mean token count over the traced one.
+largest; the step's time (not the encode's) is scaled by the sampler's mean token count
+over the traced one.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class Plan:
     grad_accum: int
     state_gib: dict
     encode_gib_per_image: Optional[float]
+    encode_flops_per_image: float
     grads_in_step: bool
     rows: list
     dataset_size: Optional[int]
@@ -165,8 +167,9 @@ def make_plan(cfg: RunConfig, hw: Hardware, registry, dataset_size: Optional[int
     enc_flops = traced.encode.flops.b if traced.encode is not None else 0.0
     rows = []
     for s in traced.steps:
-        flops = s.flops.b + s.flops.a / max(micro, 1) + enc_flops
-        sec_per_image = flops * token_scale / (hw.mfu * hw.peak_tflops * 1e12)
+        step_flops = s.flops.b + s.flops.a / max(micro, 1)
+        flops = step_flops + enc_flops
+        sec_per_image = (step_flops * token_scale + enc_flops) / (hw.mfu * hw.peak_tflops * 1e12)
         act = max(s.peak(micro), traced.encode.peak(micro) if traced.encode is not None else 0.0)
         if traced.grads_in_step:  # counted with the state (alive between steps)
             act = max(act - state["gradients"], 0.0)
@@ -181,7 +184,7 @@ def make_plan(cfg: RunConfig, hw: Hardware, registry, dataset_size: Optional[int
                 hardware=asdict(hw), model=model, strategy=strategy, micro_batch=micro, grad_accum=t.grad_accum,
                 state_gib={k: v / GIB for k, v in state.items()},
                 encode_gib_per_image=traced.encode.phases["encode"].b / GIB if traced.encode is not None else None,
-                grads_in_step=traced.grads_in_step, rows=rows, dataset_size=dataset_size, epochs=epochs, token_scale=token_scale,
+                encode_flops_per_image=enc_flops, grads_in_step=traced.grads_in_step, rows=rows, dataset_size=dataset_size, epochs=epochs, token_scale=token_scale,
                 fake_ops=traced.fake_ops)
 
 
@@ -196,15 +199,19 @@ def advice(plan: Plan) -> list[str]:
         lines.append(f"the training state alone ({state:.1f} GiB per rank) exceeds the {budget:.1f} GiB usable: "
                      + ("shard it with --dist fsdp" if plan.strategy != "fsdp" else "use more GPUs"))
         return lines
+    ckpt = plan.config["activation_checkpointing"]
+    more = {"none": "--set train.activation_checkpointing=selective (or full)",
+            "selective": "--set train.activation_checkpointing=full"}.get(ckpt)
     if own.max_micro_batch < 1:
-        lines.append("not even one image fits: try --set train.activation_checkpointing=full or --dist fsdp")
+        fixes = [f for f in (more, "--dist fsdp" if plan.strategy != "fsdp" else None, "more GPUs") if f]
+        lines.append("not even one image fits: try " + ", ".join(fixes))
     elif own.max_micro_batch < plan.micro_batch:
         per_rank = plan.config["batch_size"] // hw["gpus"]
         accum = math.ceil(per_rank / own.max_micro_batch)
         while per_rank % accum:
             accum += 1
         lines.append(f"micro-batch {plan.micro_batch} does not fit (at most {own.max_micro_batch}): use "
-                     f"--grad-accum {accum} (micro-batch {per_rank // accum}) or activation checkpointing")
+                     f"--grad-accum {accum} (micro-batch {per_rank // accum})" + (f" or {more}" if more else ""))
     else:
         lines.append(f"micro-batch {plan.micro_batch} fits ({state + own.activations_gib:.1f} of {budget:.1f} GiB "
                      f"usable); the largest that fits is {own.max_micro_batch}")

@@ -21,6 +21,7 @@ full-depth trace, and against a real step measured by ``benchmarks/memory.py``.
 
 from __future__ import annotations
 
+import gc
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -124,19 +125,21 @@ def _passthrough(x, *args, **kwargs):
 
 
 class _Inputs:
-    """Teacher / stagger inputs traced once per shape, then stood in for by an empty tensor
-    of the same shape: they depend on no gradient, and their tokenizer-side ops would
-    otherwise cost most of every trace."""
+    """Teacher / stagger inputs stood in for by an empty tensor of their shape (run once per
+    shape, uncounted, to learn it): they need no gradient, and their tokenizer-side ops
+    would otherwise cost most of every trace. Their transients and FLOPs (small next to a
+    backbone pass) are left out of every trace alike."""
 
-    def __init__(self, adapter):
-        self.adapter, self.memo = adapter, {}
+    def __init__(self, adapter, trace: FakeTrace):
+        self.adapter, self.trace, self.memo = adapter, trace, {}
         self.teacher, self.stagger = adapter.teacher_inputs, adapter.stagger_inputs
 
     def _shaped(self, key, fn, *args):
         if key not in self.memo:
-            out = fn(*args)
+            with self.trace.paused(), torch.no_grad():
+                out = fn(*args)
             self.memo[key] = (tuple(out.shape), out.dtype)
-            return out
+            del out
         shape, dtype = self.memo[key]
         return torch.empty(shape, dtype=dtype)
 
@@ -152,20 +155,22 @@ class _Inputs:
 
 
 class _Phases:
-    """Marks a new phase at every model call and around every backward."""
+    """Marks a new phase at every backbone call (``fwd N``: the N-th call, its loss
+    included), at every backward (``bwd N``: the backward after call N) and after it
+    (``post N``: rollout sampling, building the next inputs)."""
 
     def __init__(self, trace: FakeTrace, model):
         self.trace, self.model, self.n = trace, model, 0
 
     def __call__(self, *args, **kwargs):
         self.n += 1
-        self.trace.phase(f"model call {self.n}")
+        self.trace.phase(f"fwd {self.n}")
         return self.model(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.trace.phase(f"backward after call {self.n}")
+        self.trace.phase(f"bwd {self.n}")
         loss.backward()
-        self.trace.phase(f"after backward {self.n}")
+        self.trace.phase(f"post {self.n}")
 
 
 def _fit(points: dict, depth: int) -> tuple[dict[str, Linear], Linear]:
@@ -200,6 +205,16 @@ def trace_run(cfg: RunConfig, variants: list[Variant], registry, condition_token
     if images is None:
         images = not is_code_cache(cfg.data.name)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.bfloat16}[cfg.train.amp]
+    collecting = gc.isenabled()
+    gc.disable()  # a cycle of an earlier trace collected during a later one would lower its count
+    try:
+        return _trace(cfg, variants, registry, condition_tokens, images, grads_in_step, full_depth, amp)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _trace(cfg, variants, registry, condition_tokens, images, grads_in_step, full_depth, amp) -> Traced:
     with fake_session() as trace:
         with mapped_loads():
             adapter = build_adapter(cfg, registry)
@@ -214,14 +229,19 @@ def trace_run(cfg: RunConfig, variants: list[Variant], registry, condition_token
         blocks = list(adapter.transformer_blocks())
         depth = len(blocks)
         counts = (depth,) if full_depth or depth <= max(BLOCKS) else BLOCKS
-        inputs = _Inputs(adapter)
+        inputs = _Inputs(adapter, trace)
         inputs.install()
         batches = {b: adapter.example_batch(b, facts.image_size, condition_tokens) for b in BATCHES}
         encode = _trace_encode(trace, adapter, sampler.default, batches[1], amp) if images else None
-        steps = []
+        raw: dict[Variant, dict] = {}
         try:
-            for v in variants:
-                points = {}
+            for v in sorted(variants, key=lambda v: v.rollout == "none"):  # teacher forcing last
+                donor = next((d for d in raw if d.ckpt == v.ckpt and _tf_inside(d, adapter, sampler.default,
+                                                                                  registry)), None)
+                if v.rollout == "none" and not v.options and donor is not None:
+                    raw[v] = {kb: _teacher_part(pt) for kb, pt in raw[donor].items()}
+                    continue
+                raw[v] = {}
                 for k in counts:
                     apply_activation_checkpointing(blocks, "none")
                     apply_activation_checkpointing(blocks[:k], v.ckpt)
@@ -230,17 +250,20 @@ def trace_run(cfg: RunConfig, variants: list[Variant], registry, condition_token
                     for b in BATCHES:
                         if grads_in_step:
                             backbone.zero_grad(set_to_none=True)
-                        points[(k, b)] = _trace_step(trace, adapter, sampler.default, batches[b], v, registry,
+                        raw[v][(k, b)] = _trace_step(trace, adapter, sampler.default, batches[b], v, registry,
                                                      amp, images)
-                if len(counts) == 1:  # traced at full depth: copy to both block counts
-                    points = {(k, b): points[(counts[0], b)] for k in BLOCKS for b in BATCHES}
-                    phases, flops = _fit(points, max(BLOCKS))
-                else:
-                    phases, flops = _fit(points, depth)
-                steps.append(StepCost(v, phases, flops))
         finally:
             apply_activation_checkpointing(blocks, "none")
             inputs.remove()
+        steps = []
+        for v in variants:
+            points = raw[v]
+            if len(counts) == 1:  # traced at full depth: the same points for both block counts
+                points = {(k, b): points[(counts[0], b)] for k in BLOCKS for b in BATCHES}
+                phases, flops = _fit(points, max(BLOCKS))
+            else:
+                phases, flops = _fit(points, depth)
+            steps.append(StepCost(v, phases, flops))
         return Traced(facts, steps, encode, grads_in_step, trace.ops)
 
 
@@ -286,8 +309,9 @@ def _trace_encode(trace: FakeTrace, adapter, schedule: Schedule, batch, amp) -> 
 
 
 def _trace_step(trace: FakeTrace, adapter, schedule: Schedule, batch, variant: Variant, registry, amp,
-                images: bool) -> tuple[dict, int]:
-    """Peak bytes per phase (the micro-batch's images, codes and condition included) and FLOPs."""
+                images: bool) -> tuple[dict, int, dict]:
+    """Peak bytes per phase (the micro-batch's images, codes and condition included), FLOPs,
+    and the FLOPs counted before each phase began."""
     from torch.utils._pytree import tree_leaves
 
     from sar_core.sar.step import sar_step
@@ -307,4 +331,23 @@ def _trace_step(trace: FakeTrace, adapter, schedule: Schedule, batch, variant: V
     with strict(trace), _autocast(amp):
         sar_step(adapter, phases, cond, codes, schedule, rollout, loss, gamma=0.01,
                  generator=torch.Generator().manual_seed(0), rng=random.Random(0), backward=phases.backward)
-    return {p: v - base + inputs for p, v in trace.phases.items()}, trace.flops
+    return {p: v - base + inputs for p, v in trace.phases.items()}, trace.flops, dict(trace.phase_flops)
+
+
+#: the phases of a SAR step that are its teacher-forcing pass (see :func:`_tf_inside`)
+TF_PHASES = ("inputs", "fwd 1", "bwd 1")
+
+
+def _tf_inside(v: Variant, adapter, schedule: Schedule, registry) -> bool:
+    """Whether ``v``'s step begins with exactly a teacher-forcing step: no guided null rows
+    and no recorded prefix in pass 1 (then ``sar_step`` runs pass 1, its loss and its
+    backward as with the rollout ``none``, and the rollout starts in phase ``post 1``)."""
+    if v.rollout == "none":
+        return False
+    r = registry.get("rollout", v.rollout)(**dict(v.options))
+    return r.active and not r.uses_cfg and r.prefix_length(adapter, schedule) is None
+
+
+def _teacher_part(point: tuple) -> tuple:
+    phases, _, flops_at = point
+    return {p: phases[p] for p in TF_PHASES if p in phases}, flops_at["post 1"], {}
