@@ -12,6 +12,12 @@ bench's micro-batch, from traces at 1 and 2 blocks x micro-batch 1 and 2 on fake
 with the error in percent; and the FLOPs of the real step (the plan's formulas, counted op by
 op) against the plan's extrapolation. ``tests/test_plan.py`` asserts the same within 20% at a smaller
 size.
+
+    .venv/bin/python benchmarks/plan_bench.py --real-size    # sar plan of Infinity-8B: time and RSS
+
+``--real-size``: ``sar plan`` of Infinity-8B (8.4 B parameters, 1024 px, FSDP2 on 8 GPUs) in a
+fresh process, its wall time (goal: under a minute) and peak RSS against the 31 GiB its
+float32 weights alone would take (goal: a small fraction: nothing is allocated).
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ from sar_core.train.plan import state_bytes  # noqa: E402
 from sar_core.train.fake_trace import op_flops  # noqa: E402
 from sar_core.train.plan_trace import Variant, trace_run  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+#: Infinity-8B as released (shared/reference/infinity.md: depth 40, width 3584, 28 heads,
+#: the d56 f8 tokenizer: 14 bits x 2x2 spatial patchify), 1024 px
+INFINITY_8B = {"pn": "1M", "spatial_patchify": True,
+               "tokenizer": {"codebook_dim": 14, "patch_size": 8, "ch_mult": [1, 2, 4, 4]},
+               "backbone": {"depth": 40, "embed_dim": 3584, "num_heads": 28}}
 
 
 def plan_variant(name: str) -> Variant:
@@ -98,12 +111,41 @@ def build_from(model: dict, batch: int):
     return adapter, codes, labels, schedule, opt
 
 
+def real_size(limit_s: float = 60.0) -> int:
+    """``sar plan`` of Infinity-8B in a child process: wall time and peak RSS vs its weights."""
+    import json
+    import resource
+    import subprocess
+    import tempfile
+
+    sar = Path(sys.executable).with_name("sar")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plan.json"
+        cmd = [str(sar), "plan", "-f", "infinity", "--set", f"model.overrides={json.dumps(INFINITY_8B)}",
+               "--data", "images", "--batch-size", "64", "--rollout", "ssr", "--amp", "bf16", "--dist", "fsdp",
+               "--gpus", "8", "--gpu-memory", "80", "--json", str(out)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        plan = json.loads(out.read_text())
+    weights = plan["model"]["param_bytes"]
+    print(f"sar plan of Infinity-8B ({plan['model']['params'] / 1e9:.2f} B parameters): {wall:.1f} s wall, "
+          f"peak RSS {rss / 2 ** 30:.2f} GiB = {rss / weights:.3f} x its float32 weights ({weights / 2 ** 30:.1f} GiB)")
+    ok = wall < limit_s and rss < 0.1 * weights
+    print("goal (< 60 s, RSS < 0.1 x the weights): " + ("met" if ok else "MISSED"))
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", action="append", choices=list(SIZES), help="tiny and/or large (default both)")
     ap.add_argument("--variants", default="tf,ssr-all,ssr-last,official-guided,tf+selective,ssr-all+selective,"
                     "ssr-all+full", help=f"comma list from: {', '.join(VARIANTS)}")
+    ap.add_argument("--real-size", action="store_true", help="only: sar plan of Infinity-8B, time and peak RSS")
     args = ap.parse_args(argv)
+    if args.real_size:
+        return real_size()
     torch.set_num_threads(1)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [n for n in names if n not in VARIANTS]

@@ -27,6 +27,7 @@ COMMANDS = {
     "diagnose": ("diagnose_cmd", "Per-scale exposure gap: loss on the model's own inputs vs ground truth."),
     "encode-text": ("encode_text_cmd", "Captions -> condition payloads with a local T5 or CLIP text encoder."),
     "train": ("train_cmd", "Post-train with SAR (or plain teacher forcing: --rollout none)."),
+    "plan": ("plan_cmd", "Memory per GPU, FLOPs, largest micro-batch and GPU hours of a train command (fake tensors)."),
 }
 
 

@@ -43,11 +43,15 @@ def _plan_options(
 
 PLAN_PANEL = "Plan: hardware and workload"
 #: ``sar train`` flags that mean nothing to a plan
-SKIPPED = ("print_config", "resume")
+#: the data of a plan without --data: images (a code cache folder plans the step without the encode)
+IMAGES = "images"
+SKIPPED = ("print_config", "resume", "restart", "accept_data_change")
 
 
 def plan(**kw) -> None:
     """Plan a `sar train` run: per-GPU memory (weights, gradients, AdamW, EMA, activations), FLOPs per image, the largest micro-batch that fits, step time and GPU hours. Nothing is allocated: the model is built and stepped on fake tensors.
+
+    The data are not read: --data only says whether they are images (the default) or a code cache (no encode). fp16 is planned as bf16 (same sizes). See docs/cluster.md.
 
     Example: [bold]sar plan -f infinity --set model.overrides.pn=1M --batch-size 64 --rollout ssr --amp bf16 --dist fsdp --gpus 8 --gpu-memory 80 --dataset-size 1000000 --epochs 1[/]"""
     from sar_cli._shared import user_errors
@@ -63,8 +67,10 @@ def plan(**kw) -> None:
     t0 = time.perf_counter()
     try:
         flags = {k: v for k, v in kw.items() if k in FLAG_FIELDS}
-        cfg = resolve_config(kw.get("config"), collect_overrides(flags, kw.get("sets") or []), False,
-                             bool(kw.get("compile_model")))
+        overrides = collect_overrides(flags, kw.get("sets") or [])
+        if kw.get("config") is None:  # the data are not read: without --data, images are planned
+            overrides.setdefault("data.name", IMAGES)
+        cfg = resolve_config(kw.get("config"), overrides, False, bool(kw.get("compile_model")))
         hw = Hardware(kw["gpus"], kw["gpu_memory"], kw["gpu_peak_tflops"], kw["mfu"], kw["headroom"])
         with console.status("tracing one training step on fake tensors"):
             result = make_plan(cfg, hw, get_registry(), kw["dataset_size"], kw["epochs"], kw["compare"],

@@ -237,18 +237,14 @@ class ScaleWiseAdapter(ABC):
 
     def example_batch(self, batch_size: int, image_size: Optional[tuple[int, int]] = None,
                       condition_tokens: Optional[int] = None, generator: Optional[torch.Generator] = None) -> "Batch":
-        """Random training data of the shapes this model trains on (``sar plan`` builds it under
-        fake tensors): images in [-1, 1] at ``image_size`` (default: the training size) and what
-        :meth:`condition` reads; variable-length payloads (text features) ``condition_tokens``
-        rows long (None: the longest the model takes). Default: class labels, if any."""
-        from sar_core.batch import Batch
+        """Random training data of the shapes this model trains on (``sar plan`` traces it on fake
+        tensors): images at ``image_size`` (default: the training size), class ids and the
+        :attr:`condition_payloads` :meth:`condition` reads, variable-length ones ``condition_tokens``
+        rows long (:func:`sar_core.batch.random_batch`). Families knowing their longest override."""
+        from sar_core.batch import random_batch
 
-        h, w = image_size or self.training_image_size(self.schedule_sampler())
-        images = torch.rand(batch_size, 3, int(h), int(w), generator=generator) * 2 - 1
-        labels = None
-        if self.num_classes is not None:
-            labels = torch.randint(0, int(self.num_classes), (batch_size,), generator=generator)
-        return Batch(labels=labels, images=images)
+        size = image_size or self.training_image_size(self.schedule_sampler())
+        return random_batch(batch_size, size, self.num_classes, self.condition_payloads, condition_tokens, generator)
 
     def condition_from_labels(self, labels: torch.Tensor) -> Any:
         """Class ids -> condition; for class-conditional sampling (``sar sample --labels``)."""

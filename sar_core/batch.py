@@ -234,3 +234,30 @@ def check_null_payloads(specs: Mapping[str, PayloadSpec], payloads: Mapping[str,
     check_payloads(wanted, vals, family, "the null payloads", "give the encoder's features of the empty "
                    "prompt for each (--null-payload NAME=FILE; sar encode-text writes null_payloads.pt)")
     return vals
+
+
+def random_batch(batch_size: int, image_size: tuple[int, int], num_classes: Optional[int],
+                 specs: Mapping[str, PayloadSpec], condition_tokens: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> Batch:
+    """Random training data of given shapes (``sar plan`` builds it on fake tensors): images
+    in [-1, 1], class ids when ``num_classes``, and every payload of ``specs`` a family needs
+    (all of them without classes; else the required ones) as :class:`Padded` rows of its
+    width: ``spec.rows`` rows, or ``condition_tokens`` where the rows vary."""
+    h, w = image_size
+    images = torch.rand(batch_size, 3, int(h), int(w), generator=generator) * 2 - 1
+    labels = None
+    if num_classes is not None:
+        labels = torch.randint(0, int(num_classes), (batch_size,), generator=generator)
+    conditions = {}
+    for name, spec in sorted(specs.items()):
+        if num_classes is not None and not spec.required:
+            continue
+        rows = spec.rows or condition_tokens
+        if spec.dim is None or rows is None:
+            what = "width" if spec.dim is None else "row count"
+            raise ValueError(f"condition payload '{name}' {spec} has no fixed {what}: "
+                             + ("the family must override example_batch" if spec.dim is None
+                                else "give --condition-tokens N (rows per sample)"))
+        values = torch.randn(batch_size, int(rows), int(spec.dim), generator=generator)
+        conditions[name] = Padded(values, torch.full((batch_size,), int(rows), dtype=torch.int64))
+    return Batch(labels=labels, images=images, conditions=conditions)

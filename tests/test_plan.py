@@ -135,11 +135,31 @@ def test_example_batch_gives_text_features_of_the_asked_length():
         ad.example_batch(2, condition_tokens=9)
 
 
+def test_default_example_batch_builds_the_declared_payloads():
+    """A plugin family without its own example_batch: every payload it declares, checked by its
+    own condition(); rows that vary need --condition-tokens."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import toy_pair_adapter as pair
+
+    ad = pair.ToyPairAdapter.from_config(pair.ToyPairConfig())
+    batch = ad.example_batch(3, image_size=(16, 16), condition_tokens=4)
+    pooled, tokens = batch.conditions[pair.POOLED], batch.conditions[pair.TOKENS]
+    assert pooled.values.shape == (3, 1, ad.config.pooled_dim) and pooled.lengths.tolist() == [1, 1, 1]
+    assert tokens.values.shape == (3, 4, ad.config.text_dim) and batch.labels is None
+    assert ad.condition(batch)["features"].shape == (3, 4, ad.config.text_dim)
+    assert tuple(batch.images.shape) == (3, 3, 16, 16) and -1 <= batch.images.min() <= batch.images.max() <= 1
+    with pytest.raises(ValueError, match="--condition-tokens"):
+        ad.example_batch(2, image_size=(16, 16))
+
+
 def test_cli_plan_prints_and_writes_json(tmp_path):
     out = tmp_path / "plan.json"
     overrides = json.dumps({**{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()},
                             "patch_nums": [1, 2, 3]})
-    args = ["plan", "-f", "var", "--set", f"model.overrides={overrides}", "--data", "digits",
+    args = ["plan", "-f", "var", "--set", f"model.overrides={overrides}",  # no --data: images
             "--batch-size", "4", "--rollout", "none", "--gpus", "2", "--gpu-memory", "1", "--dataset-size", "100",
             "--epochs", "3", "--json", str(out)]
     res = CliRunner().invoke(app, args)
@@ -148,6 +168,7 @@ def test_cli_plan_prints_and_writes_json(tmp_path):
     plan = json.loads(out.read_text())
     assert [r["label"] for r in plan["rows"]] == ["none (this run)"]  # == tf: traced once
     assert plan["micro_batch"] == 2 and plan["rows"][0]["max_micro_batch"] > 2
+    assert plan["model"]["image_size"] == [6, 6] and plan["encode_gib_per_image"] > 0  # 3 tokens x 2 px (ch_mult 1,1)
     assert math.isclose(plan["rows"][0]["gpu_hours"], 300 * plan["rows"][0]["flops_per_image"] / (0.4 * 312e12) / 3600,
                         rel_tol=1e-9)
     bad = CliRunner().invoke(app, args[:-2] + ["--mfu", "1.5"])

@@ -231,18 +231,11 @@ class InfinityAdapter(FreshFromConfig, ScaleWiseAdapter):
         return self.text_condition(padded_to_compact(feats.values, feats.lengths), feats.lengths)
 
     def example_batch(self, batch_size, image_size=None, condition_tokens=None, generator=None):
-        """Random images plus, unless stand-in classes are on, ``condition_tokens`` (default
-        ``text_maxlen``) rows of text features per image."""
-        from sar_core.batch import Padded
-
-        batch = super().example_batch(batch_size, image_size, condition_tokens, generator)
-        if self.num_classes is None:
-            n, maxlen = condition_tokens or self.config.backbone.text_maxlen, self.config.backbone.text_maxlen
-            if not 1 <= n <= maxlen:
-                raise ValueError(f"condition_tokens must lie in 1..{maxlen} (text_maxlen), got {n}")
-            feats = torch.randn(batch_size, n, self.config.backbone.text_channels, generator=generator)
-            batch.conditions = {TEXT_KEY: Padded(feats, torch.full((batch_size,), n, dtype=torch.int64))}
-        return batch
+        """The default's, with ``condition_tokens`` (default ``text_maxlen``) rows of T5 features."""
+        n, maxlen = condition_tokens or self.config.backbone.text_maxlen, self.config.backbone.text_maxlen
+        if not 1 <= n <= maxlen:
+            raise ValueError(f"condition_tokens must lie in 1..{maxlen} (text_maxlen), got {n}")
+        return super().example_batch(batch_size, image_size, n, generator)
 
     def text_condition(self, kv_compact: torch.Tensor, lens) -> dict:
         ct5 = self.config.backbone.text_channels

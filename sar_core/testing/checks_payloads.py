@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sar_core.adapter import ScaleWiseAdapter
 from sar_core.batch import Batch
 from sar_core.testing.base import ContractBase
 from sar_core.testing.helpers import pinned
@@ -25,6 +26,21 @@ class PayloadChecks(ContractBase):
             rest = {k: v for k, v in batch.conditions.items() if k != name}
             with pytest.raises((ValueError, KeyError), match=name):
                 adapter.condition(Batch(labels=batch.labels, images=batch.images, conditions=rest))
+
+    def test_example_batch_is_what_condition_reads(self, adapter):
+        """``example_batch`` (what ``sar plan`` traces): images of the training size and the
+        declared payloads, which pass the adapter's own check and its ``condition``; the
+        default refuses, naming the fix, payloads declared without a width."""
+        needed = [s for s in adapter.condition_payloads.values() if s.required or adapter.num_classes is None]
+        if type(adapter).example_batch is ScaleWiseAdapter.example_batch and any(s.dim is None for s in needed):
+            with pytest.raises(ValueError, match="override example_batch"):
+                adapter.example_batch(2, condition_tokens=3)
+            return
+        eb = adapter.example_batch(2, condition_tokens=3, generator=torch.Generator().manual_seed(5))
+        assert tuple(eb.images.shape[-2:]) == tuple(adapter.training_image_size(adapter.schedule_sampler()))
+        assert eb.images.shape[:2] == (2, 3) and bool((eb.images.abs() <= 1).all())
+        adapter.check_payloads(eb.conditions, "example_batch")
+        adapter.condition(eb)
 
     def test_encoded_null_payloads_drive_guidance_and_dropout_and_stay_out_of_checkpoints(
             self, adapter, batch, gt, tmp_path):
