@@ -29,7 +29,8 @@ FLAG_FIELDS = {
     "null_payload": "model.null_payloads",
     "class_map": "data.options.class_map",
     "data": "data.name", "split": "data.split", "image_size": "data.image_size", "workers": "data.workers",
-    "rollout": "rollout.name", "ssr_scales": "rollout.scales", "rollout_sampling": "rollout.sampling",
+    "rollout": "rollout.name", "ssr_scales": "rollout.scales", "ssr_depth": "rollout.depth",
+    "rollout_sampling": "rollout.sampling",
     "rollout_top_k": "rollout.top_k", "rollout_top_p": "rollout.top_p", "rollout_cfg": "rollout.cfg",
     "csfl": "loss.name", "csfl_temperature": "loss.temperature", "gamma": "loss.gamma",
     "label_smoothing": "loss.label_smoothing",
@@ -154,6 +155,9 @@ def train(
     rollout: Optional[str] = typer.Option(None, "--rollout", autocompletion=_complete.names("rollout"),
                                           help="none | ssr | official (or a plugin's)."),
     ssr_scales: Optional[str] = typer.Option(None, "--ssr-scales", help="all | last | random."),
+    ssr_depth: Optional[int] = typer.Option(None, "--ssr-depth", help="SSR stagger steps: d student passes, "
+                                            "pass j feeding each scale j-1 own predictions on top of ground truth "
+                                            "(1: the paper's one step; > 1 needs --ssr-scales all)."),
     rollout_sampling: Optional[str] = typer.Option(None, "--rollout-sampling", help="argmax | sample."),
     rollout_top_k: Optional[int] = typer.Option(None, "--rollout-top-k"),
     rollout_top_p: Optional[float] = typer.Option(None, "--rollout-top-p"),

@@ -354,6 +354,12 @@ class ScaleWiseAdapter(ABC):
         teacher-forcing inputs. ``pred_codes`` may hold ``None`` at unused scales.
         """
 
+    def mix_codes(self, codes: Codes, replace: dict) -> Codes:
+        """Codes whose :meth:`teacher_inputs` read ``replace[k]`` at the scales k in ``replace``
+        and ``codes`` (its input history) elsewhere, for the deeper ``ssr`` passes. Default: a
+        plain list; override when codes carry more (e.g. a self-correction's flipped history)."""
+        return [replace.get(k, c) for k, c in enumerate(codes)]
+
     @abstractmethod
     def decode(self, codes: Codes, schedule: Schedule) -> torch.Tensor:
         """Codes -> images in [-1, 1]."""

@@ -25,6 +25,7 @@ RUNS = {
     "official-ddp-accum": ({"name": "official", "sampling": "argmax"}, "ddp", 2),
     "none-ddp": ({"name": "none"}, "ddp", 1),
     "ssr-fsdp": ({"name": "ssr", "scales": "last"}, "fsdp", 1),
+    "ssr-depth-ddp-accum": ({"name": "ssr", "scales": "all", "depth": 2}, "ddp", 2),
 }
 
 

@@ -317,6 +317,12 @@ class InfinityAdapter(FreshFromConfig, ScaleWiseAdapter):
                             {k: pred[k] for k in chosen})
         return self.grid.inputs_to_model(x, schedule)
 
+    def mix_codes(self, codes: list, replace: dict) -> list:
+        """Under BSC the inputs read the (flipped) history: replaced there too, kept below."""
+        history = codes.history if isinstance(codes, bsq.BitCodes) else None
+        return bsq.BitCodes([replace.get(k, c) for k, c in enumerate(codes)],
+                            None if history is None else [replace.get(k, h) for k, h in enumerate(history)])
+
     @tokenizer_side
     def decode(self, codes: list, schedule: Schedule) -> torch.Tensor:
         schedule = Schedule.parse(schedule)

@@ -10,6 +10,22 @@ runs the student-forced pass through the adapter contract only:
   the student-forced logits of every shifted scale are supervised. ``scales``: ``all``
   (every transition, default), ``last`` (the last transition only) or ``random`` (one
   transition drawn per step).
+  ``depth`` d (default 1, the paper's one stagger step; d > 1 needs ``scales='all'`` and d
+  below the number of scales K): d student passes after pass 1. Pass 1 is teacher forcing;
+  its detached predictions P1[s] (by the rollout's sampling: argmax, sampled or guided)
+  exist at every scale. Pass j (j = 2 .. d+1) feeds scale s >= j-1 what the model's own
+  sampler would feed there after j-1 of its own steps on top of ground truth: the code
+  history gt[0 .. s-j], P1[s-j+1], P2[s-j+2], ..., P_{j-1}[s-1] (P_i: pass i's detached
+  predictions, drawn the same way; a guided rollout runs a no-grad null-condition forward
+  of every pass but the last), built by ``adapter.teacher_inputs`` on
+  ``adapter.mix_codes(gt, {t: P_i[t]})`` per scale (the input of a scale reads only codes
+  below it: a contract check). Scales s < j-1 keep their teacher-forcing inputs and are
+  not supervised in pass j. Every pass j >= 2 is ONE forward over the whole sequence with
+  gradients, supervised at scales j-1 .. K-1 against pass 1's detached targets (teacher
+  logits / predictions / ground truth at the same scale); the step's CSF loss is the mean
+  of the passes' losses (so gamma keeps its meaning) and back-propagates each pass right
+  after it ran (:meth:`Rollout.student_passes`). A drawn schedule of K <= d scales runs
+  K-1 passes. d = 1 is exactly the single pass above.
 * ``official``: the official SAR code's variant: one student-forced pass on the last
   transition only, whose context is just the start token (without its start position),
   i.e. a two-scale sequence [start, last scale] (``student_forcing=True``).
@@ -39,7 +55,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Iterator, Optional, Sequence
 
 import torch
 
@@ -141,6 +157,22 @@ class Rollout:
         """Tokens whose pass-1 keys / values pass 2 reuses (None: pass 2 runs in full)."""
         return None
 
+    def passes(self, schedule: Schedule) -> int:
+        """Student passes (with gradients) of a step over ``schedule``: 1 (:meth:`student`);
+        more only for a rollout that implements :meth:`student_passes` (``ssr`` depth)."""
+        return 1 if self.active and len(schedule) >= 2 else 0
+
+    def check_schedule(self, schedule: Schedule) -> None:
+        """Refuse (ValueError naming the fix) a training schedule this rollout cannot run."""
+
+    def student_passes(self, adapter, model, cond: Any, gt_codes: list, pred_codes: list, schedule: Schedule,
+                       teacher_logits: torch.Tensor, rng: random.Random,
+                       generator: Optional[torch.Generator]) -> Iterator[StudentPass]:
+        """The :meth:`passes` student passes in order, when there are more than one. The
+        step computes each pass's loss (and back-propagates it) before asking for the next,
+        so a pass may read only detached tensors of the earlier ones."""
+        raise NotImplementedError(f"rollout '{self.name}' runs one student pass (student())")
+
     def predict(self, adapter, logits_cond: torch.Tensor, logits_uncond: Optional[torch.Tensor],
                 schedule: Schedule, generator: Optional[torch.Generator],
                 scales: Optional[Sequence[int]] = None) -> list:
@@ -217,9 +249,26 @@ class StaggerScaleRollout(Rollout):
 
     def __init__(self, sampling: str = "argmax", top_k: int = 0, top_p: float = 0.0,
                  cfg: float = 1.0, scales: str = "all", upstream_exact: bool = False,
-                 reuse_prefix: bool = True):
+                 reuse_prefix: bool = True, depth: int = 1):
         super().__init__(sampling, top_k, top_p, cfg, scales, upstream_exact)
         self.reuse_prefix = bool(reuse_prefix)
+        if isinstance(depth, bool) or int(depth) != depth or depth < 1:
+            raise ValueError(f"ssr depth must be an integer >= 1 (1: the paper's one stagger step), got {depth!r}")
+        self.depth = int(depth)
+        if self.depth > 1 and scales != "all":
+            raise ValueError(f"ssr depth {self.depth} needs scales='all' (every pass shifts every scale), "
+                             f"got scales={scales!r}: set --ssr-scales all or --ssr-depth 1")
+        if self.depth > 1 and self.upstream_exact:
+            raise ValueError(f"ssr depth {self.depth} has no upstream counterpart: set upstream_exact=false "
+                             "or --ssr-depth 1")
+
+    def passes(self, schedule):
+        return min(self.depth, len(schedule) - 1) if len(schedule) >= 2 else 0
+
+    def check_schedule(self, schedule):
+        if self.depth >= len(schedule):
+            raise ValueError(f"ssr depth {self.depth} needs more than {self.depth} scales; the schedule "
+                             f"{schedule} has {len(schedule)}: use --ssr-depth {max(1, len(schedule) - 1)} or less")
 
     def needed_scales(self, schedule):
         if self.scales == "last" and len(schedule) >= 2 and not self.upstream_exact:
@@ -262,6 +311,42 @@ class StaggerScaleRollout(Rollout):
                     teacher_full=teacher_logits.detach()) if consecutive else {}
         return StudentPass(schedule=schedule, inputs=inputs, logits=view, teacher_logits=teacher,
                            teacher_codes=teacher_codes, gt_codes=gt, scales=tuple(shifted), **full)
+
+
+    def student_passes(self, adapter, model, cond, gt_codes, pred_codes, schedule, teacher_logits, rng,
+                       generator):
+        """Passes 2 .. passes+1 of ``depth`` (module docstring); pass j's predictions at
+        scales j-1 .. K-2 feed pass j+1."""
+        K, first = len(schedule), schedule.first_len
+        teacher_full = teacher_logits.detach()
+        with torch.no_grad():
+            tf_inputs = adapter.teacher_inputs(gt_codes, schedule)
+        preds = [pred_codes]                      # preds[i - 1] = P_i (pass i's predictions)
+        n = self.passes(schedule)
+        for j in range(2, n + 2):
+            with torch.no_grad():
+                inputs = tf_inputs.clone()
+                for s in range(j - 1, K):         # history gt[..s-j], P1[s-j+1], ..., P_{j-1}[s-1]
+                    mixed = adapter.mix_codes(gt_codes, {t: preds[t - s + j - 1][t]
+                                                         for t in range(max(0, s - j + 1), s)})
+                    sl = slice(schedule.offsets[s] - first, schedule.offsets[s + 1] - first)
+                    inputs[:, sl] = adapter.teacher_inputs(mixed, schedule)[:, sl]
+            logits = model(cond, inputs, schedule)
+            sup = list(range(j - 1, K))
+            sp = StudentPass(schedule=schedule, inputs=inputs, logits=_gather_scales(logits, schedule, sup),
+                             teacher_logits=_gather_scales(teacher_full, schedule, sup),
+                             teacher_codes=torch.cat([pred_codes[s] for s in sup], dim=1),
+                             gt_codes=torch.cat([gt_codes[s] for s in sup], dim=1), scales=tuple(sup),
+                             extras={"pass": j}, full=logits, start=schedule.offsets[j - 1],
+                             teacher_full=teacher_full)
+            own = logits.detach()
+            del logits
+            yield sp                              # the step back-propagates pass j here
+            if j < n + 1:                         # P_j at scales j-1 .. K-2 feeds pass j+1
+                with torch.no_grad():
+                    uncond = model(adapter.null_condition(cond), inputs, schedule) if self.uses_cfg else None
+                    preds.append(self.predict(adapter, own, uncond, schedule, generator, scales=range(j - 1, K - 1)))
+            del own
 
 
 class OfficialRollout(Rollout):

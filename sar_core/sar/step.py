@@ -5,7 +5,8 @@
              -> stagger inputs -> model (pass 2)
              -> L_CSF against detached teacher targets -> backward(gamma * L_CSF)
 
-``L = L_TF + gamma * L_CSF``. With ``backward`` given, the TF loss is back-propagated
+``L = L_TF + gamma * L_CSF``; with several student passes (``ssr`` depth d > 1) L_CSF is
+the mean of their losses and each pass back-propagates its share before the next runs. With ``backward`` given, the TF loss is back-propagated
 before the student pass is even built, so the step's peak memory stays close to a plain
 teacher-forcing step; gradients equal those of the single-backward form because the
 student pass only reads detached tensors of pass 1. With ``backward=None`` nothing is
@@ -30,7 +31,7 @@ run pass 1's backward under ``no_sync``.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -51,8 +52,9 @@ class StepResult:
     total: torch.Tensor              # loss_tf + gamma * loss_csf
     tf_logits: torch.Tensor          # detached teacher-forced logits, conditional rows (B, L, V)
     pred_codes: Optional[list]       # rollout predictions per scale (None for 'none')
-    student: Optional[StudentPass]
+    student: Optional[StudentPass]   # the (first) student pass
     tf_cond_rows: int                # rows of pass 1 (B, or 2B with guided sampling)
+    students: list = field(default_factory=list)  # every student pass (several with ssr depth > 1)
 
 
 def sar_step(adapter, model, cond: Any, gt_codes: list, schedule: Schedule, rollout: Rollout,
@@ -90,6 +92,11 @@ def sar_step(adapter, model, cond: Any, gt_codes: list, schedule: Schedule, roll
 
     sp = None
     loss_csf = torch.zeros((), device=teacher.device)
+    if want_student and rollout.passes(schedule) > 1:
+        sps, loss_csf = _deeper_passes(adapter, model, cond, gt_codes, pred, schedule, teacher, rng, generator,
+                                       rollout, csf_loss, bits, gamma, label_smoothing, backward)
+        return StepResult(loss_tf, loss_csf, loss_tf + gamma * loss_csf, teacher, pred, sps[0],
+                          int(B * (2 if rollout.uses_cfg else 1)), sps)
     if want_student:
         extra = {"prefix": cache} if cache is not None else {}
         sp = rollout.student(adapter, model, cond, gt_codes, pred, schedule, teacher, rng, **extra)
@@ -105,7 +112,29 @@ def sar_step(adapter, model, cond: Any, gt_codes: list, schedule: Schedule, roll
         if sp is not None:
             sp.detach()
     total = loss_tf + gamma * loss_csf
-    return StepResult(loss_tf, loss_csf, total, teacher, pred, sp, int(B * (2 if rollout.uses_cfg else 1)))
+    return StepResult(loss_tf, loss_csf, total, teacher, pred, sp, int(B * (2 if rollout.uses_cfg else 1)),
+                      [sp] if sp is not None else [])
+
+
+def _deeper_passes(adapter, model, cond, gt_codes, pred, schedule, teacher, rng, generator, rollout, csf_loss,
+                   bits, gamma, label_smoothing, backward):
+    """Several student passes (``rollout.student_passes``): L_CSF is the mean of their
+    losses; with ``backward`` each pass back-propagates gamma * its share before the next
+    runs (the passes read only detached tensors of each other), so one pass's activations
+    are alive at a time. Returns (passes, L_CSF)."""
+    n = rollout.passes(schedule)
+    sps, parts = [], []
+    for sp in rollout.student_passes(adapter, model, cond, gt_codes, pred, schedule, teacher, rng, generator):
+        part = csf_loss(sp, bits, label_smoothing).mean() / n
+        if backward is not None:
+            backward(gamma * part)
+            part = part.detach()
+            sp.detach()
+        sps.append(sp)
+        parts.append(part)
+    if len(sps) != n:
+        raise RuntimeError(f"rollout '{rollout.name}' ran {len(sps)} student passes, promised {n}")
+    return sps, torch.stack(parts).sum()
 
 
 def _teacher_pass(adapter, model, cond, inputs, schedule, rollout, cache):

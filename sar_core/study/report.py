@@ -218,6 +218,7 @@ def _arm_settings(study: dict, arm: str) -> str:
     batch = tr.get("batch_size", d_tr["batch_size"].default)
     what = "teacher forcing only" if name in ("none", None) else (
         f"rollout {name}" + (f" ({ro['scales']} scales)" if ro.get("scales") else "")
+        + (f" depth {ro['depth']}" if ro.get("depth", 1) != 1 else "")
         + f", CSF loss {loss.get('name', d_loss['name'].default)}, gamma {loss.get('gamma', d_loss['gamma'].default)}")
     return (f"`{arm}`: {what}; {tr.get('steps', d_tr['steps'].default)} steps at batch {batch}, "
             f"lr {opt.get('lr', float(f'{default_lr(batch):.3g}'))}")

@@ -30,7 +30,7 @@ Imports pytest: use it from tests only.
 
 Modules: ``helpers`` (random / wrong codes, batches, pins, also for authors' own tests),
 ``base`` (the author hooks, tolerances and fixtures), ``checks_blocks`` / ``checks_inputs`` /
-``checks_model`` / ``checks_step`` (the checks by theme) and ``suite`` (all of them as one class).
+``checks_model`` / ``checks_step`` / ``checks_deep`` (the checks by theme) and ``suite`` (all of them as one class).
 
 May import: the contract modules, ``sar_core.sar`` (the SAR step it runs) and
 ``sar_core.train.activation_ckpt``.

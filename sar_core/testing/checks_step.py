@@ -43,7 +43,8 @@ class StepChecks(ContractBase):
 
     @pytest.mark.parametrize("rollout_name,loss_name,options", [
         ("ssr", "hard", {}), ("ssr", "soft", {"sampling": "sample", "cfg": 1.5, "scales": "random"}),
-        ("official", "naive", {"sampling": "argmax"})])
+        ("official", "naive", {"sampling": "argmax"}),
+        ("ssr", "soft", {"depth": 2, "sampling": "sample", "cfg": 1.5})])
     def test_memory_lean_backward_equals_single_backward(self, adapter, batch, gt, rollout_name, loss_name,
                                                          options):
         sched, cond = self.schedule(adapter), self._cond(adapter, batch)

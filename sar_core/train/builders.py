@@ -70,11 +70,14 @@ def build_schedule_sampler(adapter, spec: Optional[str], seed: int, registry) ->
     return ScheduleSampler(schedule, seed)
 
 
-def build_rollout_and_loss(cfg: RunConfig, registry) -> tuple[Any, Any]:
+def build_rollout_and_loss(cfg: RunConfig, registry, schedule: Optional[Schedule] = None) -> tuple[Any, Any]:
+    """The run's rollout and CSF loss; the rollout checks the default training ``schedule``."""
     rollout_cls = registry.get("rollout", cfg.rollout.name)
     loss_cls = registry.get("loss", cfg.loss.name)
     try:
         rollout = rollout_cls(**cfg.rollout.options())
+        if schedule is not None and hasattr(rollout, "check_schedule"):
+            rollout.check_schedule(schedule)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"rollout '{cfg.rollout.name}': {exc}") from None
     try:

@@ -93,6 +93,9 @@ class RolloutConfig(Section):
                                            "teacher pass and its sampling draws (slower; default: false)")
     reuse_prefix: Optional[bool] = Field(None, description="ssr scales=last: run pass 2 on the last scale with "
                                          "pass 1's prefix keys / values (default: true; false = less memory)")
+    depth: Optional[int] = Field(None, ge=1, description="ssr: stagger steps the deepest student pass feeds "
+                                 "on top of ground truth (default 1, the paper's; > 1 needs scales=all and "
+                                 "fewer than the schedule's scales; one pass with gradients per step)")
 
     def options(self) -> dict:
         return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}

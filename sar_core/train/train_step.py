@@ -69,7 +69,8 @@ class StepRunner:
         loss.backward()
 
     def _expected_forwards(self, schedule: Schedule) -> int:
-        return 1 + int(bool(self.rollout.active) and self.csf_loss is not None and len(schedule) >= 2)
+        student = bool(self.rollout.active) and self.csf_loss is not None and len(schedule) >= 2
+        return 1 + (self.rollout.passes(schedule) if student else 0)
 
     def _micro_step(self, step: int, last: bool) -> tuple[torch.Tensor, int]:
         cfg, adapter, dev = self.config, self.adapter, self.env.device

@@ -125,8 +125,8 @@ class Trainer:
         self.adapter = build_adapter(cfg, self.registry)
         if cfg.model.backbone is None:
             self.log("note: no model.backbone given: training a freshly initialised backbone (pretraining)")
-        self.rollout, self.csf_loss = build_rollout_and_loss(cfg, self.registry)
         self.sampler = build_schedule_sampler(self.adapter, cfg.model.schedule, seed, self.registry)
+        self.rollout, self.csf_loss = build_rollout_and_loss(cfg, self.registry, self.sampler.default)
         self.adapter.check_schedule_sampler(self.sampler)  # the model's size rules (e.g. FlexVAR's latent)
         self.adapter.to(env.device)
         self.backbone = self.adapter.backbone
