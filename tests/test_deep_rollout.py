@@ -198,6 +198,7 @@ def test_cli_trains_with_ssr_depth_and_refuses_bad_ones(tmp_path, monkeypatch):
     assert [m["step"] for m in rows] == [1, 2] and all(m["loss_csf"] > 0 and m["skipped"] == 0 for m in rows)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["rollout"]["depth"] == 2 and saved["rollout"]["name"] == "ssr"
+    assert "over all scales (default) at depth 2" in r.output   # the run's settings line
     one_error_line(_train(tmp_path / "a", "--ssr-depth", "2", "--ssr-scales", "last"), "--ssr-scales all")
     one_error_line(_train(tmp_path / "b", "--ssr-depth", "4"), "depth 4", "--ssr-depth 3")
     r = _train(tmp_path / "c", "--ssr-depth", "0")   # the run config's own (multi-field) report

@@ -30,6 +30,8 @@ def settings_line(cfg: RunConfig, rollout_scales: Optional[str] = None) -> str:
     scales = r.scales or rollout_scales
     if r.name != "none" and scales:
         rollout += " " + _mark(r, "scales", f"over {scales} scales")
+    if r.name != "none" and (r.depth or 1) > 1:
+        rollout += f" at depth {r.depth}"
     parts.append(rollout)
     if r.name != "none":
         parts += [_mark(loss, "name", f"CSF loss {loss.name}"), _mark(loss, "gamma", f"gamma {loss.gamma:g}")]
