@@ -42,6 +42,9 @@ FLAG_FIELDS = {
     "save_every": "train.save_every", "save_format": "train.save_format", "keep_last": "train.keep_last", "log_every": "train.log_every",
     "max_nonfinite": "train.max_nonfinite", "loggers": "train.loggers",
     "dist": "dist.strategy", "out": "out",
+    "eval_every": "eval.every", "eval_at_end": "eval.at_end", "val_data": "eval.data", "eval_images": "eval.images",
+    "eval_samples": "eval.samples", "feature_extractor": "eval.feature_extractor",
+    "feature_weights": "eval.extractor_weights",
 }
 
 
@@ -199,6 +202,24 @@ def train(
                                                 help="Stop after this many consecutive non-finite steps."),
     loggers: Optional[str] = typer.Option(None, "--loggers", help="Comma list: console, jsonl, tensorboard "
                                           "(extra sar\\[tensorboard]), wandb (extra sar\\[wandb]), a plugin's."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps on rank 0: val "
+                                             "TF loss, per-scale exposure gap, a sample grid (and FID with "
+                                             "--eval-samples) into OUT/eval.jsonl, OUT/eval/, OUT/curves.png (0: off)."),
+    eval_at_end: Optional[bool] = typer.Option(None, "--eval-at-end/--no-eval-at-end",
+                                               help="Evaluate after the last step."),
+    val_data: Optional[str] = typer.Option(None, "--val-data", autocompletion=_complete.datasets,
+                                           help="Validation data of the evals (as --data; its split: --set "
+                                           "eval.split=...)."),
+    eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Size of the fixed validation subset "
+                                              "(its first N items)."),
+    eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="Samples for FID / precision / "
+                                               "recall against the first N validation images at every eval "
+                                               "(0: off)."),
+    feature_extractor: Optional[str] = typer.Option(None, "--feature-extractor",
+                                                    autocompletion=_complete.names("metric"),
+                                                    help="Feature extractor of --eval-samples (as sar eval)."),
+    feature_weights: Optional[Path] = typer.Option(None, "--feature-weights", help="Local weights of the "
+                                                   "feature extractor (inception: torch-fidelity's file)."),
     dist: Optional[str] = typer.Option(None, "--dist", help="ddp | fsdp (under torchrun)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:1 ..."),
     sets: List[str] = typer.Option([], "--set", autocompletion=_complete.set_keys,

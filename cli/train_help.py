@@ -24,6 +24,8 @@ PANELS = {
     "Run folder, checkpoints and logs": ("out", "resume", "restart", "accept_data_change", "save_every",
                                          "save_format", "keep_last", "log_every",
                                          "max_nonfinite", "loggers"),
+    "Validation during training": ("eval_every", "eval_at_end", "val_data", "eval_images", "eval_samples",
+                                   "feature_extractor", "feature_weights"),
     "Devices": ("device", "dist"),
     "Config": ("config", "print_config", "sets"),
 }
@@ -67,7 +69,8 @@ NONE_TEXT = {
     "optim.lr": "1e-4 * sqrt(B / 768)", "rollout.scales": "the rollout's (ssr: all)",
     "optim.lr_end": "none", "optim.lr_schedule": "linear with --lr-end, else constant",
     "loss.temperature": "the loss's", "dist.backend": "nccl on CUDA, gloo on CPU",
-    "model.null_payloads": "the data's own",
+    "model.null_payloads": "the data's own", "eval.data": "the --data's val split",
+    "eval.at_end": "on when validation data exists",
 }
 
 

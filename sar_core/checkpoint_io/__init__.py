@@ -249,6 +249,12 @@ def atomic_write_text(text: str, path: str | Path) -> Path:
     return _atomic_write(path, "w", lambda fh: fh.write(text))
 
 
+def atomic_write_bytes(write, path: str | Path) -> Path:
+    """``write(fh)`` into a binary temp file next to ``path``, fsync, rename (e.g. a
+    matplotlib figure: ``lambda fh: fig.savefig(fh, format="png")``)."""
+    return _atomic_write(path, "wb", write)
+
+
 _TMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 
 

@@ -36,7 +36,7 @@ def save_difference_maps(report: dict, out_dir: str | Path, title: str = "", nam
     """One PNG per scale (``scale_KK.png``) plus ``all_scales.png`` (a row of panels on one
     colour scale, :func:`sar_core.evaluate.pictures.save_maps_side_by_side`); every map at
     least 3 px per token; returns the paths written."""
-    from sar_core.evaluate.pictures import DPI, FONT, _figure, map_panel_inches, save_maps_side_by_side
+    from sar_core.evaluate.pictures import DPI, FONT, figure as _figure, map_panel_inches, save_maps_side_by_side
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,13 +25,25 @@ FONT = 10
 DPI = 100
 
 
-def _figure(width_in: float, height_in: float):
+def figure(width_in: float, height_in: float, dpi: int = DPI):
+    """A matplotlib Figure on an Agg canvas: no display, pyplot's global state untouched."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width_in, height_in), dpi=DPI)
-    FigureCanvasAgg(fig)  # no display, pyplot's global state untouched
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    FigureCanvasAgg(fig)
     return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as an image atomically (temp file, rename: a reader never sees half a
+    PNG); the format follows the extension."""
+    from sar_core.checkpoint_io import atomic_write_bytes
+
+    p = Path(path)
+    fmt = p.suffix.lstrip(".").lower() or "png"
+    return atomic_write_bytes(lambda fh: fig.savefig(fh, format=fmt, dpi=fig.dpi), p)
+
 
 
 def _short(text: str, width: int = 18, lines: int = 2) -> str:
@@ -54,7 +66,7 @@ def save_labelled_grid(blocks: Sequence[tuple[Optional[str], torch.Tensor]], pat
     rows = [(name, images[i:i + ncol], i) for name, images in blocks for i in range(0, len(images), ncol)]
     left = 1.3 if any(name for name, _ in blocks) else 0.1
     top = (0.35 if column_titles is not None else 0.05) + (0.35 if title else 0.0)
-    fig = _figure(left + ncol * (cell_w + 0.06), top + len(rows) * (cell_h + label_h))
+    fig = figure(left + ncol * (cell_w + 0.06), top + len(rows) * (cell_h + label_h))
     W, H = fig.get_size_inches()
     for r, (name, images, start) in enumerate(rows):
         y0 = H - top - (r + 1) * (cell_h + label_h) + 0.02
@@ -71,10 +83,7 @@ def save_labelled_grid(blocks: Sequence[tuple[Optional[str], torch.Tensor]], pat
             fig.text(0.08 / W, (y0 + cell_h / 2) / H, _short(name, 16), fontsize=FONT, va="center", ha="left")
     if title:
         fig.text(0.5, 1 - 0.18 / H, title, fontsize=FONT + 1, ha="center", va="center")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=DPI)
-    return p
+    return save_figure(fig, path)
 
 
 def map_panel_inches(h: int, w: int) -> tuple[float, float]:
@@ -94,7 +103,7 @@ def save_maps_side_by_side(models: Sequence[tuple[str, list]], path: str | Path,
     sizes = [map_panel_inches(*ref[k].shape) for k in ks]
     width = 1.6 + sum(s[0] + 0.25 for s in sizes) + 0.9
     row_h = max(s[1] for s in sizes) + 0.45
-    fig = _figure(width, 0.5 + len(rows) * row_h)
+    fig = figure(width, 0.5 + len(rows) * row_h)
     W, H = fig.get_size_inches()
     vmax = max(float(m.max()) for _, maps, diff in rows if not diff for m in maps) or 1.0
     dmax = max([float(m.abs().max()) for _, maps, diff in rows if diff for m in maps] + [1e-6])
@@ -114,7 +123,4 @@ def save_maps_side_by_side(models: Sequence[tuple[str, list]], path: str | Path,
         fig.text(0.08 / W, (y0 + sizes[0][1] / 2) / H, _short(name, 18, 3), fontsize=FONT, va="center")
     fig.text(0.5, 1 - 0.22 / H, title or "P(argmax on own input != argmax on ground-truth input) per token",
              fontsize=FONT + 1, ha="center", va="center")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=DPI)
-    return p
+    return save_figure(fig, path)

@@ -138,6 +138,7 @@ def arm_config(study: StudyConfig, out: Path, spec: RunSpec):
                     "options": merge(fam.data_options, data.get("options", {})) if not fam.cache_codes else {}}
     tree["train"] = {"save_every": 0, "keep_last": 1, "loggers": ["jsonl"], **tree.get("train", {}),
                      "seed": spec.seed}
+    tree["eval"] = {"at_end": False, **tree.get("eval", {})}  # the study evaluates every run itself
     folder = spec.folder(out)
     tree["out"] = str(folder)
     tree["resume"] = bool(list_checkpoints(folder / "checkpoints"))

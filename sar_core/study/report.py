@@ -117,12 +117,9 @@ FONT = 11  # points at 100 dpi: readable at the PNG's own size
 
 
 def _figure(w: float, h: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from sar_core.evaluate.pictures import figure
 
-    fig = Figure(figsize=(w, h), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
+    return figure(w, h, dpi=100)
 
 
 def _plots(results: dict, out: Path) -> dict:

@@ -5,8 +5,9 @@ run's stateful parts, each with ``state_dict`` / ``load_state_dict``: ``data_pos
 composes them (file format in ``checkpointing``, resume checks in ``resume_check``);
 optimizer and schedule in ``optim``, the run folder's ``runlock``, stop ``signals``, the
 ``settings`` line a run prints first (defaults marked);
-``distributed`` (DDP / FSDP2), ``activation_ckpt`` and ``pretrain`` (teacher-forced
-pretraining of the embedded miniatures).
+``distributed`` (DDP / FSDP2), ``activation_ckpt``, ``export`` (the finished run's backbone),
+``periodic_eval`` (validation during training, a plugin of the run-time hooks) with its
+``curves`` plot, and ``pretrain`` (teacher-forced pretraining of the embedded miniatures).
 
 May import: the contract modules, ``sar_core.sar``, ``sar_core.data`` and ``sar_core.evaluate``
 (validation during training). Never ``study``.

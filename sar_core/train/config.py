@@ -11,6 +11,7 @@ reproduced from its folder alone.
     loss:    registry name (hard | soft | naive), options, gamma, label smoothing
     optim:   AdamW and the learning-rate schedule
     train:   steps, batch, AMP, EMA, seeds, checkpoints, guards, loggers
+    eval:    validation during training (``--eval-every``, ``--eval-at-end``)
     dist:    DDP (default) or FSDP2 under torchrun, collective timeout
 
 ``None`` in the rollout / loss options means "the registered class's own default" (the
@@ -171,6 +172,30 @@ class TrainConfig(Section):
                                "or a plugin's")
 
 
+class EvalConfig(Section):
+    every: int = Field(0, ge=0, description="evaluate every N optimizer steps on rank 0 (0: never); "
+                       "OUT/eval.jsonl, OUT/eval/grid-step<N>.png, OUT/curves.png")
+    at_end: Optional[bool] = Field(None, description="evaluate after the last step; default: on when "
+                                   "validation data exists (eval.data, or the data's eval.split)")
+    data: Optional[str] = Field(None, description="validation data (dataset name, NAME:FOLDER, image folder "
+                                "or code cache); default: the training data's eval.split")
+    split: str = Field("val", description="split of the validation data ('.': an image folder itself)")
+    images: int = Field(256, gt=0, description="the fixed validation subset: its first N images (val TF "
+                        "loss and per-scale exposure gap)")
+    grid: int = Field(16, ge=0, description="samples in the grid (the same labels / first validation "
+                      "captions and seed at every eval; 0: no grid)")
+    samples: int = Field(0, ge=0, description="samples for FID / precision / recall against the first N "
+                         "validation images (0: off)")
+    feature_extractor: str = Field("inception", description="registered feature extractor of FID / "
+                                   "precision / recall (as sar eval --feature-extractor)")
+    extractor_weights: Optional[Path] = Field(None, description="local weights of the feature extractor")
+    seed: int = Field(0, description="sampling seed of the grid and the FID samples (the same at every eval)")
+    cfg: float = Field(1.5, ge=0, description="guidance scale of the eval samples")
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(0.0, ge=0, le=1)
+    batch_size: int = Field(32, gt=0, description="batch of the eval passes (rank 0 alone)")
+
+
 class DistConfig(Section):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     backend: Optional[Literal["nccl", "gloo"]] = Field(None, description="default: nccl on CUDA, gloo on CPU")
@@ -187,6 +212,7 @@ class RunConfig(Section):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     dist: DistConfig = DistConfig()
     out: Path = Field(Path("runs/sar"), description="run folder")
     resume: bool = Field(False, description="continue from the latest checkpoint in out/checkpoints")
@@ -224,6 +250,11 @@ class RunConfig(Section):
         name = cfg.data.name
         if name not in dataset_names and Path(os.path.expanduser(name)).exists():
             cfg.data.name = os.path.abspath(os.path.expanduser(name))
+        val = cfg.eval.data
+        if val is not None and val not in dataset_names and Path(os.path.expanduser(val)).exists():
+            cfg.eval.data = os.path.abspath(os.path.expanduser(val))
+        if cfg.eval.extractor_weights is not None:
+            cfg.eval.extractor_weights = absolute(cfg.eval.extractor_weights)
         cfg.out = absolute(cfg.out)
         return cfg
 

@@ -127,6 +127,7 @@ def pretrain(family: str, model: dict[str, Any], data: str, image_size: int, out
         "train": {"steps": steps, "batch_size": batch_size, "seed": seed, "device": device,
                   "save_every": max(steps // 4, 1), "keep_last": 1, "log_every": eval_every,
                   "loggers": ["console", "jsonl"]},
+        "eval": {"at_end": False},  # stage 2 is measured below (val loss), not by sar train's evals
         "out": str(out / "tf"),
     })
     trainer = Trainer(cfg, registry)

@@ -4,7 +4,8 @@ The run config stored in the checkpoint is compared with the resolved config of 
 resuming run, field by field (dotted names). A different model (family, checkpoint
 files, adapter overrides) or different data (dataset, split, image size, options) would
 continue one run's optimizer state on another problem: that is refused. Every other
-changed hyper-parameter is allowed but named, one line each. Paths are compared as
+changed hyper-parameter is allowed but named, one line each; the ``eval`` section (validation
+during training) changes nothing trained and is not compared. Paths are compared as
 absolute paths (old runs stored them relative: those are read against the current
 working directory).
 """
@@ -60,7 +61,7 @@ def compare(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     a, b = flatten(saved), flatten(now)
     refusals, warnings = [], []
     for key in sorted(set(a) | set(b)):
-        if key in NOT_HYPER:
+        if key in NOT_HYPER or key.startswith("eval."):  # validation changes nothing about the training
             continue
         old, new = _norm(key, a.get(key)), _norm(key, b.get(key))
         if old == new or (key == "data.name" and old is not None and new is not None

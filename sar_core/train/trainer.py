@@ -49,6 +49,7 @@ from sar_core.train.data_position import DataPosition
 from sar_core.train.ema import EMA
 from sar_core.train.nonfinite import NonFiniteGuard, check_start_weights
 from sar_core.train.optim import build_optimizer, lr_at
+from sar_core.train.periodic_eval import PeriodicEval
 from sar_core.train.rng_state import RNGState
 from sar_core.train.runlock import held_run_folder
 from sar_core.train.settings import settings_line
@@ -83,7 +84,9 @@ class Trainer:
     """One training run. ``run()`` trains to ``train.steps`` and returns a TrainResult.
 
     Attributes seen by plugins (``on_train_start(run)``): ``config``, ``out_dir``,
-    ``step``, ``total_steps``, ``adapter``, ``env``.
+    ``step``, ``total_steps``, ``adapter``, ``env``; at ``on_train_end(run)`` also ``status``
+    (as :class:`TrainResult`'s, or "crashed"). Validation during training
+    (:mod:`sar_core.train.periodic_eval`) is such a plugin, registered for the run.
     """
 
     def __init__(self, config: RunConfig, registry=None, env: Optional[D.DistEnv] = None,
@@ -164,6 +167,7 @@ class Trainer:
         self.runner = StepRunner(cfg, env, self.adapter, self.model, self.sync, self.optimizer, self.ema,
                                  self.amp_dtype, self.scaler, self.sampler, self.stream, self.rollout,
                                  self.csf_loss, self.rng, self._train_hw)
+        self.evals = PeriodicEval.for_run(self)  # validation during training (rank 0), None when off
         self.checkpointer = Checkpointer(
             self.ckpt_dir, cfg.train.keep_last, self._parts(), self.guard, env, self.log,
             buffer_names=self._buffer_names,
@@ -274,9 +278,13 @@ class Trainer:
         if main:  # first: what this run trains with, defaults marked (README "Defaults of `sar train`")
             self.log(settings_line(self.config, getattr(self.rollout, "scales", None)))
         loggers = self._loggers() if main else []
+        evals = self.evals if main else None
+        if evals is not None:  # a plugin of the run-time hooks while this run runs
+            self.registry.pm.register(evals, name=f"{evals.__name__}-{id(evals)}")
         if main:
             hook.on_train_start(run=self)
         status, message = "finished", ""
+        self.status = "crashed"  # what on_train_end sees unless the run ends as below
         try:
             while self.step < self.total_steps:
                 self.take_snapshot()
@@ -300,16 +308,22 @@ class Trainer:
             if self.config.train.compile:
                 self.log(f"torch.compile: {compiled_graphs() - self._graphs_before} graphs compiled in this run "
                          f"({len(self.adapter.transformer_blocks()) or 1} compiled modules, dynamic shapes)")
+            self.status = status
         except KeyboardInterrupt:
             status, message = "interrupted", self.checkpointer.save_after_interrupt(self.step, self._dirty)
+            self.status = status
         except DataReadError as exc:
             saved = self.checkpointer.save_after_data_error(self.step, self._dirty)
             raise DataReadError(f"{exc} ({saved})") from exc.__cause__
         finally:
             for lg in loggers:
                 lg.close()
-            if main:
-                hook.on_train_end(run=self)
+            try:
+                if main:
+                    hook.on_train_end(run=self)
+            finally:
+                if evals is not None:
+                    self.registry.pm.unregister(evals)
         return TrainResult(status, self.step, self.out_dir, ckpt.latest_checkpoint(self.ckpt_dir), message,
                            skipped=self.guard.state["total"], skipped_last=self.guard.state["consecutive"])
 
@@ -380,26 +394,7 @@ class Trainer:
                 f"{ckpt.step_checkpoint(self.ckpt_dir, self.step)} (continue with --resume)")
 
     def export(self) -> None:
-        """Write the trained backbone (and its EMA) in the family's upstream layout
-        (``backbone.pth``), or as a plain ``backbone.safetensors`` (``--save-format``)."""
-        main = self.env.is_main
-        fmt = self.config.train.save_format
-        bb_path, ema_path = ckpt.export_path(self.out_dir, "backbone", fmt), ckpt.export_path(self.out_dir, "backbone_ema", fmt)
-        if D.is_fsdp(self.backbone):  # gather full weights, export from a plain copy on rank 0
-            full = D.model_state(self.backbone)
-            ema = self.ema.state_dict()["shadow"] if self.ema is not None else None
-            if main:
-                plain = build_adapter(self.config, self.registry)
-                if plain.num_classes != self.adapter.num_classes:  # model.resize_classes
-                    plain.resize_classes(self.adapter.num_classes)
-                plain.backbone.load_state_dict(full)
-                plain.save(None, bb_path)
-                if ema is not None:
-                    plain.backbone.load_state_dict({**full, **ema})
-                    plain.save(None, ema_path)
-        elif main:
-            self.adapter.save(None, bb_path)
-            if self.ema is not None:
-                with self.ema.swap_into(self.backbone):
-                    self.adapter.save(None, ema_path)
-        D.barrier(self.env)
+        """Write the trained backbone (and its EMA): :func:`sar_core.train.export.export_backbone`."""
+        from sar_core.train.export import export_backbone
+
+        export_backbone(self)
