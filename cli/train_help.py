@@ -33,7 +33,7 @@ PANELS = {
 #: flags that also read a ``SAR_*`` environment variable
 ENV = {name: f"SAR_{name.upper()}" for name in (
     "config", "family", "tokenizer", "backbone", "data", "image_size", "workers", "batch_size", "steps",
-    "out", "device", "loggers", "dist", "seed")}
+    "out", "device", "loggers", "dist", "seed", "eval_at_end")}
 
 #: help texts for flags whose config field has no description
 EXTRA_HELP = {

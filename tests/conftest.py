@@ -6,6 +6,10 @@ oversubscription when a test starts worker processes (gloo ranks, CLI subprocess
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the eval after the last step (on by default where the data has a val split) costs a toy run
+# ~2.5 s of CPU (mostly drawing curves.png and the grid); the suite's ordinary training runs
+# skip it, tests/test_periodic_eval.py unsets this to test the default
+os.environ.setdefault("SAR_EVAL_AT_END", "false")
 
 import torch  # noqa: E402
 

@@ -16,6 +16,11 @@ from cli_asserts import one_error_line
 from test_train_resume import HARD, _CrashAt
 
 
+@pytest.fixture(autouse=True)
+def _default_at_end(monkeypatch):
+    monkeypatch.delenv("SAR_EVAL_AT_END", raising=False)  # conftest turns it off for the rest of the suite
+
+
 def _args(out, *extra):
     return ["train", "-f", "toy", "--random-tokenizer", "--data", "toy-images", "--batch-size", "4", "--loggers",
             "jsonl", "--workers", "0", "--out", out, *HARD, *extra]
@@ -65,7 +70,8 @@ def test_evals_change_no_training_and_a_resumed_run_is_bit_exact(tmp_path, monke
     assert [e["step"] for e in ea] == [e["step"] for e in eb] == [3, 4]  # the lost step's line was redone once
     assert [e["metrics"] for e in ea] == [e["metrics"] for e in eb]
     m = ea[0]["metrics"]
-    assert ea[0]["num_images"] == 8 and ea[0]["wall_s"] > 0
+    assert ea[0]["num_images"] == 8 and ea[0]["wall_s"] >= sum(ea[0]["cost_s"].values()) > 0
+    assert set(ea[0]["cost_s"]) == {"gap", "grid", "curves"}
     assert len(m["gap"]) == 3 and m["val_loss_tf"] > 0  # toy: 4 scales, a gap per transition
     assert ea[0]["metrics"] != ea[1]["metrics"]  # the weights moved between the evals
     for out in (straight, crashed):
@@ -88,6 +94,7 @@ def test_the_same_grid_every_time_and_fid_on_samples(tmp_path, monkeypatch):
     assert [e["step"] for e in rows] == [1, 2]  # no second eval at the end: step 2 was evaluated
     m = rows[0]["metrics"]
     assert {"fid", "precision", "recall", "f_score", "class_acc"} <= set(m) and m["fid"] >= 0
+    assert rows[0]["cost_s"]["samples"] > 0
     assert rows[0]["metrics"] == rows[1]["metrics"]
     g1, g2 = (np.asarray(Image.open(out / "eval" / f"grid-step{s}.png").convert("RGB")) for s in (1, 2))
     # the title names the step; below it the 16 samples must be pixel-identical
@@ -131,6 +138,10 @@ def test_at_end_follows_the_val_split_and_missing_val_data_is_one_line(tmp_path,
     r = toy.invoke(*base, "--data", with_val, "--out", tmp_path / "b")
     assert r.exit_code == 0, r.output
     assert [e["num_images"] for e in _evals(tmp_path / "b")] == [4]  # all 4 images of val/
+    monkeypatch.setenv("SAR_EVAL_AT_END", "false")  # what the rest of the suite runs with
+    assert toy.invoke(*base, "--data", with_val, "--out", tmp_path / "b2").exit_code == 0
+    assert not (tmp_path / "b2" / "eval.jsonl").exists()
+    monkeypatch.delenv("SAR_EVAL_AT_END")
 
     r = toy.invoke(*base, "--data", train_only, "--eval-every", "1", "--out", tmp_path / "c")
     assert r.exit_code == 2
@@ -153,3 +164,28 @@ def test_smoothing_and_eval_panels():
                                     "precision": 0.5, "recall": 0.4, "f_score": 0.45}},
             {"step": 2, "metrics": {"val_loss_tf": 0.9, "fid": 3.0}}]
     assert eval_panels(rows) == [("val_loss_tf",), ("gap_mean",), ("precision", "recall", "f_score"), ("fid",)]
+
+
+def test_a_code_cache_as_val_data_and_a_stop_signal_skips_the_eval(tmp_path, monkeypatch):
+    import signal
+
+    from sar_core.data.code_cache import build_code_cache
+    from sar_core.train.config import build_config
+    from sar_core.train.trainer import Trainer
+
+    reg = toy.use_registry(monkeypatch)
+    tok, bb = toy.toy_files(tmp_path)
+    adapter = toy.ToyAdapter.load(tok, bb)
+    cache = build_code_cache(adapter, toy.toy_images(hflip=False, n=6), None, tmp_path / "cache", tokenizer_file=tok)
+    cfg = build_config({"model": {"family": "toy", "tokenizer": str(tok), "backbone": str(bb)},
+                        "data": {"name": "toy-images", "workers": 0},
+                        "train": {"batch_size": 4, "steps": 1, "loggers": []},
+                        "eval": {"every": 1, "data": str(cache), "grid": 2}, "out": str(tmp_path / "run")})
+    logged = []
+    trainer = Trainer(cfg, registry=reg, log=logged.append)
+    assert trainer.run().status == "finished"
+    (row,) = _evals(tmp_path / "run")
+    assert row["num_images"] == 6 and row["metrics"]["val_loss_tf"] > 0
+    trainer.stop.signum = signal.SIGTERM  # a stop signal arrives: the eval under way is given up
+    assert trainer.evals.evaluate(2) is None
+    assert [e["step"] for e in _evals(tmp_path / "run")] == [1] and "eval at step 2 skipped" in logged[-1]

@@ -16,8 +16,8 @@ validation data exists) rank 0 measures the live weights (not the EMA) with the 
   :func:`~sar_core.evaluate.metrics.compute_metrics` with ``eval.feature_extractor`` (the
   reference's features extracted once).
 
-Written: one line per eval in ``OUT/eval.jsonl`` (``step``, ``wall_s`` the eval cost,
-``metrics``, ``grid``), the grid as ``OUT/eval/grid-step<N>.png`` and ``OUT/curves.png``
+Written: one line per eval in ``OUT/eval.jsonl`` (``step``, ``wall_s`` the eval cost and
+``cost_s`` its parts: gap, grid, samples, curves; ``metrics``, ``grid``), the grid as ``OUT/eval/grid-step<N>.png`` and ``OUT/curves.png``
 (:mod:`sar_core.train.curves`), redrawn at each eval and at the end; a console line with
 the numbers and the cost. Files are written atomically.
 
@@ -150,6 +150,7 @@ class PeriodicEval:
         self.history: list[dict] = []
         self.rows: list[dict] = []
         self._ref_features: Optional[dict] = None
+        self._costs: dict[str, float] = {}
         self.last_step: Optional[int] = None
 
     # ------------------------------------------------------------------ what is evaluated
@@ -205,10 +206,13 @@ class PeriodicEval:
         except EvalAbandoned:
             self.trainer.log(f"eval at step {step} skipped: stop signal")
             return None
-        row = {"step": step, "wall_s": None, "num_images": self.num_images, "metrics": metrics, "grid": grid}
+        row = {"step": step, "wall_s": None, "cost_s": self._costs, "num_images": self.num_images,
+               "metrics": metrics, "grid": grid}
         self.rows = [r for r in self.rows if r["step"] != step] + [row]
         self.last_step = step
+        t1 = time.perf_counter()
         self._curves()
+        self._costs["curves"] = round(time.perf_counter() - t1, 3)
         row["wall_s"] = round(time.perf_counter() - t0, 3)  # the whole eval: passes, pictures, curves
         atomic_write_text("".join(json.dumps(r) + "\n" for r in self.rows), self.path)
         self.trainer.log(self._line(row))
@@ -232,7 +236,9 @@ class PeriodicEval:
         from sar_core.evaluate.generation import generate_images
 
         e, a = self.e, self.adapter
+        self._costs = {}
         self._check_stop()
+        t = time.perf_counter()
         with self._autocast():
             gap = exposure_gap(a, self.batches, self.schedule, batch_size=e.batch_size)
         counts = self.schedule.token_counts
@@ -243,6 +249,7 @@ class PeriodicEval:
             "gap": [r["gap_ce"] for r in rows[1:]], "gap_acc": [r["gap_acc"] for r in rows[1:]],
             "standard_error": {"val_loss_tf": gap["standard_error"]["val_loss_tf"],
                                "gap_mean": gap["standard_error"]["mean_gap_ce"]}}
+        self._costs["gap"] = round(time.perf_counter() - t, 3)
         grid = None
         sampling = dict(cfg=e.cfg, top_k=e.top_k, top_p=e.top_p, seed=e.seed, batch_size=e.batch_size)
         if e.grid:
@@ -251,9 +258,12 @@ class PeriodicEval:
             with self._autocast():
                 images = generate_images(a, **source, **sampling)
             grid = self._save_grid(images, titles, step)
+            self._costs["grid"] = round(time.perf_counter() - t - self._costs["gap"], 3)
         if e.samples:
             self._check_stop()
+            t2 = time.perf_counter()
             m.update(self._sample_metrics(sampling))
+            self._costs["samples"] = round(time.perf_counter() - t2, 3)
         return m, grid
 
     def _sample_metrics(self, sampling: dict) -> dict:
