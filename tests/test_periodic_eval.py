@@ -189,3 +189,19 @@ def test_a_code_cache_as_val_data_and_a_stop_signal_skips_the_eval(tmp_path, mon
     trainer.stop.signum = signal.SIGTERM  # a stop signal arrives: the eval under way is given up
     assert trainer.evals.evaluate(2) is None
     assert [e["step"] for e in _evals(tmp_path / "run")] == [1] and "eval at step 2 skipped" in logged[-1]
+
+
+def test_fsdp_refuses_asked_evals_and_drops_the_default_one():
+    from types import SimpleNamespace
+
+    from sar_core.train.config import build_config
+    from sar_core.train.periodic_eval import PeriodicEval
+
+    def fake(**eval_):
+        cfg = build_config({"model": {"family": "toy"}, "data": {"name": "toy-images"}, "eval": eval_,
+                            "dist": {"strategy": "fsdp"}})
+        return SimpleNamespace(config=cfg, env=SimpleNamespace(enabled=True))
+
+    with pytest.raises(ValueError, match="--dist ddp"):
+        PeriodicEval.for_run(fake(every=10))
+    assert PeriodicEval.for_run(fake()) is None  # at-end by default: off under FSDP2, no error

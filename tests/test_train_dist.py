@@ -1,6 +1,7 @@
 """Distributed training on CPU (gloo, loopback): DDP and FSDP2 gradients equal one process
 on the whole batch; `torchrun` end to end writes from rank 0 only."""
 
+import json
 import os
 import socket
 import subprocess
@@ -109,13 +110,17 @@ def test_torchrun_end_to_end_writes_from_rank_zero_only(tmp_path, strategy):
            "--master-port", str(_free_port()), str(HERE / "toy_adapter.py"), "train", "-f", "toy", "--random-tokenizer", "--data",
            "toy-images", "--steps", "2", "--batch-size", "4", "--workers", "0", "--dist", strategy,
            "--rollout", "official" if strategy == "ddp" else "ssr", "--ema", "0.9",
-           "--loggers", "jsonl,console", "--log-every", "1", "--out", str(out)]
+           "--loggers", "jsonl,console", "--log-every", "1", "--out", str(out),
+           *(["--eval-every", "1", "--eval-images", "4", "--set", "eval.grid=2"] if strategy == "ddp" else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE.parent)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = toy.read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]  # one line per step, not one per rank
     assert p.stdout.count("step 2/2") == 1 and p.stdout.count("trained 2 steps") == 1
+    if strategy == "ddp":  # evals on rank 0 alone while the other rank waits in the next step
+        evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in evals] == [1, 2] and p.stdout.count("eval at step 2 (") == 1
     from sar_core.train import checkpointing as ckpt
 
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "checkpoints"))

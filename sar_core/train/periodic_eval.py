@@ -151,6 +151,7 @@ class PeriodicEval:
         self.rows: list[dict] = []
         self._ref_features: Optional[dict] = None
         self._costs: dict[str, float] = {}
+        self._sources: dict[int, tuple[dict, list[str]]] = {}
         self.last_step: Optional[int] = None
 
     # ------------------------------------------------------------------ what is evaluated
@@ -173,6 +174,12 @@ class PeriodicEval:
     def _conditions(self, n: int) -> tuple[dict, list[str]]:
         """(sampling source, cell titles) of ``n`` samples: balanced class labels, or the payloads
         of the first validation items (cycled) with their captions."""
+        if n in self._sources:  # read once: the same conditions at every eval
+            return self._sources[n]
+        self._sources[n] = self._read_conditions(n)
+        return self._sources[n]
+
+    def _read_conditions(self, n: int) -> tuple[dict, list[str]]:
         from sar_core.evaluate.generation import balanced_labels
 
         C = self.adapter.num_classes
