@@ -102,15 +102,28 @@ def test_dropped_gradients_are_not_counted_twice():
 
 
 def test_gpu_script_dry_run(tmp_path):
+    """The eager part of the dry run (its compiled part is the same code compiled, ~minutes on
+    the CPU; `bash benchmarks/gpu.sh --dry-run` runs both): one JSON of the schema the docs
+    give, the plan's predictions beside every training row and close to the measurement."""
     out = tmp_path / "gpu.json"
-    assert gpu_bench.main(["--dry-run", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())
+    assert gpu_bench.main(["--dry-run", "--modes", "eager", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["schema"] == gpu_bench.SCHEMA and report["dry_run"] is True and report["amp"] == "bf16"
+    assert report["model"]["depth"] == gpu_bench.TINY["depth"] and report["batch"] == 2
+    assert set(report["plan"]) == set(gpu_bench.TRAIN)
+    rows = report["results"]
     assert [(r["kind"], r["variant"]) for r in rows] == [("train", "tf"), ("train", "ssr-all"),
                                                        ("train", "official-guided"), ("sample", "var-guided")]
     for r in rows:
-        assert "error" not in r and r["img_per_s"] > 0 and r["flops"] > 0
+        assert "error" not in r and r["img_per_s"] > 0 and r["flops"] > 0 and r["compiled_graphs"] == 0
+    for r in rows[:3]:  # sar plan vs the measured step: memory within 20% (here ~0.1%), FLOPs 1%
+        assert r["planned_peak_gib"] == report["plan"][r["variant"]]["peak_gib"]
+        assert abs(r["peak_error"]) < 0.2 and abs(r["flops_error"]) < 0.01, r
+        assert r["formula_flops"] >= r["flops"]  # torch's counter skips the CPU flash-attention kernels
     ssr, tf = rows[1]["flops"], rows[0]["flops"]
     assert 1.5 < ssr / tf < 2.5  # SSR all runs a second full pass
+    assert "compile" in gpu_bench.default_modes(cuda=False).split(",")  # the dry run compiles too
+    assert gpu_bench.main(["--dry-run", "--modes", "cudagraphs"]) == 2  # CUDA graphs need CUDA
 
 
 def test_gpu_script_needs_cuda_or_dry_run(capsys):

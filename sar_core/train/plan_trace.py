@@ -141,7 +141,7 @@ class _Inputs:
             self.memo[key] = (tuple(out.shape), out.dtype)
             del out
         shape, dtype = self.memo[key]
-        return torch.empty(shape, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype)  # small ones are real: no uninitialised values (NaN)
 
     def install(self) -> None:
         ad = self.adapter
