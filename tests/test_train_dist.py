@@ -1,5 +1,6 @@
 """Distributed training on CPU (gloo, loopback): DDP and FSDP2 gradients equal one process
-on the whole batch; `torchrun` end to end writes from rank 0 only."""
+on the whole batch; `torchrun` end to end writes from rank 0 only (FSDP2's checkpoints: every
+rank its shards, see test_dcp_checkpoint.py)."""
 
 import json
 import os
@@ -123,7 +124,9 @@ def test_torchrun_end_to_end_writes_from_rank_zero_only(tmp_path, strategy):
         assert [e["step"] for e in evals] == [1, 2] and p.stdout.count("eval at step 2 (") == 1
     from sar_core.train import checkpointing as ckpt
 
-    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "checkpoints"))
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    assert ckpt.is_sharded(latest) == (strategy == "fsdp")  # FSDP2: a DCP folder, DDP: one file
+    state = ckpt.load_full(latest)
     assert state["data"]["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank streams
     # full (unsharded) weights in the checkpoint and in the upstream-layout exports

@@ -164,6 +164,11 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def dir_mode() -> int:
+    """The mode ``os.mkdir`` would give a new folder under the current umask."""
+    return 0o777 & ~_umask()
+
+
 def _free_mb(folder: Path) -> float:
     try:
         return shutil.disk_usage(folder).free / 2 ** 20

@@ -9,6 +9,13 @@ itself (atomic writes, keep-last-N, the "good" checkpoint) is :mod:`sar_core.tra
 Parts that move during a step (data position, sampler, RNG) also ``capture()`` their
 state: :meth:`Checkpointer.take_snapshot` records them at the start of every step, so a
 Ctrl-C or a data error mid-step can still save the last completed step exactly.
+
+Under FSDP2 the parts that hold sharded tensors (model, optimizer state, EMA) also give
+``sharded_state()``: (this rank's shards, the rest of their state). Those go to a sharded
+DCP checkpoint folder, each rank writing its own shards, nothing gathered; the other parts'
+state and the rest go to its ``state.pt`` (:mod:`sar_core.train.sharded_ckpt`). Such a
+checkpoint resumes on any number of ranks (into a single process too); single-process and
+DDP runs write the one-file checkpoints as before.
 """
 
 from __future__ import annotations
@@ -16,14 +23,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
 from sar_core.adapter import CheckpointError
 from sar_core.train import checkpointing as ckpt
 from sar_core.train import distributed as D
-from sar_core.train import resume_check
+from sar_core.train import resume_check, sharded_ckpt
 from sar_core.train.ema import EMA
-from sar_core.train.nonfinite import NonFiniteGuard, check_start_weights
+from sar_core.train.nonfinite import NonFiniteGuard, NonFiniteWeights, check_start_weights
 
 
 class UnreadableCheckpoints(CheckpointError):
@@ -41,6 +49,12 @@ class ModelPart:
     def load_state_dict(self, state: dict) -> None:
         D.load_model_state(self.module, state)
 
+    def sharded_state(self) -> tuple[dict, None]:
+        return D.sharded_model_state(self.module), None
+
+    def load_sharded_state(self, tensors: dict, rest: Any) -> None:
+        D.load_sharded_model_state(self.module, tensors)
+
 
 class OptimizerPart:
     def __init__(self, module: nn.Module, optimizer):
@@ -51,6 +65,15 @@ class OptimizerPart:
 
     def load_state_dict(self, state: dict) -> None:
         D.load_optimizer_state(self.module, self.optimizer, state)
+
+    partial = True  # parameters without state when saved have none after loading
+
+    def sharded_state(self) -> tuple[dict, list]:
+        sd = D.sharded_optimizer_state(self.module, self.optimizer)
+        return sd["state"], sd["param_groups"]
+
+    def load_sharded_state(self, tensors: dict, rest: list) -> None:
+        D.load_sharded_optimizer_state(self.module, self.optimizer, {"state": tensors, "param_groups": rest})
 
 
 class EMAPart:
@@ -74,6 +97,12 @@ class EMAPart:
         else:
             self.ema.load_state_dict(state)
         self.ema.decay = self.decay
+
+    def sharded_state(self) -> Optional[tuple[dict, dict]]:
+        return (dict(self.ema.shadow), {"decay": self.ema.decay}) if self.ema is not None else None
+
+    def load_sharded_state(self, tensors: dict, rest: Any) -> None:
+        self.ema.decay = self.decay  # the shadow tensors were loaded in place
 
 
 class ScalerPart:
@@ -133,6 +162,7 @@ class Checkpointer:
         self.dir, self.keep_last, self.parts, self.guard = Path(ckpt_dir), keep_last, parts, guard
         self.env, self.log, self.buffer_names, self.on_saved = env, log, buffer_names, on_saved
         self._snapshot: Optional[dict] = None
+        self.sharded = D.is_fsdp(getattr(parts.get("model"), "module", None))  # FSDP2: DCP checkpoints
 
     # ------------------------------------------------------------------ state
     def take_snapshot(self, step: int) -> None:
@@ -156,6 +186,8 @@ class Checkpointer:
     # ------------------------------------------------------------------ files
     def save(self, step: int, snapshot: Optional[dict] = None) -> Optional[Path]:
         """Write the checkpoint of ``step`` (rank 0; every rank calls); its path on rank 0."""
+        if self.sharded:
+            return self._save_sharded(step, snapshot)
         state = self.state_dict(snapshot)
         path = None
         if self.env.is_main:
@@ -167,6 +199,61 @@ class Checkpointer:
         D.barrier(self.env)
         return path
 
+    def _save_sharded(self, step: int, snapshot: Optional[dict]) -> Optional[Path]:
+        """The sharded checkpoint of ``step``: every rank writes its shards (no gather)."""
+        snap = snapshot or {}
+        tensors, rest = {}, {}
+        for n, p in self.parts.items():
+            got = p.sharded_state() if hasattr(p, "sharded_state") else None
+            if got is not None:
+                tensors[n] = got[0]
+                if got[1] is not None:
+                    rest[n] = got[1]
+            else:
+                rest[n] = p.state_dict(snap[n]) if n in snap else p.state_dict()
+        finite = self._nonfinite_anywhere(tensors["model"]) is None
+        if self.env.is_main:
+            self.guard.mark_saved(step, finite)
+            rest["nonfinite"] = self.guard.state_dict()
+        path = ckpt.save_sharded_checkpoint(tensors, rest, self.dir, step, self.keep_last, self.env,
+                                            protect=self.guard.good)
+        if self.env.is_main:
+            self.on_saved(path)
+        D.barrier(self.env)
+        return path
+
+    def _nonfinite_anywhere(self, tensors: dict) -> Optional[tuple[str, str]]:
+        """(name, what) of a non-finite weight on any rank's shards, or None (collective)."""
+        bad = ckpt.first_nonfinite(tensors, self.buffer_names())
+        flag = torch.tensor([float(bad is not None)], dtype=torch.float64, device=self.env.device)
+        if D.all_reduce_sum(flag, self.env).item() == 0:
+            return None
+        return bad or ("(on another rank's shard)", "NaN or an infinity")
+
+    def _load_sharded(self, state: dict) -> None:
+        """Load a sharded checkpoint: the shards of this rank's tensors (resharded from however
+        many ranks wrote it), then every other part from its ``state.pt``."""
+        folder = Path(state["path"])
+        keys = set(sharded_ckpt.read_index(folder).state_dict_metadata)
+        templates = {}
+        for name in state["sharded"]:
+            part = self.parts.get(name)
+            got = part.sharded_state() if hasattr(part, "sharded_state") else None
+            if got is not None:
+                templates[name] = sharded_ckpt.present(got[0], keys, name + sharded_ckpt.SEP) \
+                    if getattr(part, "partial", False) else got[0]
+        sharded_ckpt.load_into(folder, templates, self.env)
+        bad = self._nonfinite_anywhere(templates["model"])
+        if bad is not None:
+            raise NonFiniteWeights(f"the starting weights are not finite: tensor '{bad[0]}' of the checkpoint "
+                                   f"{folder} holds {bad[1]}; resume from an older checkpoint (move the newer ones "
+                                   f"out of {self.dir}), or start over with --restart")
+        for name, part in self.parts.items():
+            if name in templates:
+                part.load_sharded_state(templates[name], state.get(name))
+            else:
+                part.load_state_dict(state.get(name) if getattr(part, "optional", False) else state[name])
+
     def resume(self, resume: bool, config: dict, out_dir: Path, restart: bool = False) -> Optional[dict]:
         """Load the newest readable checkpoint into the parts (``--resume``); returns it, or
         None when the run starts from step 0. Without ``resume`` existing checkpoints are
@@ -177,7 +264,7 @@ class Checkpointer:
         if restart:
             if existing and self.env.is_main:
                 for _, path in existing:
-                    path.unlink(missing_ok=True)
+                    ckpt.remove_checkpoint(path)
                 self.log(f"--restart: deleted the {len(existing)} checkpoint(s) of the previous run in {self.dir} "
                          f"(newest: step {existing[-1][0]}); starting over at step 0")
             D.barrier(self.env)
@@ -202,6 +289,9 @@ class Checkpointer:
             self.log(f"[yellow]warning:[/] --resume: no checkpoint in {self.dir}; starting from step 0")
             return None
         self.check_resume(state, config, out_dir)
+        if state.get("sharded"):
+            self._load_sharded(state)
+            return state
         check_start_weights(state["model"], self.buffer_names(), f"the checkpoint {state['path']}",
                             f"resume from an older checkpoint (move the newer ones out of {self.dir}), or "
                             "start over with --restart")

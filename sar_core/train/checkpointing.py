@@ -7,7 +7,9 @@ its header; both are read, whichever is newest wins). Each is written atomically
 write leaves the previous checkpoints intact and never a truncated file under the final
 name (:func:`remove_stale_tmp` clears what a killed write left). Only the newest
 ``keep_last`` are kept, plus one protected "good" checkpoint when the run has seen a
-non-finite step (see :mod:`sar_core.train.nonfinite`). A checkpoint holds everything a resumed run
+non-finite step (see :mod:`sar_core.train.nonfinite`). FSDP2 runs write sharded
+``step_N.dcp/`` folders instead (:mod:`sar_core.train.sharded_ckpt`: each rank its own
+shards, atomic by folder rename, resumable on any number of ranks). A checkpoint holds everything a resumed run
 needs to continue exactly like an uninterrupted one: model, optimizer, EMA, loss scaler,
 step (the learning rate is a function of it), data position (epoch, batch within the
 epoch, sampler seed), the schedule sampler's state and every RNG (python, numpy, torch
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,12 +32,14 @@ import torch
 
 from sar_core.adapter import CheckpointError
 from sar_core.checkpoint_io import atomic_save, load_file, remove_stale_tmp
+from sar_core.train import sharded_ckpt
 
 FORMAT = "sar-run-checkpoint"
 VERSION = 1
 #: --save-format -> (run checkpoint suffix, exported model suffix)
 SUFFIXES = {"pt": (".pt", ".pth"), "safetensors": (".safetensors", ".safetensors")}
-_NAME = re.compile(r"^step_(\d+)\.(pt|safetensors)$")
+_NAME = re.compile(r"^step_(\d+)\.(pt|safetensors|dcp)$")
+_TMP_DIR = re.compile(r"^\.step_\d+\.dcp\.[A-Za-z0-9_]+\.tmp$")
 
 
 def last_line(exc: BaseException) -> str:
@@ -45,6 +50,15 @@ def last_line(exc: BaseException) -> str:
 
 def checkpoint_path(ckpt_dir: str | Path, step: int, fmt: str = "pt") -> Path:
     return Path(ckpt_dir) / f"step_{step:08d}{SUFFIXES[fmt][0]}"
+
+
+def sharded_path(ckpt_dir: str | Path, step: int) -> Path:
+    """The sharded (FSDP2) checkpoint folder of ``step``."""
+    return Path(ckpt_dir) / f"step_{step:08d}{sharded_ckpt.SUFFIX}"
+
+
+def is_sharded(path: str | Path) -> bool:
+    return Path(path).suffix == sharded_ckpt.SUFFIX and Path(path).is_dir()
 
 
 def step_checkpoint(ckpt_dir: str | Path, step: int) -> Path:
@@ -67,14 +81,14 @@ def exported(out_dir: str | Path, name: str = "backbone") -> Optional[Path]:
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint file, oldest first."""
+    """(step, path) of every complete checkpoint (file, or sharded folder), oldest first."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
     found = []
     for p in d.iterdir():
         m = _NAME.match(p.name)
-        if m and p.is_file():
+        if m and (p.is_dir() and not p.is_symlink() if m.group(2) == "dcp" else p.is_file()):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -94,11 +108,30 @@ def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_last: int
     return path
 
 
+def save_sharded_checkpoint(tensors: dict, rest: dict, ckpt_dir: str | Path, step: int, keep_last: int,
+                            env, protect: Optional[int] = None) -> Optional[Path]:
+    """Write the sharded checkpoint of ``step`` (every rank calls it): ``tensors`` (each part's
+    shards) through DCP, ``rest`` (rank 0's) as its ``state.pt``; rank 0 prunes. Its path
+    on rank 0."""
+    payload = {"format": FORMAT, "version": VERSION, "step": int(step), "sharded": sorted(tensors), **rest}
+    path = sharded_ckpt.write(sharded_path(ckpt_dir, step), tensors, payload, env)
+    if env.is_main:
+        prune(ckpt_dir, keep_last, protect)
+    return path
+
+
+def remove_checkpoint(path: Path) -> None:
+    if is_sharded(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        Path(path).unlink(missing_ok=True)
+
+
 def prune(ckpt_dir: str | Path, keep_last: int, protect: Optional[int] = None) -> None:
     found = list_checkpoints(ckpt_dir)
     for step, p in found[: max(len(found) - keep_last, 0)]:
         if step != protect:
-            p.unlink(missing_ok=True)
+            remove_checkpoint(p)
 
 
 def first_nonfinite(tensors, buffers: frozenset[str] = frozenset()) -> Optional[tuple[str, str]]:
@@ -125,17 +158,42 @@ def weights_finite(model_state: dict, buffers: frozenset[str] = frozenset()) -> 
 
 
 def clean_interrupted_writes(ckpt_dir: str | Path) -> list[Path]:
-    """Remove temp files of checkpoint writes that a killed process left behind."""
-    return remove_stale_tmp(ckpt_dir)
+    """Remove temp files (and temp folders of sharded saves) of checkpoint writes that a
+    killed process left behind. Only while no other process writes there (run-folder lock)."""
+    removed = remove_stale_tmp(ckpt_dir)
+    d = Path(ckpt_dir)
+    for p in (d.iterdir() if d.is_dir() else ()):
+        if _TMP_DIR.match(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    state = load_file(path, "run checkpoint")
+    """A run checkpoint's state: the whole of a file; of a sharded folder its ``state.pt``
+    (``sharded`` names the parts left in the shards: :func:`load_full`, or the checkpointer)."""
+    state = sharded_ckpt.read_payload(Path(path)) if is_sharded(path) else load_file(path, "run checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a sar train checkpoint (it may be an upstream model file; "
                               "pass it as --backbone instead)")
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not {VERSION}")
+    return state
+
+
+def load_full(path: str | Path) -> dict:
+    """A run checkpoint with every part whole (a sharded one read in this process, its
+    optimizer state keyed by parameter name as FSDP2's full state dicts are)."""
+    state = load_checkpoint(path)
+    if not state.get("sharded"):
+        return state
+    tensors = sharded_ckpt.read_full(Path(path))
+    if "model" in tensors:
+        state["model"] = tensors["model"]
+    if "optimizer" in tensors:
+        state["optimizer"] = {"state": tensors["optimizer"], "param_groups": state.get("optimizer") or []}
+    if "ema" in tensors:
+        state["ema"] = {**(state.get("ema") or {}), "shadow": tensors["ema"]}
     return state
 
 

@@ -215,12 +215,47 @@ def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
 
 def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
-    if is_fsdp(module):
+    """``sd``: this optimizer's own state dict, or a full one keyed by parameter name (an
+    FSDP2 run's, also read into a single process or DDP)."""
+    if is_fsdp(module) or _keyed_by_name(sd):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(module, optimizer, sd, options=StateDictOptions(full_state_dict=True))
         return
     optimizer.load_state_dict(sd)
+
+
+def _keyed_by_name(sd: dict) -> bool:
+    groups = sd.get("param_groups") or [{}]
+    return any(isinstance(p, str) for g in groups for p in g.get("params", ()))
+
+
+# sharded state dicts (DCP checkpoints, :mod:`sar_core.train.sharded_ckpt`): this rank's
+# shards of each tensor, DTensors under FSDP2 (whole tensors elsewhere), keyed by name
+def sharded_model_state(module: nn.Module) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module)
+
+
+def load_sharded_model_state(module: nn.Module, sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(module, sd)
+
+
+def sharded_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """{"state": {name: {"exp_avg": ...}}, "param_groups": [...]}; an optimizer that has not
+    stepped yet gets its state initialised first (a template to load into)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer)
+
+
+def load_sharded_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, sd)
 
 
 # ------------------------------------------------------------------------- gradient sync

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 
 from sar_core.train import distributed as D
 from sar_core.checkpoint_io import file_mode, remove_stale_tmp
+from sar_core.train.checkpointing import clean_interrupted_writes
 
 LOCK_NAME = ".lock"
 
@@ -152,7 +153,7 @@ def held_run_folder(out_dir: Path, ckpt_dir: Path, env: D.DistEnv, log: Callable
         raise RunLockError(error)
     try:
         if env.is_main:
-            stale = remove_stale_tmp(ckpt_dir) + remove_stale_tmp(out_dir)
+            stale = clean_interrupted_writes(ckpt_dir) + remove_stale_tmp(out_dir)
             if stale:
                 log(f"note: removed {len(stale)} temp file(s) of interrupted writes: "
                     + ", ".join(p.name for p in stale))
