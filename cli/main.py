@@ -28,6 +28,7 @@ COMMANDS = {
     "encode-text": ("encode_text_cmd", "Captions -> condition payloads with a local T5 or CLIP text encoder."),
     "train": ("train_cmd", "Post-train with SAR (or plain teacher forcing: --rollout none)."),
     "plan": ("plan_cmd", "Memory per GPU, FLOPs, largest micro-batch and GPU hours of a train command (fake tensors)."),
+    "export-checkpoint": ("export_cmd", "A run checkpoint's model (sharded FSDP2 ones too) as backbone.pth."),
 }
 
 

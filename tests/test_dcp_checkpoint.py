@@ -238,3 +238,25 @@ def test_non_tensor_entries_are_refused(tmp_path):
     torch.save({"format": ckpt.FORMAT, "version": ckpt.VERSION, "step": 2, "sharded": ["model"]}, folder / "state.pt")
     with pytest.raises(CheckpointError, match="not tensors"):
         ckpt.load_full(folder)
+
+
+# ----------------------------------------------------------------------------- offline export
+def test_export_checkpoint_writes_the_upstream_layout_of_any_checkpoint(world2, tmp_path, monkeypatch):
+    from sar_core import plugins
+
+    from cli_asserts import one_error_line
+
+    monkeypatch.setattr(plugins, "_REGISTRY", toy.make_registry())
+    tok, _ = toy.toy_files(tmp_path)
+    run = world2 / "F"
+    r = toy.invoke("export-checkpoint", run, "--out", tmp_path / "last")  # a run folder: its newest
+    assert r.exit_code == 0, r.output
+    for name in ("backbone.pth", "backbone_ema.pth"):  # = what the FSDP2 run exported at its end
+        _assert_trees_equal(toy.ToyAdapter.load(tok, tmp_path / "last" / name).backbone.state_dict(),
+                            toy.ToyAdapter.load(tok, run / name).backbone.state_dict(), name)
+    r = toy.invoke("export-checkpoint", ckpt.sharded_path(run / "checkpoints", 2), "--out", tmp_path / "s2")
+    assert r.exit_code == 0 and "step 2" in r.output, r.output
+    step2 = toy.ToyAdapter.load(tok, tmp_path / "s2" / "backbone.pth").backbone.state_dict()
+    _assert_trees_equal(step2, ckpt.load_checkpoint(world2 / "ref" / "step_00000002.pt")["model"])
+    one_error_line(toy.invoke("export-checkpoint", tmp_path / "nowhere", "--out", tmp_path / "x"),
+                   "checkpoint not found")
