@@ -27,19 +27,21 @@ refused (sar never writes any), so no pickled object of the file is ever execute
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from sar_core.adapter import CheckpointError
-from sar_core.checkpoint_io import atomic_save, dir_mode, load_file, write_error
+from sar_core.checkpoint_io import WriteError, atomic_save, dir_mode, load_file, write_error
 from sar_core.train import distributed as D
 
 SUFFIX = ".dcp"
@@ -181,11 +183,12 @@ def _first_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _quiet():
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-    return ctx
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Without DCP's warning that one process saves / loads alone (that is meant here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
 
 
 # ----------------------------------------------------------------------------- write
@@ -209,13 +212,9 @@ def write(final: Path, tensors: dict, payload: dict, env: D.DistEnv) -> Optional
     tmp = D.broadcast_object(None if err else tmp, env)
     if tmp is not None:
         try:
-            flat = flatten(tensors)
-            ctx = _quiet()
-            try:
-                dcp.save(flat, storage_writer=FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True),
-                         no_dist=not env.enabled)
-            finally:
-                ctx.__exit__(None, None, None)
+            with _quiet():
+                dcp.save(flatten(tensors), no_dist=not env.enabled,
+                         storage_writer=FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True))
         except _dcp_errors() as exc:  # DCP raises on every rank when one rank's write failed
             err = write_error(_first_cause(exc), final)
     if env.is_main and tmp is not None:
@@ -235,8 +234,8 @@ def write(final: Path, tensors: dict, payload: dict, env: D.DistEnv) -> Optional
     text = D.broadcast_object(None if err is None else str(err), env)
     if err is not None:
         raise err
-    if text is not None:
-        raise OSError(text)
+    if text is not None:  # rank 0 failed after every rank had written its shards
+        raise WriteError(errno.EIO, text)
     return final if env.is_main else None
 
 
@@ -283,9 +282,9 @@ def load_into(folder: Path, tensors: dict, env: D.DistEnv) -> None:
     import torch.distributed.checkpoint as dcp
 
     flat = flatten(tensors)
-    ctx = _quiet()
     try:
-        dcp.load(flat, storage_reader=_reader(Path(folder)), planner=_planner(), no_dist=not env.enabled)
+        with _quiet():
+            dcp.load(flat, storage_reader=_reader(Path(folder)), planner=_planner(), no_dist=not env.enabled)
     except CheckpointError:
         raise
     except _dcp_errors() as exc:
@@ -295,8 +294,6 @@ def load_into(folder: Path, tensors: dict, env: D.DistEnv) -> None:
         lines = [ln for ln in str(cause).splitlines() if ln.strip()]
         raise CheckpointError(f"cannot read the sharded checkpoint {folder}: "
                               f"{lines[0] if lines else type(cause).__name__}") from exc
-    finally:
-        ctx.__exit__(None, None, None)
 
 
 def read_full(folder: Path) -> dict:
