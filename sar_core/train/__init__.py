@@ -3,10 +3,11 @@ it (``builders``), the ``trainer`` loop, one optimizer step (``train_step``) and
 run's stateful parts, each with ``state_dict`` / ``load_state_dict``: ``data_position``,
 ``rng_state``, ``ema``, the non-finite ``nonfinite`` guard and the ``checkpointer`` that
 composes them (file format in ``checkpointing``, FSDP2's sharded DCP checkpoints in
-``sharded_ckpt``, resume checks in ``resume_check``, the upstream-layout ``export``);
+``sharded_ckpt``, resume checks in ``resume_check``);
 optimizer and schedule in ``optim``, the run folder's ``runlock``, stop ``signals``, the
 ``settings`` line a run prints first (defaults marked);
-``distributed`` (DDP / FSDP2), ``activation_ckpt``, ``export`` (the finished run's backbone),
+``distributed`` (DDP / FSDP2), ``activation_ckpt``, ``export`` (the finished run's backbone, and
+any checkpoint's for ``sar export-checkpoint``),
 ``periodic_eval`` (validation during training, a plugin of the run-time hooks) with its
 ``curves`` plot, and ``pretrain`` (teacher-forced pretraining of the embedded miniatures).
 
