@@ -69,6 +69,8 @@ def study(
     into: Optional[Path] = typer.Option(None, "--into", help="With 'report': write the report into this folder, "
                                         "its sample grids and maps copied beside it (publishable without the "
                                         "run folders)."),
+    grids: bool = typer.Option(True, "--grids/--no-grids", help="With 'report --into': copy the sample grids "
+                               "too (--no-grids: only plots and difference maps, a lighter folder)."),
 ) -> None:
     """Families x arms x seeds from one start checkpoint per family: every arm an ordinary
     `sar train` run folder, every run evaluated with the same sampling seeds, then a report
@@ -90,15 +92,15 @@ def study(
                 results = write_reports(folder)
                 where = folder / "report.md"
             else:
-                results = write_report(folder, experiment, into, copy_pictures=into is not None)
+                results = write_report(folder, experiment, into, copy_pictures=into is not None, grids=grids)
                 where = Path(into or folder / "experiments" / experiment) / "report.md"
             _summary(console, results)
             console.print(f"report: {where} (also report.html, report.json, plots/)")
             for name in results["study"].get("experiments") or {} if experiment is None and into is None else ():
                 console.print(f"experiment {name}: {folder / 'experiments' / name / 'report.md'}")
             return
-        if experiment is not None or into is not None:
-            raise ValueError("--experiment / --into go with `sar study report DIR`")
+        if experiment is not None or into is not None or not grids:
+            raise ValueError("--experiment / --into / --no-grids go with `sar study report DIR`")
         if folder is not None:
             raise ValueError(f"unexpected argument '{folder}' (only `sar study report DIR` takes a folder)")
         cfg = _load(console, target, preset, models, sets)

@@ -113,3 +113,10 @@ def test_grown_study_keeps_its_runs_and_reports_each_experiment(tmp_path):
     assert not any(link.startswith("..") for link in links)
     assert any(link.startswith("pictures/var/last/seed0/") for link in links)
     assert json.loads((pub / "report.json").read_text())["families"] == depth["families"]
+    # a lighter published copy: plots and maps, no sample grids (and no link to one)
+    light = tmp_path / "light"
+    res = run.invoke(app, ["study", "report", str(out), "--experiment", "depth", "--into", str(light), "--no-grids"])
+    assert res.exit_code == 0, res.output
+    md = (light / "report.md").read_text()
+    assert not list(light.rglob("grid.png")) and "grid.png)" not in md and "not published with this report" in md
+    assert all((light / link).is_file() for link in _links(md)) and any("maps" in link for link in _links(md))

@@ -374,11 +374,12 @@ def _relink(blocks: list, out: Path, dest: Path, copy: bool) -> list:
 
 
 def write_report(out: str | Path, experiment: Optional[str] = None, dest: Optional[str | Path] = None,
-                 copy_pictures: bool = False) -> dict:
+                 copy_pictures: bool = False, grids: bool = True) -> dict:
     """Aggregate ``out`` and write report.md / report.html / report.json / plots into
     ``dest`` (default: ``out``; for an ``experiment``: ``out/experiments/<name>``); returns
     the aggregated results (what report.json holds). ``copy_pictures`` copies the sample
-    grids and maps beside the report (a folder that can be published without the runs)."""
+    grids and maps beside the report (a folder that can be published without the runs);
+    ``grids=False`` leaves the sample grids out of it."""
     out = Path(out)
     study = read_study(out)
     if experiment is not None:
@@ -391,6 +392,11 @@ def write_report(out: str | Path, experiment: Optional[str] = None, dest: Option
     blocks = study_header(results, out)
     for label, fam in results["families"].items():
         blocks += family_blocks(label, fam, study_dict, plots, out)
+    if not grids:  # a lighter published copy: the sample grids stay in the study folder
+        blocks = [("p", "Sample grids (same conditions and sampling seed in every arm): not published with this "
+                        "report; they are in the study folder, `<family>/<arm>/seed<S>/grid.png`.")
+                  if b[0] == "h3" and b[1].startswith("samples") else b for b in blocks
+                  if not (b[0] == "img" and b[1] and all(p.endswith("grid.png") for _, p in b[1]))]
     blocks = _relink(blocks, out, dest, copy_pictures)
     atomic_write_text(_md(blocks) + "\n", dest / "report.md")
     atomic_write_text(_html(blocks, blocks[0][1]), dest / "report.html")
