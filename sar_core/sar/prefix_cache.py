@@ -111,6 +111,12 @@ class _LayerSlot:
     def __init__(self, cache: PrefixKV, index: int, replay: bool):
         self.cache, self.index, self.replay = cache, index, replay
 
+    # Not traced by torch.compile (``--compile``, sar_core.train.compiling): traced, the
+    # layer index, the cache's length and its dict's size become guards of the block's
+    # graph, i.e. one graph per layer and per prefix length (past dynamo's recompile limit
+    # at real depth, where it silently runs the rest eagerly). Run eagerly, the block's
+    # graph breaks here and its pieces are shared by every layer and prefix length.
+    @torch.compiler.disable(reason="prefix K/V slot: per-layer Python state")
     def __call__(self, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys / values the layer attends to."""
         n = self.cache.length

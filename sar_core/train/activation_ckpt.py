@@ -69,6 +69,8 @@ def apply_activation_checkpointing(blocks: Sequence[nn.Module], mode: str) -> in
     if mode != "none" and not blocks:
         raise ValueError("this family lists no transformer blocks (adapter.transformer_blocks()), "
                          "so activation checkpointing is unavailable; use 'none'")
+    if any("_sar_eager_forward" in b.__dict__ for b in blocks):  # sar_core.train.compiling
+        raise ValueError("the blocks are compiled already: apply activation checkpointing before torch.compile")
     for block in blocks:
         block.__dict__.pop("forward", None)  # back to the class's forward
         block.__dict__.pop("_sar_ckpt_mode", None)
