@@ -205,3 +205,29 @@ def test_sar_train_compile_with_inductor_reports_its_graphs(tmp_path):
     # the export has plain parameter names (blocks compiled in place, no _orig_mod.)
     cls = get_registry().get("adapter", "var")
     cls.load(FIX / FILES["var"][0], out / "backbone.pth")
+
+
+@pytest.mark.slow
+def test_prefix_reuse_graphs_do_not_grow_with_depth():
+    """ssr last scale records / replays prefix K/V per layer: traced, the layer index was a
+    guard (one graph per layer: at depth 9 dynamo's limit of 8 was hit and the rest ran
+    eagerly); with the slot outside the graph the count is that of depth 2 (6)."""
+    from sar_adapters.var import VARAdapter, VARConfig
+
+    reg = get_registry()
+    cfg = VARConfig(vocab_size=16, Cvae=4, ch=32, ch_mult=(1, 1), num_res_blocks=1, depth=9, embed_dim=32,
+                    num_heads=2, num_classes=5, patch_nums=(1, 2, 3, 4), cond_drop_rate=0.0, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    eager = VARAdapter.from_config(cfg)
+    pinned_train(eager)
+    compiled = copy.deepcopy(eager)
+    batch = default_batch(eager, 2, torch.Generator().manual_seed(0))
+    rollout, loss = reg.get("rollout", "ssr")(scales="last"), reg.get("loss", "hard")()
+    before = compiled_graphs()
+    compile_blocks(compiled.transformer_blocks(), compiled.backbone, backend="aot_eager")
+    a = step(eager, batch, eager.default_schedule, rollout, loss)
+    b = step(compiled, batch, compiled.default_schedule, rollout, loss)
+    graphs = compiled_graphs() - before
+    print(f"ssr-last at depth 9: {graphs} graphs")
+    assert 1 <= graphs <= 6, graphs
+    assert torch.allclose(a[0], b[0], rtol=COMPILE_RTOL) and torch.allclose(a[1], b[1], rtol=COMPILE_RTOL)
