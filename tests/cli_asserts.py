@@ -1,6 +1,8 @@
-"""Assertions the CLI tests share (imported like toy_adapter: tests/ is on sys.path)."""
+"""Helpers the CLI and distributed tests share (imported like toy_adapter: tests/ is on sys.path)."""
 
 from __future__ import annotations
+
+import socket
 
 
 def one_error_line(r, *needles) -> str:
@@ -13,3 +15,10 @@ def one_error_line(r, *needles) -> str:
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
+
+
+def free_port() -> int:
+    """A free localhost TCP port (the rendezvous of spawned gloo ranks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -14,15 +14,12 @@ from pathlib import Path
 import pytest
 
 import toy_adapter as toy
+from cli_asserts import free_port as _free_port
 
 HERE = Path(__file__).parent
 DOC = HERE.parent / "docs" / "cluster.md"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(out: Path) -> list[str]:

@@ -25,6 +25,7 @@ from sar_core.train.distributed import DistEnv
 from sar_core.train.trainer import Trainer
 
 import toy_adapter as toy
+from cli_asserts import free_port as _free_port
 
 STEPS = 4
 LOSSES = ("loss", "loss_tf", "loss_csf", "grad_norm")
@@ -98,10 +99,6 @@ def _worker(rank: int, world: int, port: int, tmp: str):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

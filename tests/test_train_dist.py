@@ -17,6 +17,7 @@ from sar_core.train.config import build_config
 from sar_core.train.trainer import Trainer
 
 import toy_adapter as toy
+from cli_asserts import free_port as _free_port
 
 HERE = Path(__file__).parent
 
@@ -67,10 +68,6 @@ def _worker(rank: int, world: int, port: int, tmp: str):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,12 @@ from sar_core.train.signals import EXIT_SIGNALLED
 import toy_adapter as toy
 from signal_worker import ActAt, SlowData
 from test_train_resume import _args, _assert_same_run, _final
+from cli_asserts import free_port as _free_port
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigusr1_mid_run_checkpoints_and_resumes_bit_identical(tmp_path, monkeypatch):

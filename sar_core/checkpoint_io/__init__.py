@@ -226,7 +226,7 @@ def _atomic_write(path: str | Path, mode: str, write, by_name: bool = False) -> 
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, p)
-        _fsync_dir(p.parent)
+        fsync_dir(p.parent)
     except BaseException as exc:
         # judge the cause while the temp file still holds the space it took: measured after
         # removing it, a full disk looks free and torch's zip-writer message is all one gets
@@ -278,7 +278,8 @@ def remove_stale_tmp(folder: str | Path) -> list[Path]:
     return removed
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
+    """fsync a folder (a rename or a new file in it is durable); best effort."""
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:

@@ -41,7 +41,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from sar_core.adapter import CheckpointError
-from sar_core.checkpoint_io import WriteError, atomic_save, dir_mode, load_file, write_error
+from sar_core.checkpoint_io import WriteError, atomic_save, dir_mode, fsync_dir, load_file, write_error
 from sar_core.train import distributed as D
 
 SUFFIX = ".dcp"
@@ -221,9 +221,9 @@ def write(final: Path, tensors: dict, payload: dict, env: D.DistEnv) -> Optional
         try:
             if err is None:
                 atomic_save(payload, Path(tmp) / STATE)
-                _fsync(Path(tmp))
+                fsync_dir(Path(tmp))
                 _replace_dir(Path(tmp), final)
-                _fsync(final.parent)
+                fsync_dir(final.parent)
         except BaseException as exc:
             err = write_error(exc, final) if isinstance(exc, (OSError, RuntimeError)) else exc
             if not isinstance(exc, Exception):
@@ -249,19 +249,6 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
-
-
-def _fsync(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- read
