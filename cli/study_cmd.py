@@ -64,8 +64,9 @@ def study(
     device: str = typer.Option("auto", "--device", help="Device of the evaluations (training: run.train.device)."),
     threads: Optional[int] = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved study and exit."),
-    experiment: Optional[str] = typer.Option(None, "--experiment", help="With 'report': only this experiment "
-                                             "of the study (default: the whole study and each experiment)."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="Run only the runs this experiment of "
+                                             "the study needs, then write its report; with 'report': only this "
+                                             "experiment's report (default: the whole study and each experiment)."),
     into: Optional[Path] = typer.Option(None, "--into", help="With 'report': write the report into this folder, "
                                         "its sample grids and maps copied beside it (publishable without the "
                                         "run folders)."),
@@ -99,8 +100,8 @@ def study(
             for name in results["study"].get("experiments") or {} if experiment is None and into is None else ():
                 console.print(f"experiment {name}: {folder / 'experiments' / name / 'report.md'}")
             return
-        if experiment is not None or into is not None or not grids:
-            raise ValueError("--experiment / --into / --no-grids go with `sar study report DIR`")
+        if into is not None or not grids:
+            raise ValueError("--into / --no-grids go with `sar study report DIR`")
         if folder is not None:
             raise ValueError(f"unexpected argument '{folder}' (only `sar study report DIR` takes a folder)")
         cfg = _load(console, target, preset, models, sets)
@@ -122,8 +123,9 @@ def study(
 
             if not slurm_partition:
                 raise ValueError("--launcher slurm needs --slurm-partition NAME")
-            if jobs != 1 or arm is not None or seed is not None:
-                raise ValueError("--launcher slurm submits every run as its own job: drop --jobs / --arm / --seed")
+            if jobs != 1 or arm is not None or seed is not None or experiment is not None:
+                raise ValueError("--launcher slurm submits every run as its own job: drop --jobs / --arm / --seed "
+                                 "/ --experiment")
             opts = SlurmOptions(partition=slurm_partition, time_min=slurm_time, gpus_per_run=slurm_gpus,
                                 cpus_per_run=slurm_cpus, mem_gb=slurm_mem_gb, account=slurm_account,
                                 qos=slurm_qos, array_parallelism=slurm_array_parallelism, setup=list(slurm_setup))
@@ -131,7 +133,11 @@ def study(
             return
         if launcher != "local":
             raise ValueError(f"--launcher must be local or slurm, got {launcher!r}")
-        results = _run(console, cfg, dest, family, arm, seed, device, jobs)
+        if experiment is not None:
+            from sar_core.study.plan import plan
+
+            plan(cfg, experiment=experiment)  # an unknown name fails before any work
+        results = _run(console, cfg, dest, family, arm, seed, device, jobs, experiment)
     except user_errors() as exc:
         fail(console, exc)
     except RuntimeError as exc:  # a run stopped (non-finite, a signal) or a local job failed: see its log
@@ -145,7 +151,8 @@ def study(
         job_failed(exc)
     if results is not None:
         _summary(console, results)
-        console.print(f"report: {dest / 'report.md'} (also report.html, report.json, plots/)")
+        where = dest / "experiments" / experiment if experiment else dest
+        console.print(f"report: {where / 'report.md'} (also report.html, report.json, plots/)")
     else:
         console.print(f"done; aggregate with: sar study report {dest}")
 
@@ -170,21 +177,21 @@ def job_failed(exc: BaseException) -> None:
     raise typer.Exit(1)
 
 
-def _run(console: Console, cfg, dest: Path, family, arm, seed, device, jobs: int = 1):
+def _run(console: Console, cfg, dest: Path, family, arm, seed, device, jobs: int = 1, experiment=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from sar_core.study.run import run_study
     from sar_core.study.plan import plan
     from sar_core.study.config import START
 
-    runs = [] if arm == START else plan(cfg, family, arm, seed)
+    runs = [] if arm == START else plan(cfg, family, arm, seed, experiment)
     steps = int(cfg.run.get("train", {}).get("steps", 1000))
     total = sum(int(cfg.arms[r.arm].get("train", {}).get("steps", steps)) for r in runs)
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn())
     with Progress(*cols, console=console) as progress:
         task = progress.add_task(f"study {cfg.name}: optimizer steps", total=total)
-        return run_study(cfg, dest, family=family, arm=arm, seed=seed, device=device, jobs=jobs,
+        return run_study(cfg, dest, family=family, arm=arm, seed=seed, device=device, jobs=jobs, experiment=experiment,
                          log=lambda m: progress.console.print(m, highlight=False),
                          advance=lambda n: progress.advance(task, n))
 

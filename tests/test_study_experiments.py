@@ -56,6 +56,20 @@ def test_with_experiments_only_their_runs_are_planned_in_their_order():
     assert runs[4:6] == [RunSpec("var", "tf", 0), RunSpec("var", "tf", 1)]
 
 
+def test_one_experiment_plans_only_the_runs_its_report_needs():
+    tree = _tree({"last": {"rollout": {"name": "ssr", "scales": "last"}}}, {"b": {"arms": ["last"]}, "a": {"arms": ["sar"]}})
+    tree["families"]["other"] = dict(tree["families"]["var"])
+    tree["experiments"]["b"]["families"] = ["other"]
+    study = validate_study(tree)
+    assert plan(study, experiment="b") == [RunSpec("other", a, s) for a in ("tf", "last") for s in (0, 1)]
+    only_a = plan(study, experiment="a")
+    assert {r.arm for r in only_a} == {"tf", "sar"} and {r.family for r in only_a} == {"var", "other"}
+    assert set(only_a) | set(plan(study, experiment="b")) == set(plan(study))
+    assert plan(study, family="var", arm="sar", experiment="a") == [RunSpec("var", "sar", 0), RunSpec("var", "sar", 1)]
+    with pytest.raises(ValueError, match="--experiment 'zz' is not in the study"):
+        plan(study, experiment="zz")
+
+
 def test_a_study_may_grow_by_arms_but_never_change_a_run():
     old = _tree()
     grown = _tree({"last": {"rollout": {"name": "ssr", "scales": "last"}}}, {"a": {"arms": ["last"]}})
@@ -84,11 +98,15 @@ def test_grown_study_keeps_its_runs_and_reports_each_experiment(tmp_path):
     grown = tmp_path / "grown.yaml"
     grown.write_text(yaml.safe_dump(_tree({"last": {"rollout": {"name": "ssr", "scales": "last"}}},
                                           {"main": {"arms": ["sar"]}, "depth": {"arms": ["last"]}})))
-    res = run.invoke(app, ["study", str(grown), "--out", str(out)])
+    # only the new experiment's runs (--experiment), then its report; the other runs are not touched
+    res = run.invoke(app, ["study", str(grown), "--out", str(out), "--experiment", "depth"])
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
-    assert "var/tf/seed0: done already" in text and "var/sar/seed1: done already" in text
+    assert "var/tf/seed0: done already" in text and "var/sar/" not in text
+    assert "experiments/depth/report.md" in "".join(res.output.split())
     assert (out / "var" / "last" / "seed1" / "eval.json").is_file()
+    res = run.invoke(app, ["study", "report", str(out)])
+    assert res.exit_code == 0, res.output
     whole = json.loads((out / "report.json").read_text())["families"]["var"]
     depth = json.loads((out / "experiments" / "depth" / "report.json").read_text())
     assert list(depth["study"]["arms"]) == ["tf", "last"] and list(depth["families"]["var"]["arms"]) == ["tf", "last"]

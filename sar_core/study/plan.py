@@ -39,19 +39,25 @@ class RunSpec:
 
 
 def plan(study: StudyConfig, family: Optional[str] = None, arm: Optional[str] = None,
-         seed: Optional[int] = None) -> list[RunSpec]:
-    """The training runs of a study, optionally narrowed to one family / arm / seed.
+         seed: Optional[int] = None, experiment: Optional[str] = None) -> list[RunSpec]:
+    """The training runs of a study, optionally narrowed to one family / arm / seed /
+    experiment.
 
     Without experiments: every family x arm x seed. With experiments: the runs some
     experiment names, experiment by experiment (then arm, family, seed), each once; a
-    family / arm pair no experiment names has no runs."""
+    family / arm pair no experiment names has no runs. ``experiment`` keeps only the runs
+    that experiment's report needs (its arms and the control, on its families)."""
     for value, known, what in ((family, study.families, "family"), (arm, study.arms, "arm")):
         if value is not None and value not in known:
             raise ValueError(f"--{what} '{value}' is not in the study ({', '.join(known)})")
     if seed is not None and seed not in study.seeds:
         raise ValueError(f"--seed {seed} is not one of the study's seeds {study.seeds}")
+    if experiment is not None and experiment not in study.experiments:
+        known = ", ".join(study.experiments) or "none: it has no experiments"
+        raise ValueError(f"--experiment '{experiment}' is not in the study (its experiments: {known})")
     if study.experiments:
-        runs = [RunSpec(f, a, s) for exp in study.experiments.values() for a in exp.arms
+        chosen = [study.experiments[experiment]] if experiment else study.experiments.values()
+        runs = [RunSpec(f, a, s) for exp in chosen for a in exp.arms
                 for f in (exp.families or study.families) for s in study.seeds]
         runs = list(dict.fromkeys(runs))
     else:

@@ -106,13 +106,14 @@ class _StepHook:
 def run_study(study: StudyConfig, out: str | Path, *, family: Optional[str] = None, arm: Optional[str] = None,
               seed: Optional[int] = None, registry=None, device: str = "auto", log: Log = print,
               advance: Optional[Callable[[int], None]] = None, jobs: int = 1,
-              report: bool = True) -> Optional[dict]:
+              report: bool = True, experiment: Optional[str] = None) -> Optional[dict]:
     """Run (the selected part of) a study; with nothing selected, also write the report.
 
     ``arm='start'`` only prepares the families (code cache, start-model evaluation): the
     first job of a study split over a cluster. ``jobs > 1`` runs the training runs as that
     many parallel local processes (:mod:`sar_core.study.jobs`); ``advance(n)`` is called
-    with the number of optimizer steps just done."""
+    with the number of optimizer steps just done. ``experiment`` runs only the runs that
+    experiment needs (and the start of its families) and then writes its report."""
     from sar_core.train import distributed as D
     from sar_core.plugins import get_registry
 
@@ -121,15 +122,16 @@ def run_study(study: StudyConfig, out: str | Path, *, family: Optional[str] = No
     check_registered(study, registry)
     rank, world, _ = D.env_world()
     main = rank == 0
-    runs = [] if arm == START else plan(study, family, arm, seed)
+    runs = [] if arm == START else plan(study, family, arm, seed, experiment)
     if arm == START and family is not None:
         plan(study, family)
+    fams = study.experiments[experiment].families if experiment else None
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_study_file(study, out)
     starts: list[RunSpec] = []
     for label in study.families:
-        if family not in (None, label):
+        if family not in (None, label) or (fams and label not in fams):
             continue
         cache = Path(training_data(study, out, label))
         if world > 1 and study.families[label].cache_codes and not cache.is_dir():
@@ -153,7 +155,13 @@ def run_study(study: StudyConfig, out: str | Path, *, family: Optional[str] = No
             run_jobs(out, starts + longest_first(study, runs), jobs, device, log, advance)
         except RuntimeError as exc:  # the other jobs finished: report what they measured, then fail
             failure = exc
-    whole = report and main and family is None and arm is None and seed is None
+    whole = report and main and family is None and arm is None and seed is None and experiment is None
+    if report and main and experiment is not None and family is None and arm is None and seed is None:
+        if failure is not None:
+            raise failure
+        from sar_core.study.report import write_report
+
+        return write_report(out, experiment)
     if whole and failure is not None and all(_start_done(out, s) for s in starts):
         from sar_core.study.report import write_reports
 
