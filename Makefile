@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/sar demo
 
+# the tests are single-threaded (OMP_NUM_THREADS=1): two pytest-xdist workers use both cores of
+# a 2-core CI machine; --dist loadfile keeps each file (and its module-scoped fixtures, e.g. the
+# spawned gloo ranks) in one worker. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 # SAR step vs TF step at two sizes: interleaved rounds, busy rounds repeated, per-round
 # ratio medians with bootstrap intervals, step and whole-process peak memory (~5 min);
