@@ -1,4 +1,5 @@
-"""``sar study``: run a cross-architecture study, or aggregate one (``sar study report DIR``)."""
+"""``sar study``: run a cross-architecture study, aggregate one (``sar study report DIR``), or
+archive its record without the weights (``sar study archive DIR --into DEST``)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def _load(console: Console, path: Optional[str], preset: Optional[str], models: 
 
 
 def study(
-    target: Optional[str] = typer.Argument(None, help="STUDY.yaml to run, or the word 'report'."),
-    folder: Optional[Path] = typer.Argument(None, help="With 'report': the study folder to aggregate."),
+    target: Optional[str] = typer.Argument(None, help="STUDY.yaml to run, or the word 'report' or 'archive'."),
+    folder: Optional[Path] = typer.Argument(None, help="With 'report': the study folder to aggregate; with "
+                                            "'archive': the study folder to archive."),
     preset: Optional[str] = typer.Option(None, "--preset", autocompletion=_complete.presets,
                                          help="A shipped study instead of a file "
                                          "(student-forcing, rollout-depth, rollout-sampling, gamma-sweep, "
@@ -69,7 +71,10 @@ def study(
                                              "experiment's report (default: the whole study and each experiment)."),
     into: Optional[Path] = typer.Option(None, "--into", help="With 'report': write the report into this folder, "
                                         "its sample grids and maps copied beside it (publishable without the "
-                                        "run folders)."),
+                                        "run folders). With 'archive': copy the study's record (study.yaml, every "
+                                        "run's eval.json, config and loss log, the difference maps; no weights) "
+                                        "into this folder, which `sar study report` aggregates and `sar study` "
+                                        "continues."),
     grids: bool = typer.Option(True, "--grids/--no-grids", help="With 'report --into': copy the sample grids "
                                "too (--no-grids: only plots and difference maps, a lighter folder)."),
 ) -> None:
@@ -77,13 +82,24 @@ def study(
     `sar train` run folder, every run evaluated with the same sampling seeds, then a report
     with paired differences and 95% intervals over seeds, the metric's own noise,
     exposure-gap curves, sample grids and difference maps (report.md / .html / .json).
-    `sar study report DIR` re-aggregates a folder (e.g. after `--arm` jobs)."""
+    `sar study report DIR` re-aggregates a folder (e.g. after `--arm` jobs); `sar study
+    archive DIR --into DEST` keeps its record without the weights (small enough to commit)."""
     import torch
 
     console = Console()
     if threads:
         torch.set_num_threads(threads)
     try:
+        if target == "archive":
+            if folder is None or into is None:
+                raise ValueError("sar study archive needs the study folder and --into: sar study archive DIR --into DEST")
+            from sar_core.study.archive import archive_study
+
+            done = archive_study(folder, into)
+            console.print(f"archived {len(done['runs'])} evaluated runs and {len(done['starts'])} start models of "
+                          f"{folder} into {into} ({len(done['missing'])} runs not evaluated yet); "
+                          f"aggregate with: sar study report {into}", highlight=False)
+            return
         if target == "report":
             if folder is None:
                 raise ValueError("sar study report needs the study folder: sar study report DIR")

@@ -138,3 +138,23 @@ def test_grown_study_keeps_its_runs_and_reports_each_experiment(tmp_path):
     md = (light / "report.md").read_text()
     assert not list(light.rglob("grid.png")) and "grid.png)" not in md and "not published with this report" in md
     assert all((light / link).is_file() for link in _links(md)) and any("maps" in link for link in _links(md))
+    # the record without weights: a study folder that reports the same numbers and continues
+    arch = tmp_path / "archive"
+    res = run.invoke(app, ["study", "archive", str(out), "--into", str(arch)])
+    assert res.exit_code == 0, res.output
+    assert "archived 6 evaluated runs and 1 start models" in " ".join(res.output.split())
+    kept = [p for p in arch.rglob("*") if p.is_file()]
+    assert not [p for p in kept if p.suffix in (".pt", ".pth", ".safetensors") or p.name == "grid.png"]
+    assert (arch / "var" / "last" / "seed0" / "maps" / "all_scales.png").is_file()
+    assert not (arch / "var" / "last" / "seed1" / "maps").exists()  # the reports show the first seed's
+    again = tmp_path / "again"
+    res = run.invoke(app, ["study", "report", str(arch), "--experiment", "depth", "--into", str(again), "--no-grids"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((again / "report.json").read_text())["families"] == depth["families"]
+    assert all((again / link).is_file() for link in _links((again / "report.md").read_text()))
+    res = run.invoke(app, ["study", str(grown), "--out", str(arch), "--experiment", "depth"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert text.count("done already") == 4 and "steps (rollout" not in text
+    res = run.invoke(app, ["study", "archive", str(out), "--into", str(out)])
+    assert res.exit_code == 2 and "is the study folder itself" in " ".join(res.output.split())

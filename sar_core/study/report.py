@@ -368,6 +368,11 @@ def _relink(blocks: list, out: Path, dest: Path, copy: bool) -> list:
         shutil.copyfile(out / p, target)
         return str(Path("pictures") / p)
 
+    def kept(pics: list) -> list:  # a picture the folder does not hold (an archive keeps no grids) is left out
+        return [(c, p) for c, p in pics if (dest / p).is_file() or (out / p).is_file()]
+
+    blocks = [("img", kept(b[1])) if b[0] == "img" else b for b in blocks]
+    blocks = [b for b in blocks if b[0] != "img" or b[1]]
     if dest == out and not copy:
         return blocks
     return [("img", [(c, link(p)) for c, p in b[1]]) if b[0] == "img" else b for b in blocks]
