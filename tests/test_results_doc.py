@@ -63,3 +63,21 @@ def test_published_reports_stand_alone_and_come_from_the_paper_preset():
 def test_readme_links_the_results():
     readme = (ROOT / "README.md").read_text()
     assert "docs/results.md" in readme
+
+
+#: the published study folder's record (``sar study archive``): every report below is its
+#: aggregate, so each number traces to the runs' own eval.json files
+RUNS = ROOT / "docs" / "results" / "paper-study"
+def _aggregate(name: str) -> dict:
+    from sar_core.study.plan import read_study
+    from sar_core.study.report import aggregate
+
+    return json.loads(json.dumps(aggregate(RUNS, read_study(RUNS).experiment(name))))
+
+
+def test_reports_are_the_aggregates_of_the_archived_runs():
+    published = _render().experiments()
+    assert published and (RUNS / "study.yaml").is_file()
+    for name in published:
+        rep = json.loads((ROOT / "docs" / "results" / name / "report.json").read_text())
+        assert _aggregate(name)["families"] == rep["families"], name
