@@ -149,10 +149,6 @@ def study(
             return
         if launcher != "local":
             raise ValueError(f"--launcher must be local or slurm, got {launcher!r}")
-        if experiment is not None:
-            from sar_core.study.plan import plan
-
-            plan(cfg, experiment=experiment)  # an unknown name fails before any work
         results = _run(console, cfg, dest, family, arm, seed, device, jobs, experiment)
     except user_errors() as exc:
         fail(console, exc)

@@ -68,6 +68,8 @@ def test_readme_links_the_results():
 #: the published study folder's record (``sar study archive``): every report below is its
 #: aggregate, so each number traces to the runs' own eval.json files
 RUNS = ROOT / "docs" / "results" / "paper-study"
+
+
 def _aggregate(name: str) -> dict:
     from sar_core.study.plan import read_study
     from sar_core.study.report import aggregate

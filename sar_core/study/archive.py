@@ -2,8 +2,8 @@
 commit beside them (``sar study archive DIR --into DEST``).
 
 DEST holds ``study.yaml``; each family's start evaluation (``<family>/start/eval.json``) and
-difference map; and for every evaluated run its ``eval.json``, its ``config.yaml``, its
-``metrics.jsonl`` reduced to the columns a report reads, and the difference map the reports
+difference map; and for every evaluated run its ``eval.json``, ``config.yaml`` and
+``data.json``, its ``metrics.jsonl`` reduced to the columns a report reads, and the difference map the reports
 show (the first seed's). Checkpoints, weights, sample grids and code caches stay behind.
 
 DEST is a study folder: ``sar study report DEST [--experiment NAME --into D --no-grids]``
@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from sar_core.checkpoint_io import atomic_write_text
+from sar_core.checkpoint_io import atomic_write_bytes, atomic_write_text
 from sar_core.study.config import START
 from sar_core.study.plan import plan, read_study
 
@@ -25,10 +25,8 @@ HISTORY = ("step", "loss_tf", "loss_csf")
 
 
 def _copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    with open(src, "rb") as fh_in:
+        atomic_write_bytes(lambda fh: shutil.copyfileobj(fh_in, fh), dst)
 
 
 def _picture(out: Path, dest: Path, rel) -> None:
@@ -38,9 +36,7 @@ def _picture(out: Path, dest: Path, rel) -> None:
 
 def _history(src: Path, dst: Path) -> None:
     rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
-    text = "".join(json.dumps({k: r.get(k) for k in HISTORY}) + "\n" for r in rows)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(text, dst)
+    atomic_write_text("".join(json.dumps({k: r.get(k) for k in HISTORY}) + "\n" for r in rows), dst)
 
 
 def archive_study(out: str | Path, dest: str | Path) -> dict:

@@ -155,8 +155,9 @@ def run_study(study: StudyConfig, out: str | Path, *, family: Optional[str] = No
             run_jobs(out, starts + longest_first(study, runs), jobs, device, log, advance)
         except RuntimeError as exc:  # the other jobs finished: report what they measured, then fail
             failure = exc
-    whole = report and main and family is None and arm is None and seed is None and experiment is None
-    if report and main and experiment is not None and family is None and arm is None and seed is None:
+    unnarrowed = report and main and family is None and arm is None and seed is None
+    whole = unnarrowed and experiment is None
+    if unnarrowed and experiment is not None:
         if failure is not None:
             raise failure
         from sar_core.study.report import write_report
