@@ -70,7 +70,8 @@ def test_evals_change_no_training_and_a_resumed_run_is_bit_exact(tmp_path, monke
     assert [e["step"] for e in ea] == [e["step"] for e in eb] == [3, 4]  # the lost step's line was redone once
     assert [e["metrics"] for e in ea] == [e["metrics"] for e in eb]
     m = ea[0]["metrics"]
-    assert ea[0]["num_images"] == 8 and ea[0]["wall_s"] >= sum(ea[0]["cost_s"].values()) > 0
+    parts = ea[0]["cost_s"].values()  # each rounded to 1 ms, as wall_s is: allow half a ms each
+    assert ea[0]["num_images"] == 8 and ea[0]["wall_s"] >= sum(parts) - 0.0005 * (len(parts) + 1) and sum(parts) > 0
     assert set(ea[0]["cost_s"]) == {"gap", "grid", "curves"}
     assert len(m["gap"]) == 3 and m["val_loss_tf"] > 0  # toy: 4 scales, a gap per transition
     assert ea[0]["metrics"] != ea[1]["metrics"]  # the weights moved between the evals
