@@ -31,8 +31,7 @@ def study(
                                             "'archive': the study folder to archive."),
     preset: Optional[str] = typer.Option(None, "--preset", autocompletion=_complete.presets,
                                          help="A shipped study instead of a file "
-                                         "(student-forcing, rollout-depth, rollout-sampling, gamma-sweep, "
-                                         "infinity-bsc, cross-family, paper, demo)."),
+                                         f"({', '.join(_complete.presets(''))})."),
     out: Optional[Path] = typer.Option(None, "--out", help="Study folder (default: runs/study-<name>)."),
     models: Optional[Path] = typer.Option(None, "--models", help="YAML with a `families` mapping that replaces "
                                           "the study's (run a preset on your checkpoints)."),
