@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from sar_cli.main import app
@@ -84,12 +85,21 @@ def test_pretrain_fits_every_shipped_family(tmp_path, family):
     assert imgs.shape == (2, 3, 16, 16) and 0 <= imgs.min() and imgs.max() <= 1
 
 
-@pytest.mark.parametrize("family", ["flexvar", "var", "infinity"])
-def test_shipped_miniature_is_complete(family):
-    """Every shipped miniature: its files, the command that made it, its best backbone kept."""
-    folder = MINIS / family
+SHIPPED = {"flexvar": "flexvar", "var": "var", "infinity": "infinity", "var-large": "var"}  # folder: family
+
+
+@pytest.mark.parametrize("folder_name", sorted(SHIPPED))
+def test_shipped_miniature_is_complete(folder_name):
+    """Every shipped miniature: its files, the command that made it (from its own model.yaml),
+    its best backbone kept, and a cool-down config that reads the pretraining's output."""
+    family, folder = SHIPPED[folder_name], MINIS / folder_name
     summary = json.loads((folder / "pretrain.json").read_text())
     assert summary["command"].startswith(f"sar pretrain -f {family} ") and summary["family"] == family
+    assert f"--model-config plugins/assets/minis/{folder_name}/model.yaml " in summary["command"]
+    assert f"--out runs/minis/{folder_name} " in summary["command"] + " "
+    cool = yaml.safe_load((folder / "cool-down.yaml").read_text())
+    assert cool["model"]["backbone"] == f"runs/minis/{folder_name}/backbone.pth" and cool["model"]["family"] == family
+    assert cool["out"] == f"runs/minis/{folder_name}-cool" and summary["cool_down"]["steps"] == cool["train"]["steps"]
     assert summary["backbone"]["best_val_loss_tf"] == min(c["val_loss_tf"] for c in summary["val_curve"])
     assert (folder / "tokenizer.pth").is_file() and (folder / "backbone.pth").is_file()
     assert (folder / "model.yaml").is_file() and (folder / "README.md").is_file()

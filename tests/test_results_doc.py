@@ -1,7 +1,8 @@
 """docs/results.md says only what its reports measured: every table in it equals the one
 rendered from docs/results/<experiment>/report.json, every interval quoted in its prose is
 in one of those tables, every published report stands alone (its pictures beside it) and
-comes from the `paper` preset's experiment of the same name; the README links to it."""
+comes from its preset (the `paper` preset's experiment of the same name, or a whole preset
+such as `scale-ladder`) and is the aggregate of that study's committed record; the README links to it."""
 
 import importlib.util
 import json
@@ -42,17 +43,31 @@ def test_intervals_in_the_prose_are_those_of_the_tables():
         assert q in tables, f"{q!r} is quoted in docs/results.md but is in no report table"
 
 
-def test_published_reports_stand_alone_and_come_from_the_paper_preset():
+def _source(rep: dict) -> tuple[str, str | None]:
+    """A published report's preset and experiment: 'paper / gamma-sweep' or 'scale-ladder'."""
+    preset, _, experiment = rep["study"]["name"].partition(" / ")
+    return preset, experiment or None
+
+
+def _preset_study(rep: dict):
     from sar_core.study.config import load_study
     from sar_plugins.studies import preset_path
 
-    paper = load_study(preset_path("paper"))
+    preset, experiment = _source(rep)
+    study = load_study(preset_path(preset))
+    return study.experiment(experiment) if experiment else study
+
+
+def test_published_reports_stand_alone_and_come_from_their_preset():
     for name in _render().experiments():
         folder = ROOT / "docs" / "results" / name
         rep = json.loads((folder / "report.json").read_text())
-        exp = paper.experiment(name)
+        preset, experiment = _source(rep)
+        assert (experiment or preset) == name  # published under the experiment's (or preset's) own name
+        exp = _preset_study(rep)
         assert list(rep["study"]["arms"]) == list(exp.arms) and list(rep["families"]) == list(exp.families)
         assert rep["study"]["arms"] == exp.to_dict()["arms"]  # the same arm settings as the preset
+        assert rep["study"]["run"] == exp.to_dict()["run"] and rep["study"]["eval"] == exp.to_dict()["eval"]
         md = (folder / "report.md").read_text()
         links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
         assert links
@@ -65,21 +80,26 @@ def test_readme_links_the_results():
     assert "docs/results.md" in readme
 
 
-#: the published study folder's record (``sar study archive``): every report below is its
-#: aggregate, so each number traces to the runs' own eval.json files
-RUNS = ROOT / "docs" / "results" / "paper-study"
+def _record(rep: dict) -> Path:
+    """The committed record (``sar study archive``) of the study folder a report came from:
+    docs/results/<preset>-study; every report is its aggregate, so each number traces to the
+    runs' own eval.json files."""
+    return ROOT / "docs" / "results" / f"{_source(rep)[0]}-study"
 
 
-def _aggregate(name: str) -> dict:
+def _aggregate(rep: dict) -> dict:
     from sar_core.study.plan import read_study
     from sar_core.study.report import aggregate
 
-    return json.loads(json.dumps(aggregate(RUNS, read_study(RUNS).experiment(name))))
+    record = _record(rep)
+    study, experiment = read_study(record), _source(rep)[1]
+    return json.loads(json.dumps(aggregate(record, study.experiment(experiment) if experiment else study)))
 
 
 def test_reports_are_the_aggregates_of_the_archived_runs():
     published = _render().experiments()
-    assert published and (RUNS / "study.yaml").is_file()
+    assert published
     for name in published:
         rep = json.loads((ROOT / "docs" / "results" / name / "report.json").read_text())
-        assert _aggregate(name)["families"] == rep["families"], name
+        assert (_record(rep) / "study.yaml").is_file(), name
+        assert _aggregate(rep)["families"] == rep["families"], name

@@ -294,3 +294,31 @@ def test_parallel_jobs_start_the_rollout_arms_first():
     study = load_study(preset_path("demo"), {})
     runs = [RunSpec("var", arm, s) for arm in ("tf", "sar") for s in (0, 1)]
     assert [(r.arm, r.seed) for r in longest_first(study, runs)] == [("sar", 0), ("sar", 1), ("tf", 0), ("tf", 1)]
+
+
+def test_scale_ladder_rung_2_is_larger_in_model_and_sequence():
+    """The scale-ladder preset's second rung really is the larger miniature it says: more
+    scales, more tokens, more pixels, deeper, more parameters; both rungs load from the
+    shipped files with the preset's overrides and sample at their own size."""
+    from sar_core.evaluate.generation import generate_images, load_adapter
+    from sar_core.study.config import load_study
+
+    study = load_study(preset_path("scale-ladder"))
+    assert list(study.families) == ["var", "var-large"] and set(study.arms) == {"tf", "sar"}
+    rungs = {}
+    for label, fam in study.families.items():
+        a = load_adapter(fam.family, fam.tokenizer, fam.backbone, device="cpu", overrides=fam.overrides)
+        s = a.default_schedule
+        params = sum(p.numel() for p in a.backbone.parameters())
+        rungs[label] = (len(s), s.total_tokens, a.image_size(s)[0], len(a.transformer_blocks()), params)
+        img = generate_images(a, torch.tensor([3]), cfg=1.0, seed=0)
+        assert img.shape[-2:] == a.image_size(s), label
+    assert rungs["var"][:4] == (6, 130, 16, 3) and rungs["var-large"][:4] == (8, 374, 24, 6)
+    assert rungs["var-large"][4] > 1.8 * rungs["var"][4]
+
+
+def test_study_help_lists_every_preset():
+    res = CliRunner().invoke(app, ["study", "--help"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0
+    for name in preset_names():
+        assert name in res.output, name
