@@ -305,6 +305,9 @@ def test_scale_ladder_rung_2_is_larger_in_model_and_sequence():
 
     study = load_study(preset_path("scale-ladder"))
     assert list(study.families) == ["var", "var-large"] and set(study.arms) == {"tf", "sar"}
+    cross = load_study(preset_path("cross-family")).to_dict()  # "cross-family's arms and settings, unchanged"
+    tree = study.to_dict()
+    assert all(tree[k] == cross[k] for k in ("arms", "run", "eval", "seeds", "control"))
     rungs = {}
     for label, fam in study.families.items():
         a = load_adapter(fam.family, fam.tokenizer, fam.backbone, device="cpu", overrides=fam.overrides)
