@@ -82,6 +82,16 @@ def test_a_study_may_grow_by_arms_but_never_change_a_run():
     assert not extends(old, reseeded)
 
 
+def test_a_study_may_grow_by_families_but_never_change_one():
+    old = _tree()
+    grown = _tree()
+    grown["families"]["other"] = dict(grown["families"]["var"], backbone="other.pth")
+    assert extends(old, grown) and not extends(grown, old)  # dropping a family is not growing
+    moved = _tree()
+    moved["families"]["var"] = dict(moved["families"]["var"], backbone="other.pth")
+    assert not extends(old, moved)
+
+
 def _links(md: str) -> list[str]:
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
 

@@ -83,21 +83,24 @@ def check_registered(study: StudyConfig, registry) -> None:
 
 
 #: fields a study may change in a folder that holds runs: they add runs or words, never
-#: change a run that exists (``arms`` only by adding arms)
-EXTENSIBLE = ("arms", "experiments", "description")
+#: change a run that exists (``arms`` and ``families`` only by adding entries)
+EXTENSIBLE = ("arms", "families", "experiments", "description")
 
 
 def extends(theirs: dict, mine: dict) -> bool:
-    """``mine`` only adds arms / experiments (or rewords the description) to ``theirs``:
-    every run ``theirs`` planned keeps its exact config, so its folder stays valid."""
+    """``mine`` only adds arms, families or experiments (or rewords the description) to
+    ``theirs``: every run ``theirs`` planned keeps its exact config, so its folder stays valid."""
     same = all(theirs.get(k) == mine.get(k) for k in set(theirs) | set(mine) if k not in EXTENSIBLE)
-    old_arms = theirs.get("arms") or {}
-    return same and all(mine.get("arms", {}).get(a) == spec for a, spec in old_arms.items())
+
+    def kept(key: str) -> bool:
+        return all((mine.get(key) or {}).get(name) == spec for name, spec in (theirs.get(key) or {}).items())
+
+    return same and kept("arms") and kept("families")
 
 
 def write_study_file(study: StudyConfig, out: Path) -> None:
     """DIR/study.yaml; a folder holding a different study is refused (jobs must agree),
-    unless the new study only adds arms or experiments (:func:`extends`): then the file
+    unless the new study only adds arms, families or experiments (:func:`extends`): then the file
     is rewritten and the finished runs are kept."""
     import yaml
 
@@ -108,7 +111,7 @@ def write_study_file(study: StudyConfig, out: Path) -> None:
         if theirs == mine:
             return
         if not extends(theirs, mine):
-            raise ValueError(f"{path} holds a different study (not only new arms or experiments); use another "
+            raise ValueError(f"{path} holds a different study (not only new arms, families or experiments); use another "
                              "--out (or delete the folder)")
     atomic_write_text(yaml.safe_dump(mine, sort_keys=False), path)
 
