@@ -117,20 +117,21 @@ def readme_command(text: str, prog: str) -> list[str]:
     return shlex.split(" ".join(parts))
 
 
-@pytest.mark.parametrize("family", ["flexvar", "var", "infinity"])
-def test_shipped_miniatures_sample_with_the_command_their_readme_gives(family, tmp_path):
+@pytest.mark.parametrize("folder", ["flexvar", "var", "infinity", "var-large", "flexvar-large"])
+def test_shipped_miniatures_sample_with_the_command_their_readme_gives(folder, tmp_path):
     """Each miniature's README sampling command (with its --override flags) works as written."""
     from sar_plugins.demo import MINIS
 
-    args = readme_command((MINIS / family / "README.md").read_text(), "sar sample")
-    assert args[:3] == ["sar", "sample", "-f"] and args[3] == family
+    args = readme_command((MINIS / folder / "README.md").read_text(), "sar sample")
+    assert args[:3] == ["sar", "sample", "-f"] and args[3] == folder.removesuffix("-large")
     root = str(MINIS.parent.parent.parent)  # the paths in the README are relative to the repository
     args = [a.replace("plugins/", root + "/plugins/", 1) if a.startswith("plugins/") else a for a in args[1:]]
     args = [str(tmp_path / a) if a.endswith(".png") else a for a in args]
     args[args.index("--per-class") + 1] = "1"
     res = CliRunner().invoke(app, args + ["--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert max(Image.open(tmp_path / "grid.png").size) >= 10 * 16  # one image of each of 10 classes
+    size = 24 if folder.endswith("-large") else 16  # the ladder's second rung samples at 24 px
+    assert max(Image.open(tmp_path / "grid.png").size) >= 10 * size  # one image of each of 10 classes
 
 
 def test_override_flag_reaches_the_adapter_and_rejects_bad_pairs(model_files):

@@ -296,18 +296,25 @@ def test_parallel_jobs_start_the_rollout_arms_first():
     assert [(r.arm, r.seed) for r in longest_first(study, runs)] == [("sar", 0), ("sar", 1), ("tf", 0), ("tf", 1)]
 
 
+#: scale-ladder family label -> (scales, tokens, pixels, depth) it claims (its header, docs/results.md)
+LADDER = {"var": (6, 130, 16, 3), "var-large": (8, 374, 24, 6)}
+
+
 def test_scale_ladder_rung_2_is_larger_in_model_and_sequence():
-    """The scale-ladder preset's second rung really is the larger miniature it says: more
-    scales, more tokens, more pixels, deeper, more parameters; both rungs load from the
-    shipped files with the preset's overrides and sample at their own size."""
+    """The scale-ladder preset's second rungs really are the larger miniatures it says: more
+    scales, more tokens, more pixels, deeper, more parameters than the same family's rung 1;
+    every rung loads from the shipped files with the preset's overrides and samples at its size."""
     from sar_core.evaluate.generation import generate_images, load_adapter
     from sar_core.study.config import load_study
 
     study = load_study(preset_path("scale-ladder"))
-    assert list(study.families) == ["var", "var-large"] and set(study.arms) == {"tf", "sar"}
+    assert list(study.families) == list(LADDER) and set(study.arms) == {"tf", "sar"}
     cross = load_study(preset_path("cross-family")).to_dict()  # "cross-family's arms and settings, unchanged"
     tree = study.to_dict()
     assert all(tree[k] == cross[k] for k in ("arms", "run", "eval", "seeds", "control"))
+    for label in LADDER:  # rung 1 is the cross-family miniature itself, same files and overrides
+        if not label.endswith("-large"):
+            assert tree["families"][label] == cross["families"][label], label
     rungs = {}
     for label, fam in study.families.items():
         a = load_adapter(fam.family, fam.tokenizer, fam.backbone, device="cpu", overrides=fam.overrides)
@@ -316,8 +323,12 @@ def test_scale_ladder_rung_2_is_larger_in_model_and_sequence():
         rungs[label] = (len(s), s.total_tokens, a.image_size(s)[0], len(a.transformer_blocks()), params)
         img = generate_images(a, torch.tensor([3]), cfg=1.0, seed=0)
         assert img.shape[-2:] == a.image_size(s), label
-    assert rungs["var"][:4] == (6, 130, 16, 3) and rungs["var-large"][:4] == (8, 374, 24, 6)
-    assert rungs["var-large"][4] > 1.8 * rungs["var"][4]
+    for label, claim in LADDER.items():
+        assert rungs[label][:4] == claim, label
+        if label.endswith("-large"):
+            small = label.removesuffix("-large")
+            assert study.families[label].family == study.families[small].family
+            assert rungs[label][4] > 1.8 * rungs[small][4], label
 
 
 def test_study_help_lists_every_preset():
