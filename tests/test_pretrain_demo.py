@@ -86,7 +86,7 @@ def test_pretrain_fits_every_shipped_family(tmp_path, family):
 
 
 SHIPPED = {"flexvar": "flexvar", "var": "var", "infinity": "infinity", "var-large": "var",  # folder: family
-           "flexvar-large": "flexvar"}
+           "flexvar-large": "flexvar", "infinity-large": "infinity"}
 
 
 @pytest.mark.parametrize("folder_name", sorted(SHIPPED))

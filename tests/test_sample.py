@@ -117,7 +117,7 @@ def readme_command(text: str, prog: str) -> list[str]:
     return shlex.split(" ".join(parts))
 
 
-@pytest.mark.parametrize("folder", ["flexvar", "var", "infinity", "var-large", "flexvar-large"])
+@pytest.mark.parametrize("folder", ["flexvar", "var", "infinity", "var-large", "flexvar-large", "infinity-large"])
 def test_shipped_miniatures_sample_with_the_command_their_readme_gives(folder, tmp_path):
     """Each miniature's README sampling command (with its --override flags) works as written."""
     from sar_plugins.demo import MINIS

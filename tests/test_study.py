@@ -297,7 +297,8 @@ def test_parallel_jobs_start_the_rollout_arms_first():
 
 
 #: scale-ladder family label -> (scales, tokens, pixels, depth) it claims (its header, docs/results.md)
-LADDER = {"var": (6, 130, 16, 3), "var-large": (8, 374, 24, 6), "flexvar": (6, 130, 16, 3), "flexvar-large": (8, 374, 24, 6)}
+LADDER = {"var": (6, 130, 16, 3), "var-large": (8, 374, 24, 6), "flexvar": (6, 130, 16, 3), "flexvar-large": (8, 374, 24, 6),
+          "infinity": (5, 121, 16, 3), "infinity-large": (6, 265, 24, 6)}
 
 
 def test_scale_ladder_rung_2_is_larger_in_model_and_sequence():
